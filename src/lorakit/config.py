@@ -1,0 +1,220 @@
+"""LoraConfig: what to adapt and how, validated once, written as PEFT's adapter_config.json.
+
+The seed's numbers live here: rank r, alpha α and the scale s = α / r (rsLoRA: s = α / √r).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+INITS = ("kaiming", "gaussian")
+
+# adapter_config.json keys that PEFT writes and that lorakit understands.
+_PEFT_KEYS = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target_modules",
+    "exclude_modules": "exclude_modules",
+    "use_rslora": "use_rslora",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "modules_to_save": "modules_to_save",
+    "base_model_name_or_path": "base_model_name_or_path",
+    "task_type": "task_type",
+}
+# PEFT options that change the math; lorakit refuses them rather than load something different.
+_UNSUPPORTED_PEFT_OPTIONS = {
+    "use_dora": False,
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "megatron_config": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+}
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """PEFT's rule for rank_pattern / alpha_pattern keys: the name, or a dotted suffix, as a regex."""
+    return module_name == pattern or re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """How to adapt a model with LoRA; immutable and validated on construction.
+
+    The adapted layer computes ``h = W x + s · B (A x)`` with ``A: (r, k)`` and ``B: (d, r)``.
+
+    Args:
+        r: rank of the update BA; r ≥ 1.
+        alpha: α in the scale s = α / r (or α / √r with ``use_rslora``); α > 0.
+        dropout: probability of zeroing an input element of the low-rank branch; 0 ≤ p < 1.
+        target_modules: which modules to adapt. A list: each entry is a module's full dotted
+            name or a dotted suffix of it ("q_proj" matches "model.layers.0.self_attn.q_proj").
+            A string: a regular expression that must match the whole name. ``"all-linear"``:
+            every Linear / Conv1D except the model's output head.
+        exclude_modules: names (list, same rule) or a regex (string) never to adapt.
+        init: "kaiming" (A Kaiming-uniform, B zero; PEFT's default) or "gaussian"
+            (A ~ N(0, 1/r), B zero).
+        use_rslora: rank-stabilised scaling s = α / √r.
+        rank_pattern / alpha_pattern: per-module overrides of r / α; keys are matched like PEFT
+            does (a module name or dotted suffix, as a regex).
+        modules_to_save: modules (same matching rule as a target list) trained and saved whole,
+            e.g. a classifier head.
+        base_model_name_or_path / task_type: recorded in adapter_config.json for other tools.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        set_("alpha", float(self.alpha))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        set_("dropout", float(self.dropout))
+        for field in ("target_modules", "exclude_modules"):
+            set_(field, _names_or_regex(field, getattr(self, field)))
+        if isinstance(self.modules_to_save, str):
+            raise ConfigError("modules_to_save must be a list of module names, e.g. ['classifier']")
+        set_("modules_to_save", _names_or_regex("modules_to_save", list(self.modules_to_save or ())) or ())
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            pattern = getattr(self, field) or {}
+            if not isinstance(pattern, Mapping):
+                raise ConfigError(f"{field} must map module-name patterns to values, got {type(pattern).__name__}")
+            for key, value in pattern.items():
+                _check_regex(f"{field} key", key)
+                check(f"{field}[{key!r}]", value)
+            set_(field, dict(pattern))
+
+    # -- per-module values -------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        """r for this module: the first matching rank_pattern key, else r."""
+        return next((v for k, v in self.rank_pattern.items() if pattern_matches(k, module_name)), self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """α for this module: the first matching alpha_pattern key, else alpha."""
+        return float(next((v for k, v in self.alpha_pattern.items() if pattern_matches(k, module_name)), self.alpha))
+
+    def scale_for(self, module_name: str) -> float:
+        """s = α / r, or α / √r with rsLoRA, for this module."""
+        r = self.rank_for(module_name)
+        return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON both ways ------------------------------------------------------------------------
+    def to_peft_dict(self, *, fan_in_fan_out: bool = False) -> dict[str, Any]:
+        """The adapter_config.json contents, in PEFT's keys (PEFT and vLLM read this)."""
+        targets = self.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": list(targets) if isinstance(targets, tuple) else targets,
+            "exclude_modules": list(self.exclude_modules) if isinstance(self.exclude_modules, tuple) else self.exclude_modules,
+            "use_rslora": self.use_rslora,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "fan_in_fan_out": fan_in_fan_out,
+            "modules_to_save": list(self.modules_to_save) or None,
+            "bias": "none",
+            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "use_dora": False,
+            "inference_mode": True,
+            "lorakit_init": self.init,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: Mapping[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
+        """Build from an adapter_config.json written by lorakit or PEFT.
+
+        Raises ConfigError naming ``source`` for a non-LoRA peft_type or a PEFT option that would
+        change the math in ways lorakit does not implement (DoRA, LoRA bias, ...).
+        """
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit loads only LoRA adapters (peft_type 'LORA')")
+        for key, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
+            if data.get(key, neutral) not in (neutral, [], {}, False, None):
+                raise ConfigError(f"{source}: {key}={data[key]!r} is not supported by lorakit; re-train without it")
+        if data.get("bias", "none") != "none":
+            raise ConfigError(f"{source}: bias={data['bias']!r} is not supported; lorakit adapters train no biases")
+        kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
+        init = data.get("lorakit_init") or ("gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming")
+        kwargs["init"] = init
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"{what} must be a non-empty string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _names_or_regex(field: str, value: Any) -> tuple[str, ...] | str | None:
+    """Lists become tuples of names; a string stays a regex (or 'all-linear')."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != ALL_LINEAR:
+            _check_regex(field, value)
+        return value
+    if isinstance(value, Sequence) or isinstance(value, (set, frozenset)):
+        names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{field} entries must be non-empty strings, got {name!r}")
+        if not names and field != "target_modules":
+            return None
+        if not names:
+            raise ConfigError(f"{field} is an empty list; name at least one module, e.g. ['q_proj', 'v_proj']")
+        return names
+    raise ConfigError(f"{field} must be a list of names or a regex string, got {type(value).__name__}")

@@ -1,0 +1,42 @@
+"""Every error lorakit raises on purpose derives from :class:`LorakitError`.
+
+Each subclass names one kind of mistake, so callers can catch exactly what they
+can handle; every message names the thing at fault and says what would fix it.
+"""
+
+from __future__ import annotations
+
+
+class LorakitError(Exception):
+    """Base class of all lorakit errors."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A LoraConfig (or a CLI option that builds one) has an invalid value."""
+
+
+class TargetError(LorakitError, ValueError):
+    """target_modules / exclude_modules do not fit the model (e.g. an entry matches nothing)."""
+
+
+class AdapterNameError(LorakitError, KeyError):
+    """An adapter name is unknown, or already taken."""
+
+    def __str__(self) -> str:  # KeyError would quote the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class MergeError(LorakitError, RuntimeError):
+    """Merging or unmerging cannot proceed (e.g. the merged weight would not be finite)."""
+
+
+class AdapterFileError(LorakitError, OSError):
+    """An adapter directory or file is missing, unreadable, corrupt or in an unsupported format."""
+
+
+class AdapterMismatchError(LorakitError, ValueError):
+    """An adapter's contents do not fit the model: keys, shapes, or base-model fingerprint."""
+
+
+class UnsupportedModuleError(LorakitError, TypeError):
+    """A targeted module is of a type lorakit cannot adapt."""

@@ -1,0 +1,130 @@
+"""The LoRA linear, computed once for every layer and device.
+
+    h = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ          x: (N, k)  W: (d, k)  A: (r, k)  B: (d, r)
+
+What the autograd function keeps for backward is the point of this module:
+
+* x itself (the caller holds it anyway) and u = drop(x) Aᵀ, an (N, r) matrix — never a dropped-out
+  copy of x and never the (N, d) product B(Ax);
+* the dropout mask is not kept: backward regenerates it from ``seed`` (see ``ops.dropout``);
+* W is frozen: it gets no gradient (unless a caller unfroze it), so nothing is kept for it.
+
+Everything runs in x's dtype: A and B are cast to it (they are tiny), and their gradients are cast
+back to the parameters' dtype.  There is no float32 round-trip of bf16 activations.
+
+Backward, with g = ∂L/∂h (N, d), c = 1/(1-p) and v = s · g B (N, r):
+
+    ∂L/∂B = s · gᵀ u                                   (d, r)
+    ∂L/∂A = vᵀ drop(x)                                 (r, k)
+    ∂L/∂x = g W + drop(v A)   (zero at dropped inputs, × c elsewhere)
+    ∂L/∂b = Σ_rows g                                   (d,)
+
+The dense products are arranged so the big GEMMs accumulate into one output (``addmm_``) rather
+than allocating an (N, d) or (N, k) temporary per term.  Dropout is applied sparsely: only the
+≈ p·N·k dropped positions are generated and touched (a sparse product corrects u; the input
+gradient is zeroed there), so it costs far less than materialising a mask.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .dropout import dropped_positions
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """h = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ over the last dimension of x.
+
+    Args:
+        x: (..., k) input.
+        weight: (d, k) frozen base weight (a transposed view is fine), or None to compute the
+            low-rank term alone (how a second active adapter is added).
+        bias: (d,) or None.
+        lora_A: (r, k).   lora_B: (d, r).   scale: s.
+        dropout_p: dropout probability on the branch's input; the mask is a function of ``seed``
+            (and of the device type): the same seed gives the same mask.
+        seed: identifies the dropout mask; pass a fresh one for every training call.
+
+    Returns:
+        (..., d) in x's dtype.
+    """
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed))
+
+
+def _dropped_input_times(x2: Tensor, pos: Tensor, A: Tensor) -> Tensor:
+    """x|_D Aᵀ, (N, r), for the dropped entries D of x2 (N, k), as one sparse-dense product."""
+    N, k = x2.shape
+    rows, cols = pos // k, pos % k
+    crow = torch.searchsorted(rows, torch.arange(N + 1, device=x2.device, dtype=rows.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we rely on csr @ dense only
+        dropped = torch.sparse_csr_tensor(crow, cols, x2.reshape(-1)[pos], (N, k), check_invariants=False)
+        return dropped @ A.t()
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, p, seed):  # type: ignore[override]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, k)
+        A_, B_ = A.to(x.dtype), B.to(x.dtype)
+        u = x2 @ A_.t()  # (N, r)
+        if p:  # u = c·(x − x|_D) Aᵀ
+            u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
+            u.mul_(1.0 / (1.0 - p))
+        if weight is None:
+            h = (u @ B_.t()).mul_(scale)
+        else:
+            W = weight.to(x.dtype)
+            h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
+            h.addmm_(u, B_.t(), alpha=scale)  # the update accumulates into the base output
+        ctx.save_for_backward(x, weight, A, B, u)
+        ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+        return h.view(*shape[:-1], h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, A, B, u = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
+        need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        k = x.shape[-1]
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
+        x2 = x.reshape(-1, k)  # (N, k)
+        A_, B_ = A.to(x.dtype), B.to(x.dtype)
+        v = (g @ B_).mul_(s * (1.0 / (1.0 - p)))  # (N, r), with dropout's c folded in
+        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
+        grad_x = grad_w = grad_bias = grad_A = grad_B = None
+        if need_B:
+            grad_B = (u.t() @ g).mul_(s).t().to(B.dtype)  # (d, r); uᵀg is the faster GEMM shape
+        if need_A:
+            if pos is None:
+                grad_A = v.t() @ x2  # (r, k)
+            else:
+                kept = x2.clone()
+                kept.view(-1)[pos] = 0
+                grad_A = v.t() @ kept
+            grad_A = grad_A.to(A.dtype)
+        if need_x:
+            low = v @ A_  # (N, k): the branch's input gradient
+            if pos is not None:
+                low.view(-1)[pos] = 0  # dropped inputs get none through the branch
+            if weight is not None:
+                low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
+            grad_x = low.view(x.shape)
+        if need_w:  # only when a caller unfroze the base; LoRA layers never do
+            grad_w = (g.t() @ x2).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
