@@ -1,8 +1,30 @@
 """lorakit: LoRA for any PyTorch module.
 
-    h = W x + s · B (A x),   A: (r, k) random,  B: (d, r) zero,  s = α / r
+    h = W x + s · B (A x),   A: (r, k) random,  B: (d, r) zero,  s = α / r   (rsLoRA: α / √r)
+
+Quick start::
+
+    import lorakit
+    cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])
+    model = lorakit.inject(model, cfg)
+    print(lorakit.trainable_parameters(model))
+    ...train...
+    lorakit.save_adapter(model, "out/adapter")     # PEFT / vLLM layout
 """
 
+from .adapters import (
+    ParameterCount,
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+)
 from .config import LoraConfig
 from .errors import (
     AdapterFileError,
@@ -14,6 +36,9 @@ from .errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from .inject import inject, resolve_targets
+from .io import load_adapter, read_adapter, save_adapter
+from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 
 __version__ = "0.1.0"
 
@@ -23,9 +48,30 @@ __all__ = [
     "AdapterNameError",
     "ConfigError",
     "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
     "LorakitError",
     "MergeError",
+    "ModulesToSave",
+    "ParameterCount",
     "TargetError",
     "UnsupportedModuleError",
     "__version__",
+    "active_adapters",
+    "adapter_names",
+    "delete_adapter",
+    "disable_adapters",
+    "inject",
+    "load_adapter",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "read_adapter",
+    "resolve_targets",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge",
 ]

@@ -1,0 +1,210 @@
+"""The LoRA factors of an adapter, one (A, B, s) triple per adapted module, as (d, k) matrices.
+
+Everything in :mod:`lorakit.analysis` works on these triples, never on files: an adapter directory
+is read by :func:`lorakit.io.read_adapter` (when available) and its PEFT-keyed tensors are paired
+here. Every layer kind becomes the same matrix picture ``ΔW = s · B A`` with
+
+    A: (r, k)   B: (d, r)   ΔW: (d, k)
+
+- Linear / HF Conv1D: A and B as stored (HF Conv1D keeps W as (k, d), but ΔW's spectrum and norm
+  do not depend on the layout).
+- Embedding: ``lora_embedding_A`` (r, num_embeddings), ``lora_embedding_B`` (dim, r); the layer adds
+  (BA)ᵀ, with the same singular values.
+- Conv: A (r, in, kh, kw) → (r, in·kh·kw) and B (out, r, 1, 1) → (out, r), the usual im2col view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import LoraConfig
+from ..errors import AdapterFileError, LorakitError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# PEFT's keys: "base_model.model.<module>.lora_A.weight", in-memory state dicts add an adapter name
+# ("...lora_A.default.weight"); embeddings have no ".weight" ("...lora_embedding_A").
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                  r"(?:\.(?P<adapter>[^.]+))?$")
+
+Kind = Literal["linear", "embedding", "conv"]
+
+
+class AnalysisError(LorakitError, ValueError):
+    """The analysis cannot proceed: adapters that do not fit together, no LoRA tensors, a base
+    model that lacks the adapted weights, or a sweep whose runs did not produce metrics."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """One adapted module's update ``ΔW = scale · B @ A`` in (d, k) matrix form (float64).
+
+    Attributes:
+        name: the module's dotted path in the model ("model.layers.0.self_attn.q_proj").
+        kind: "linear" (also HF Conv1D), "embedding" or "conv".
+        A: (r, k).  B: (d, r).  scale: s = α / r (α / √r with rsLoRA).
+        alpha: α for this module (None when the tensors came without a config).
+    """
+
+    name: str
+    kind: Kind
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    alpha: float | None
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d, k) of ΔW."""
+        return self.B.shape[0], self.A.shape[1]
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters of this module: r (d + k)."""
+        return self.A.numel() + self.B.numel()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The full ΔW = s · B A, (d, k). Only for small modules and tests: it costs d·k memory."""
+        return self.scale * (self.B @ self.A)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFactors:
+    """All modules of one adapter, in file order, with the config they were read with."""
+
+    modules: tuple[LoraFactors, ...]
+    config: LoraConfig | None
+    source: str
+    raw_config: Mapping[str, Any]
+    notes: tuple[str, ...] = ()
+
+    def __iter__(self) -> Iterator[LoraFactors]:
+        return iter(self.modules)
+
+    def by_name(self) -> dict[str, LoraFactors]:
+        return {m.name: m for m in self.modules}
+
+
+def load_factors(
+    source: str | Path | Mapping[str, torch.Tensor] | AdapterFactors, *, config: LoraConfig | None = None
+) -> AdapterFactors:
+    """Read an adapter directory (or take PEFT-keyed tensors) and pair its factors per module.
+
+    Args:
+        source: an adapter directory (adapter_config.json + adapter_model.safetensors), or a
+            mapping of PEFT keys to tensors (then ``config`` gives the scales; without it s = 1).
+        config: overrides the directory's config / gives the scale for bare tensors.
+
+    Raises:
+        AdapterFileError: the directory is not an adapter directory (names the missing file).
+        AnalysisError: no LoRA tensors, an A without its B, or factor shapes that disagree.
+    """
+    if isinstance(source, AdapterFactors):
+        return source
+    raw: Mapping[str, Any] = {}
+    if isinstance(source, Mapping):
+        tensors, label = dict(source), "<tensors>"
+    else:
+        label = str(source)
+        file_config, tensors, raw = _read_adapter_dir(Path(source))
+        config = config or file_config
+    return _pair(tensors, config, label, raw)
+
+
+def _read_adapter_dir(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Mapping[str, Any]]:
+    """The adapter's config, tensors and raw adapter_config.json (for keys LoraConfig drops)."""
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not a directory; pass an adapter directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        from ..io import read_adapter  # the one file reader of the library, once it exists
+    except ImportError:  # pragma: no cover - only before lorakit.io lands
+        read_adapter = None
+    raw = _read_raw_config(path)
+    if read_adapter is not None:
+        adapter = read_adapter(path)
+        return adapter.config, dict(adapter.tensors), raw
+    # Interim reader (lorakit.io not yet written): the same checks io will make, nothing more.
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterFileError(f"{path} has no {WEIGHTS_FILE}; is it an adapter directory (saved with save_adapter / PEFT)?")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types
+        raise AdapterFileError(f"{weights}: cannot read safetensors file ({err})") from None
+    return LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_FILE)), tensors, raw
+
+
+def _read_raw_config(path: Path) -> dict[str, Any]:
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise AdapterFileError(f"{path} has no {CONFIG_FILE}; is it an adapter directory (saved with save_adapter / PEFT)?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise AdapterFileError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _pair(tensors: Mapping[str, torch.Tensor], config: LoraConfig | None, label: str, raw: Mapping[str, Any]) -> AdapterFactors:
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    adapters: set[str] = set()
+    ignored = 0
+    for key, tensor in tensors.items():
+        match = _KEY.match(key.removesuffix(".weight"))
+        if match is None:
+            ignored += 1  # modules_to_save copies, heads: not low-rank updates
+            continue
+        if match["adapter"]:
+            adapters.add(match["adapter"])
+        found.setdefault(match["module"], {})[match["which"]] = tensor
+    if len(adapters) > 1:
+        raise AnalysisError(f"{label}: tensors of several adapters ({', '.join(sorted(adapters))}); pass one adapter's tensors")
+    if not found:
+        raise AnalysisError(f"{label}: no LoRA tensors (keys ending in lora_A / lora_B / lora_embedding_A / lora_embedding_B)")
+    modules = [_module(name, parts, config, label) for name, parts in found.items()]
+    notes = []
+    if ignored:
+        notes.append(f"{ignored} non-LoRA tensor(s) (e.g. modules_to_save) are not part of the analysis")
+    if config is None:
+        notes.append("no adapter config: scales taken as s = 1")
+    else:
+        off = [m.name for m in modules if config.rank_for(m.name) != m.r]
+        if off:
+            notes.append(f"{len(off)} module(s) have a rank different from the config's (e.g. {off[0]}); the config's scale is used")
+    return AdapterFactors(tuple(modules), config, label, dict(raw), tuple(notes))
+
+
+def _module(name: str, parts: dict[str, torch.Tensor], config: LoraConfig | None, label: str) -> LoraFactors:
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if a_key not in parts or b_key not in parts:
+        missing = b_key if a_key in parts else a_key
+        raise AnalysisError(f"{label}: module {name} has no {missing} tensor; the adapter file is incomplete")
+    A, B = parts[a_key].detach().to("cpu", torch.float64), parts[b_key].detach().to("cpu", torch.float64)
+    kind: Kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
+    if kind == "conv":
+        if B.dim() < 2 or any(s != 1 for s in B.shape[2:]):
+            raise AnalysisError(f"{label}: module {name}: conv lora_B must be (out, r, 1, ...), got {tuple(B.shape)}")
+        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise AnalysisError(f"{label}: module {name}: {a_key} {tuple(A.shape)} and {b_key} {tuple(B.shape)} "
+                            "do not form a product B @ A (need A: (r, k), B: (d, r))")
+    scale = config.scale_for(name) if config is not None else 1.0
+    alpha = config.alpha_for(name) if config is not None else None
+    return LoraFactors(name, kind, A.contiguous(), B.contiguous(), float(scale), alpha)

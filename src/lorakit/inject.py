@@ -1,0 +1,222 @@
+"""Finding target modules and wrapping them: ``inject``.
+
+Targets are found by structure (module type) and by name (the config's rules), never by substrings
+of parameter names.  ``inject`` is all-or-nothing: every target is resolved and checked before the
+model is touched, and a failure while wrapping restores the model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterNameError, TargetError, UnsupportedModuleError
+from .fingerprint import fingerprint
+from .layers import LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
+
+STATE_ATTR = "_lorakit"
+
+
+@dataclasses.dataclass
+class LorakitState:
+    """What lorakit remembers on an injected model: each adapter's config and base fingerprint."""
+
+    configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
+    fingerprints: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def state_of(model: nn.Module) -> LorakitState:
+    """The model's LorakitState (an empty one if nothing was injected)."""
+    return model.__dict__.get(STATE_ATTR) or LorakitState()
+
+
+def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """(qualified name, module in the tree, the base module it stands for), wrappers seen through.
+
+    A LoRA layer is listed under its own name with its base module; what is inside it is not listed.
+    """
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+        for child_name, child in module.named_children():
+            name = prefix + child_name
+            if isinstance(child, LoraLayer):
+                yield name, child, child.base_layer
+            elif isinstance(child, ModulesToSave):
+                yield name, child, child.original_module
+            else:
+                yield name, child, child
+                yield from walk(child, name + ".")
+
+    return walk(model, "")
+
+
+def name_matches(entry: str, name: str) -> bool:
+    """A list entry matches a module's full dotted name or a dotted suffix of it."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _matches(spec: tuple[str, ...] | str | None, name: str) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(entry, name) for entry in spec)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config.modules_to_save`` names; every entry must match."""
+    found = [(name, entry) for name, _, _ in candidates(model) for entry in config.modules_to_save if name_matches(entry, name)]
+    unmatched = [e for e in config.modules_to_save if e not in {entry for _, entry in found}]
+    if unmatched:
+        raise TargetError(f"modules_to_save entries {unmatched} match no module of the model; {_hint(model)}")
+    return sorted({name for name, _ in found})
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` adapts, in model order.
+
+    Raises:
+        TargetError: no target_modules given, an entry that matches nothing, or nothing matched.
+        UnsupportedModuleError: a matched module that lorakit cannot adapt.
+    """
+    spec = config.target_modules
+    if spec is None:
+        raise TargetError("target_modules is not set; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    saved = set(resolve_modules_to_save(model, config))
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    targets: list[str] = []
+    unsupported: list[str] = []
+    used_entries: set[str] = set()
+    for name, _, base in candidates(model):
+        if name in saved or any(name.startswith(s + ".") for s in saved) or _matches(config.exclude_modules, name):
+            continue
+        if spec == ALL_LINEAR:
+            if _is_linear(base) and base is not head:
+                targets.append(name)
+            continue
+        if not _matches(spec, name):
+            continue
+        if isinstance(spec, tuple):
+            used_entries.update(entry for entry in spec if name_matches(entry, name))
+        if supports(base):
+            targets.append(name)
+        elif isinstance(spec, tuple) or not list(base.children()):  # a regex may match containers
+            unsupported.append(f"{name} ({type(base).__name__})")
+    if unsupported:
+        raise UnsupportedModuleError(
+            f"target_modules matches modules lorakit cannot adapt: {', '.join(unsupported[:5])}; "
+            "lorakit adapts nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d — narrow target_modules"
+        )
+    if isinstance(spec, tuple):
+        unmatched = [entry for entry in spec if entry not in used_entries]
+        if unmatched:
+            raise TargetError(f"target_modules entries {unmatched} match no module of the model (a typo?); {_hint(model)}")
+    if not targets:
+        raise TargetError(f"target_modules {spec!r} matches no adaptable module; {_hint(model)}")
+    return targets
+
+
+def _hint(model: nn.Module) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _, base in candidates(model) if supports(base)})
+    return f"adaptable module names here include {leaves[:12]}"
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter ``adapter_name`` to the modules ``config`` targets, in place; returns ``model``.
+
+    Each target is wrapped in a LoRA layer (A random, B zero, so the model's output is unchanged),
+    every other parameter is frozen, and ``config.modules_to_save`` get a trainable copy.  The first
+    adapter injected becomes active; later ones are added inactive (select them with
+    :func:`lorakit.set_adapter`).  On any error the model is left exactly as it was.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise AdapterNameError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    state = state_of(model)
+    if adapter_name in state.configs:
+        raise AdapterNameError(f"the model already has an adapter named {adapter_name!r}; pick another name or delete it")
+    targets = resolve_targets(model, config)
+    to_save = resolve_modules_to_save(model, config)
+    modules = dict((name, (module, base)) for name, module, base in candidates(model))
+    replaced: list[tuple[str, nn.Module]] = []
+    added: list[nn.Module] = []
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for name in targets:
+            module, base = modules[name]
+            if not isinstance(module, LoraLayer):
+                module = wrap(module, name)
+                _set_child(model, name, module)
+                replaced.append((name, base))
+            module.add_adapter(adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init)
+            added.append(module)
+        for name in to_save:
+            module, base = modules[name]
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(base)
+                _set_child(model, name, module)
+                replaced.append((name, base))
+            module.add_adapter(adapter_name)
+            added.append(module)
+    except BaseException:
+        for module in added:
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                module.remove_adapter(adapter_name)
+            elif isinstance(module, ModulesToSave) and adapter_name in module.copies:
+                del module.copies[adapter_name]
+        for name, base in reversed(replaced):
+            _set_child(model, name, base)
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+        raise
+    state.configs[adapter_name] = config
+    state.fingerprints[adapter_name] = fingerprint(
+        {name: _unmerged_base(model.get_submodule(name)) for name in targets}
+    )
+    model.__dict__[STATE_ATTR] = state
+    active = next((layer.active_adapters for _, layer in lora_modules(model) if layer.active_adapters), None)
+    refresh(model, active if active else [adapter_name])
+    return model
+
+
+def _unmerged_base(layer: LoraLayer):
+    weight = layer.base_weight()
+    for name in layer.merged_adapters:
+        weight = weight - layer.delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+    """Every LoRA layer and modules-to-save wrapper, with its qualified name."""
+    for name, module, _ in candidates(model):
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield name, module
+
+
+def refresh(model: nn.Module, active: list[str]) -> None:
+    """Make ``active`` the active adapters everywhere; only their parameters stay trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer):
+            module.active_adapters = [a for a in active if a in module.lora_A]
+            for name in module.active_adapters:
+                module.lora_A[name].requires_grad_(True)
+                module.lora_B[name].requires_grad_(True)
+        else:
+            module.active_adapters = [a for a in active if a in module.copies]
+            for name in module.active_adapters:
+                module.copies[name].requires_grad_(True)

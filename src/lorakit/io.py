@@ -1,0 +1,328 @@
+"""Adapter files: the contract with the ecosystem.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` in HF PEFT's
+layout, so PEFT and vLLM load lorakit's adapters and lorakit loads theirs:
+
+    base_model.model.<module path>.lora_A.weight        (r, k)       linear, Conv1D
+    base_model.model.<module path>.lora_B.weight        (d, r)
+    base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
+    base_model.model.<module path>.lora_embedding_B     (dim, r)
+    base_model.model.<module path>.lora_A.weight        (r, in, kh, kw)   Conv2d; B: (d, r, 1, 1)
+    base_model.model.<module path>.<param>              modules_to_save
+
+lorakit's extra facts (its version, the base-model fingerprint) go into the safetensors metadata,
+which PEFT ignores.  This is the only module that reads or writes files.  It never unpickles.
+Saving is atomic (a crash never damages an existing adapter); loading is validated completely
+before the model is touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .adapters import active_adapters, adapter_names, delete_adapter
+from .config import LoraConfig
+from .errors import AdapterFileError, AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
+from .fingerprint import describe_mismatch, dumps, fingerprint
+from .inject import _unmerged_base, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
+from .layers import LoraEmbedding, LoraLayer, ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+@dataclasses.dataclass
+class AdapterFile:
+    """An adapter directory's contents: config, tensors in PEFT keys, safetensors metadata."""
+
+    path: Path
+    config: LoraConfig
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    raw_config: dict
+
+    @property
+    def fingerprint(self) -> dict | None:
+        text = self.metadata.get("lorakit_base_fingerprint")
+        return json.loads(text) if text else None
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter directory without touching any model.
+
+    Raises:
+        AdapterFileError: missing directory or file, a pickle-only adapter, invalid JSON, or a
+            corrupt / truncated safetensors file.
+        ConfigError: the config is valid JSON but not a LoRA config lorakit can apply.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not a directory; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{config_path} is missing; is {path} an adapter directory (saved by lorakit or PEFT)?")
+    if not weights_path.is_file():
+        pickled = [n for n in _PICKLE_NAMES if (path / n).exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"{path / pickled[0]} is a pickle file, which lorakit never loads (it can run code); "
+                f"convert it to {WEIGHTS_NAME} with PEFT (save_pretrained(..., safe_serialization=True))"
+            )
+        raise AdapterFileError(f"{weights_path} is missing")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object, not {type(raw).__name__}")
+    config = LoraConfig.from_peft_dict(raw, source=str(config_path))
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {err}") from None
+    return AdapterFile(path, config, tensors, metadata, raw)
+
+
+def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """Adapter ``adapter_name``'s tensors under their PEFT keys (detached, contiguous, CPU)."""
+    out: dict[str, Tensor] = {}
+    for name, module in _modules_with(model, adapter_name):
+        for key, tensor in _layer_tensors(module, adapter_name).items():
+            out[PREFIX + name + "." + key] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _modules_with(model: nn.Module, adapter_name: str):
+    from .inject import lora_modules
+
+    for name, module in lora_modules(model):
+        if (isinstance(module, LoraLayer) and adapter_name in module.lora_A) or (
+            isinstance(module, ModulesToSave) and adapter_name in module.copies
+        ):
+            yield name, module
+
+
+def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
+    """Relative key → tensor in PEFT's shapes, for one layer."""
+    if isinstance(module, ModulesToSave):
+        return dict(module.copies[adapter_name].state_dict())
+    A, B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    if isinstance(module, LoraEmbedding):
+        return {"lora_embedding_A": A, "lora_embedding_B": B}
+    if module.layout == "conv":
+        w = module.base_weight()
+        return {"lora_A.weight": A.reshape(A.shape[0], *w.shape[1:]), "lora_B.weight": B[:, :, None, None]}
+    return {"lora_A.weight": A, "lora_B.weight": B}
+
+
+def _saved_targets(model: nn.Module, adapter_name: str) -> list[str]:
+    """The shortest target_modules list that selects exactly the adapted modules: leaf names when
+    they suffice (what vLLM expects), else full names."""
+    from .inject import candidates
+
+    adapted = {name for name, m in _modules_with(model, adapter_name) if isinstance(m, LoraLayer)}
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    selected = {name for name, _, _ in candidates(model) if any(name_matches(leaf, name) for leaf in leaves)}
+    return leaves if selected == adapted else sorted(adapted)
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write adapter ``adapter_name`` (default: the active one) as a PEFT-layout directory, atomically.
+
+    The files are written into a temporary directory beside ``path`` and swapped in with one
+    rename, so an existing adapter at ``path`` is replaced whole or not at all.
+    """
+    if adapter_name is None:
+        active = active_adapters(model)
+        adapter_name = active[0] if len(active) == 1 else "default"
+    if adapter_name not in adapter_names(model):
+        raise AdapterNameError(f"no adapter named {adapter_name!r} to save; the model has {adapter_names(model)}")
+    state = state_of(model)
+    config = state.configs[adapter_name]
+    tensors = adapter_state(model, adapter_name)
+    bad = [key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterMismatchError(f"adapter {adapter_name!r} has non-finite values in {bad[0]}; refusing to save it")
+    name_or_path = base_model_name_or_path or config.base_model_name_or_path
+    if name_or_path is None:
+        name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    fan_in_fan_out = any(getattr(m, "layout", "") == "transposed" for _, m in _modules_with(model, adapter_name))
+    saved = config.replace(target_modules=_saved_targets(model, adapter_name), exclude_modules=None)
+    peft_config = saved.to_peft_dict(fan_in_fan_out=fan_in_fan_out)
+    peft_config["base_model_name_or_path"] = name_or_path
+    from . import __version__
+
+    metadata = {
+        "format": "pt",
+        "lorakit_version": __version__,
+        "lorakit_base_fingerprint": dumps(state.fingerprints[adapter_name]),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for child in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME, tmp):
+            _fsync(child)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target`` atomically; the old ``target`` ends up at ``new``.
+
+    Uses renameat2(RENAME_EXCHANGE) where the OS has it; elsewhere two renames (a crash between
+    them leaves the old directory at ``new``'s name, never a half-written one at ``target``).
+    """
+    if not target.exists():
+        os.rename(new, target)
+    else:
+        libc_name = ctypes.util.find_library("c")
+        renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+        at_fdcwd = -100
+        if renameat2 is None or renameat2(at_fdcwd, bytes(new), at_fdcwd, bytes(target), _RENAME_EXCHANGE) != 0:
+            old = new.with_name(new.name + ".old")
+            os.rename(target, old)
+            os.rename(new, target)
+            os.rename(old, new)
+    _fsync(target.parent)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    trainable: bool = False,
+    allow_base_mismatch: bool = False,
+) -> nn.Module:
+    """Inject the adapter saved at ``path`` (by lorakit or PEFT) into ``model`` and load its weights.
+
+    Everything is checked before the model is changed: the files, every key (missing or
+    unexpected keys are errors), every shape, and — when the file records one — the fingerprint of
+    the base weights it was trained on (a different base is an error unless
+    ``allow_base_mismatch``).  On any error the model is left exactly as it was.
+
+    Args:
+        trainable: leave the loaded adapter's parameters trainable (to continue training).
+    """
+    adapter = read_adapter(path)
+    config = adapter.config
+    where = adapter.path / WEIGHTS_NAME
+    try:
+        targets = resolve_targets(model, config)
+        to_save = resolve_modules_to_save(model, config)
+    except LorakitError as err:
+        raise AdapterMismatchError(f"{adapter.path / CONFIG_NAME} does not fit this model: {err}") from None
+    expected = _expected_shapes(model, config, targets, to_save)
+    found = {}
+    for key, tensor in adapter.tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterMismatchError(f"{where}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
+        found[key[len(PREFIX):]] = tensor
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise AdapterMismatchError(f"{where}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing in all) for this model")
+    if unexpected:
+        raise AdapterMismatchError(
+            f"{where}: unexpected key {PREFIX + unexpected[0]!r} ({len(unexpected)} in all): no such adapted module in this model"
+        )
+    for key, shape in expected.items():
+        if tuple(found[key].shape) != tuple(shape):
+            raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(found[key].shape)}, this model needs {tuple(shape)}")
+    saved_fp = adapter.fingerprint
+    if saved_fp is not None and not allow_base_mismatch:
+        from .inject import candidates
+
+        in_tree = {name: module for name, module, _ in candidates(model)}
+        current = fingerprint(
+            {n: _unmerged_base(in_tree[n]) if isinstance(in_tree[n], LoraLayer) else in_tree[n].weight for n in targets}
+        )
+        problem = describe_mismatch(saved_fp, current)
+        if problem:
+            raise AdapterMismatchError(
+                f"{adapter.path} was trained on another base model: {problem}. "
+                "Pass allow_base_mismatch=True (CLI: --allow-base-mismatch) to load it anyway"
+            )
+    if adapter_name in adapter_names(model):
+        raise AdapterNameError(f"the model already has an adapter named {adapter_name!r}; load under another name")
+    inject(model, config, adapter_name)
+    try:
+        with torch.no_grad():
+            for name, module in _modules_with(model, adapter_name):
+                for key, param in _layer_params(module, adapter_name).items():
+                    param.copy_(found[name + "." + key].reshape(param.shape))
+                if not trainable:
+                    for p in _layer_params(module, adapter_name).values():
+                        p.requires_grad_(False)
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def _layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
+    """Relative PEFT key → the live parameter it loads into."""
+    if isinstance(module, ModulesToSave):
+        copy = module.copies[adapter_name]
+        return dict(copy.named_parameters()) | dict(copy.named_buffers())
+    keys = ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoraEmbedding) else ("lora_A.weight", "lora_B.weight")
+    return {keys[0]: module.lora_A[adapter_name], keys[1]: module.lora_B[adapter_name]}
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, tuple]:
+    from .inject import candidates
+    from .layers import wrap
+
+    bases = {name: base for name, _, base in candidates(model)}
+    shapes: dict[str, tuple] = {}
+    for name in targets:
+        probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k, d and the layout
+        r, k, d = config.rank_for(name), probe.in_features, probe.out_features
+        if isinstance(probe, LoraEmbedding):
+            shapes[f"{name}.lora_embedding_A"], shapes[f"{name}.lora_embedding_B"] = (r, k), (d, r)
+        elif probe.layout == "conv":
+            w = probe.base_weight()
+            shapes[f"{name}.lora_A.weight"], shapes[f"{name}.lora_B.weight"] = (r, *w.shape[1:]), (d, r, 1, 1)
+        else:
+            shapes[f"{name}.lora_A.weight"], shapes[f"{name}.lora_B.weight"] = (r, k), (d, r)
+    for name in to_save:
+        for key, tensor in bases[name].state_dict().items():
+            shapes[f"{name}.{key}"] = tuple(tensor.shape)
+    return shapes
+
+
+__all__ = ["AdapterFile", "ConfigError", "load_adapter", "read_adapter", "save_adapter", "adapter_state"]

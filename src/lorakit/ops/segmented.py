@@ -1,0 +1,239 @@
+"""Many adapters in one batch: each token goes through its own adapter's low-rank branch.
+
+    h_t = base_t + s_{a(t)} · B_{a(t)} A_{a(t)} x_t        (a(t) = -1: h_t = base_t)
+
+    x: (N, k)   a: (N,) adapter of each token, -1 = base only
+    A: (n, R, k)   B: (n, d, R)   s: (n,)   r: (n,) ranks, r_i ≤ R
+
+The n adapters are held as stacked tensors padded to a common rank R; ``ranks`` says how many rows
+of A_i / columns of B_i are real, so what lies in the padding never matters (it gets neither a say
+in the output nor a gradient).  This is what punica's SGMV and vLLM's shrink/expand kernels do for
+serving; here it also trains: the gradient of adapter i only ever sees the tokens with a(t) = i.
+
+Two torch strategies, chosen by a cost estimate (both compute the same function; tests check each):
+
+* ``dense`` — one shrink against every adapter at once, u = x [A_1; …; A_n]ᵀ (N, n·R), a mask keeps
+  each token's own R columns (scaled by s and cut at r), and one expand u [B_1 … B_n]ᵀ accumulates
+  into the base output.  No gather or scatter of x; costs n× the FLOPs of one adapter's branch,
+  which is small next to the base GEMM while n·R ≪ d.
+* ``grouped`` — tokens sorted by adapter and packed into an (n, L, k) buffer (L = the largest
+  segment), then two ``bmm``.  The FLOPs of one adapter's branch, plus a gather of x and a scatter of
+  the result; it wins when n·R grows towards d.
+
+On CUDA the Triton kernels of :mod:`lorakit.ops.triton_segmented` do the forward (SGMV-style: one
+program per block of same-adapter tokens, no copy of x).  Kernels are chosen by device, never by the
+caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import LorakitError
+
+# Below this many loaded elements per gathered element the dense strategy is preferred; a gather +
+# scatter pass over x and h costs, on CPU, about as much as this many multiply-adds per element.
+_MOVE_COST = 48.0
+
+
+class SegmentError(LorakitError, ValueError):
+    """The tensors handed to :func:`segmented_lora` do not fit together."""
+
+
+@dataclasses.dataclass
+class SegmentPlan:
+    """A token → adapter assignment, prepared once and reused by every layer of a forward.
+
+    All layers of a model see the same token layout, so the sort and the Triton block table are
+    computed once per forward, not once per layer.  Build it with :func:`plan_segments`.
+
+    Attributes:
+        index: (N,) int64 adapter of each token, -1 = base only.
+        n_adapters: n, the number of stacked adapters the index refers to.
+    """
+
+    index: Tensor
+    n_adapters: int
+    _tables: dict[int, tuple[Tensor, ...]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def block_table(self, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(order, blk_adapter, blk_start, blk_end) for blocks of ≤ block_m same-adapter tokens.
+
+        order: (N,) int32 token ids sorted by adapter (base-only tokens last, never visited);
+        block b covers sorted positions [blk_start[b], blk_end[b]) of adapter blk_adapter[b]
+        (-1: an unused block). Computed on the device without a host sync, for a fixed grid of
+        ⌊N / block_m⌋ + n blocks, an upper bound of Σ_i ⌈N_i / block_m⌉.
+        """
+        if block_m not in self._tables:
+            self._tables[block_m] = _block_table(self.index, self.n_adapters, block_m)
+        return self._tables[block_m]  # type: ignore[return-value]
+
+
+def plan_segments(adapter_index: Tensor, n_adapters: int) -> SegmentPlan:
+    """Validate a token → adapter assignment and wrap it for reuse across layers.
+
+    Args:
+        adapter_index: integer tensor of any shape (flattened in row-major order to the tokens
+            of x); values in [-1, n_adapters).
+        n_adapters: how many adapters the stacks hold.
+    """
+    if adapter_index.dtype.is_floating_point or adapter_index.dtype == torch.bool:
+        raise SegmentError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    index = adapter_index.reshape(-1).to(torch.int64)
+    if index.device.type == "cpu" and index.numel():  # on a GPU this check would cost a host sync
+        lo, hi = int(index.min()), int(index.max())
+        if lo < -1 or hi >= n_adapters:
+            raise SegmentError(
+                f"adapter_index values must lie in [-1, {n_adapters}) (-1 = base only), got [{lo}, {hi}]"
+            )
+    return SegmentPlan(index=index, n_adapters=int(n_adapters))
+
+
+def segmented_lora(
+    x: Tensor,
+    adapter_index: Tensor | SegmentPlan,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scales: Tensor | Sequence[float],
+    ranks: Tensor | Sequence[int] | None = None,
+    base: Tensor | None = None,
+) -> Tensor:
+    """h_t = base_t + s_{a(t)} · B_{a(t)} A_{a(t)} x_t for every token t; tokens with a(t) = -1 get base_t.
+
+    Args:
+        x: (..., k) input; its leading dimensions are the tokens.
+        adapter_index: the adapter of each token, an integer tensor of x's leading shape (or one
+            that broadcasts to it, e.g. (batch, 1) for one adapter per sample), or a
+            :class:`SegmentPlan` built from such an index for N = x.numel() // k tokens.
+        lora_A: (n, R, k) stacked A matrices, zero-padded (or not: see ``ranks``) to rank R.
+        lora_B: (n, d, R) stacked B matrices.
+        scales: (n,) s_i of each adapter (a tensor: changing it recompiles nothing).
+        ranks: (n,) true rank r_i ≤ R of each adapter; rows ≥ r_i of A_i and columns ≥ r_i of B_i
+            are ignored. None: all R are used.
+        base: (..., d) base output W x + b the update accumulates into; None: zeros.
+
+    Returns:
+        (..., d) in x's dtype. Differentiable in x, lora_A, lora_B and base; adapter i's gradient
+        comes only from the tokens assigned to it.
+    """
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    n, R, kA = lora_A.shape
+    if kA != k:
+        raise SegmentError(f"lora_A is (n, R, k) = {tuple(lora_A.shape)} but x has k = {k} features")
+    if lora_B.dim() != 3 or lora_B.shape[0] != n or lora_B.shape[2] != R:
+        raise SegmentError(f"lora_B must be (n, d, R) = ({n}, d, {R}), got {tuple(lora_B.shape)}")
+    d = lora_B.shape[1]
+    x2 = x.reshape(-1, k)
+    N = x2.shape[0]
+    if isinstance(adapter_index, SegmentPlan):
+        plan = adapter_index
+        if plan.index.numel() != N or plan.n_adapters != n:
+            raise SegmentError(
+                f"the SegmentPlan is for {plan.index.numel()} tokens and {plan.n_adapters} adapters; "
+                f"x has {N} tokens and the stacks {n} adapters"
+            )
+    else:
+        plan = plan_segments(torch.broadcast_to(adapter_index, lead), n)
+    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
+    rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=x.device).reshape(-1)
+    if scale_t.numel() != n or (rank_t is not None and rank_t.numel() != n):
+        raise SegmentError(f"scales and ranks must have one entry per adapter ({n})")
+    base2 = None
+    if base is not None:
+        if base.shape[:-1] != lead or base.shape[-1] != d:
+            raise SegmentError(f"base must have shape {(*lead, d)}, got {tuple(base.shape)}")
+        base2 = base.reshape(-1, d)
+    if x2.device.type == "cuda" and N and n:
+        from . import triton_segmented
+
+        if triton_segmented.available():
+            h = triton_segmented.segmented_lora_triton(x2, plan, lora_A, lora_B, scale_t, rank_t, base2)
+            return h.view(*lead, d)
+    h = _torch_segmented(x2, plan, lora_A, lora_B, scale_t, rank_t, base2, strategy=None)
+    return h.view(*lead, d)
+
+
+def column_scales(scales: Tensor, ranks: Tensor | None, R: int) -> Tensor:
+    """(n, R) factor for each rank column: s_i where j < r_i, else 0 (the padding)."""
+    col = scales.reshape(-1, 1).expand(-1, R)
+    if ranks is None:
+        return col
+    keep = torch.arange(R, device=scales.device).reshape(1, R) < ranks.reshape(-1, 1).to(scales.device)
+    return col * keep
+
+
+def _torch_segmented(
+    x2: Tensor,
+    plan: SegmentPlan,
+    A: Tensor,
+    B: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    base2: Tensor | None,
+    strategy: str | None,
+) -> Tensor:
+    """The torch reference path (plain autograd ops). strategy: 'dense', 'grouped' or None (by cost)."""
+    N, k = x2.shape
+    n, R, _ = A.shape
+    d = B.shape[1]
+    idx = plan.index.to(x2.device)
+    colscale = column_scales(scales, ranks, R).to(x2.dtype)  # (n, R)
+    A_, B_ = A.to(x2.dtype), B.to(x2.dtype)
+    if strategy is None:
+        strategy = "dense"
+        if N and x2.device.type == "cpu":
+            counts = torch.bincount(idx + 1, minlength=n + 1)[1:]
+            m = int((counts > 0).sum())
+            dense_cost = N * m * R * (k + d)
+            grouped_cost = m * int(counts.max()) * R * (k + d) + _MOVE_COST * N * (k + d)
+            strategy = "grouped" if grouped_cost < dense_cost else "dense"
+    if strategy == "dense":
+        # u = x [A_1; …; A_n]ᵀ, then each token keeps its own adapter's columns, scaled.
+        u = (x2 @ A_.reshape(n * R, k).t()).view(N, n, R)  # (N, n, R)
+        own = torch.nn.functional.one_hot(idx + 1, n + 1)[:, 1:].to(x2.dtype)  # (N, n); -1 → zero row
+        u = (u * (own.unsqueeze(-1) * colscale)).reshape(N, n * R)
+        Bt = B_.transpose(1, 2).reshape(n * R, d)  # [B_1 … B_n]ᵀ: (n·R, d)
+        return torch.addmm(base2.to(x2.dtype), u, Bt) if base2 is not None else u @ Bt
+    if strategy != "grouped":
+        raise SegmentError(f"strategy must be 'dense' or 'grouped', got {strategy!r}")
+    # Sort tokens by adapter (base-only ones first, then dropped), pack each segment into a row of
+    # an (n, L, k) buffer, two bmm, scatter back.
+    idx_sorted, order = torch.sort(idx, stable=True)
+    n_base = int((idx_sorted < 0).sum())
+    idx_sorted, order = idx_sorted[n_base:], order[n_base:]
+    out = base2.to(x2.dtype) if base2 is not None else x2.new_zeros(N, d)
+    if not order.numel():
+        return out.clone() if base2 is not None else out
+    counts = torch.bincount(idx_sorted, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(order.numel(), device=x2.device) - starts[idx_sorted]  # place within its segment
+    L = int(counts.max())
+    packed = x2.new_zeros(n, L, k)
+    packed = packed.index_put((idx_sorted, pos), x2[order])  # (n, L, k)
+    u = torch.bmm(packed, A_.transpose(1, 2)) * colscale.unsqueeze(1)  # (n, L, R)
+    y = torch.bmm(u, B_.transpose(1, 2))  # (n, L, d)
+    return out.index_add(0, order, y[idx_sorted, pos])
+
+
+def _block_table(index: Tensor, n: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    N = index.numel()
+    key = torch.where(index >= 0, index, torch.full_like(index, n))  # base-only tokens sort last
+    order = torch.argsort(key, stable=True).to(torch.int32)
+    counts = torch.bincount(key, minlength=n + 1)[:n]
+    seg_start = torch.cumsum(counts, 0) - counts
+    nblk = (counts + block_m - 1) // block_m
+    blk_cum = torch.cumsum(nblk, 0)
+    b = torch.arange(N // block_m + n, device=index.device)
+    a = torch.searchsorted(blk_cum, b, right=True)  # adapter owning block b (n: unused block)
+    a_c = a.clamp(max=n - 1)
+    j = b - (blk_cum[a_c] - nblk[a_c])
+    blk_start = seg_start[a_c] + j * block_m
+    blk_end = seg_start[a_c] + counts[a_c]
+    blk_adapter = torch.where(a < n, a, torch.full_like(a, -1))
+    i32 = torch.int32
+    return order, blk_adapter.to(i32), blk_start.to(i32), blk_end.to(i32)

@@ -1,0 +1,215 @@
+"""Triton kernels for :func:`lorakit.ops.segmented_lora` (SGMV-style shrink and expand).
+
+    shrink:  u_p = x_{order[p]} A_{a}ᵀ              (per block of same-adapter tokens; u: (N, R) fp32)
+    expand:  h_{order[p]} += s_a · u_p B_{a}ᵀ        (accumulated into the base output in place)
+
+Tokens are never copied: ``order`` (the tokens sorted by adapter, from :class:`SegmentPlan`) is read
+inside the kernels, and each program handles up to BLOCK_M consecutive sorted tokens of one adapter,
+so its A_a / B_a tile is loaded once for all of them. The grid has a fixed size
+(⌊N / BLOCK_M⌋ + n programs, surplus ones return at once), so nothing waits on the host.
+
+The backward pass reuses the two kernels with the roles of A and B swapped (the input gradient is
+g ↦ (s·g B_a) A_a, a shrink by Bᵀ and an expand by Aᵀ); the adapters' own gradients are two masked
+dense products, as in the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .segmented import SegmentPlan, column_scales
+
+try:  # Triton is optional: without it CUDA uses the torch path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here."""
+    return triton is not None
+
+
+BLOCK_M = 16  # tokens per program: tl.dot needs ≥ 16; larger blocks waste work on small segments
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(
+        x_ptr, w_ptr, u_ptr, order_ptr, blk_adapter_ptr, blk_start_ptr, blk_end_ptr, ranks_ptr,
+        K,
+        stride_xm, stride_xk, stride_wn, stride_wr, stride_wk, stride_um,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # u[p, :r_a] = x[order[p]] · W_aᵀ for sorted positions p of one block; W_a: (R, K) strided.
+        pid = tl.program_id(0)
+        a = tl.load(blk_adapter_ptr + pid)
+        if a >= 0:
+            start = tl.load(blk_start_ptr + pid)
+            end = tl.load(blk_end_ptr + pid)
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            rows = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # token ids
+            r = tl.load(ranks_ptr + a)
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r
+            w_base = w_ptr + a.to(tl.int64) * stride_wn
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                xt = tl.load(  # (BLOCK_M, BLOCK_K)
+                    x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+                )
+                wt = tl.load(  # (BLOCK_K, BLOCK_R) = W_aᵀ tile
+                    w_base + offs_r[None, :] * stride_wr + offs_k[:, None] * stride_wk,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0,
+                )
+                if IEEE:
+                    acc += tl.dot(xt, wt.to(xt.dtype), input_precision="ieee")
+                else:
+                    acc += tl.dot(xt, wt.to(xt.dtype))
+            tl.store(
+                u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :], acc,
+                mask=m_mask[:, None] & (offs_r[None, :] < BLOCK_R),
+            )
+
+    @triton.jit
+    def _expand_kernel(
+        u_ptr, w_ptr, out_ptr, order_ptr, blk_adapter_ptr, blk_start_ptr, blk_end_ptr, ranks_ptr, scales_ptr,
+        D,
+        stride_um, stride_wn, stride_wd, stride_wr, stride_om, stride_od,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # out[order[p], n-tile] += s_a · u[p, :r_a] · W_a[n-tile, :r_a]ᵀ; W_a: (D, R) strided.
+        pid = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        a = tl.load(blk_adapter_ptr + pid)
+        if a >= 0:
+            start = tl.load(blk_start_ptr + pid)
+            end = tl.load(blk_end_ptr + pid)
+            offs_m = start + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            rows = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+            r = tl.load(ranks_ptr + a)
+            s = tl.load(scales_ptr + a)
+            offs_r = tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < D
+            w_base = w_ptr + a.to(tl.int64) * stride_wn
+            wt = tl.load(  # (BLOCK_R, BLOCK_N) = W_aᵀ tile
+                w_base + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wd,
+                mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+            )
+            ut = tl.load(  # (BLOCK_M, BLOCK_R) fp32
+                u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :],
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+            )
+            # u is rounded to the weights' dtype like the torch path rounds x Aᵀ to x's dtype
+            if IEEE:
+                acc = tl.dot(ut.to(wt.dtype), wt, input_precision="ieee")
+            else:
+                acc = tl.dot(ut.to(wt.dtype), wt)
+            o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_od
+            o_mask = m_mask[:, None] & n_mask[None, :]
+            o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+            tl.store(o_ptrs, (o.to(tl.float32) + acc * s).to(o.dtype), mask=o_mask)
+
+
+def _block_r(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def shrink(x2: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor) -> Tensor:
+    """u (N, BLOCK_R) fp32 in sorted order: u_p = x_{order[p]} W_aᵀ, W: (n, R, K) any strides."""
+    N, K = x2.shape
+    n, R, _ = W.shape
+    BR = _block_r(R)
+    order, blk_a, blk_s, blk_e = plan.block_table(BLOCK_M)
+    u = torch.zeros(N, BR, device=x2.device, dtype=torch.float32)
+    BK = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
+    _shrink_kernel[(blk_a.numel(),)](
+        x2, W, u, order, blk_a, blk_s, blk_e, ranks,
+        K,
+        x2.stride(0), x2.stride(1), W.stride(0), W.stride(1), W.stride(2), u.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=BK, IEEE=x2.dtype == torch.float32, num_warps=4,
+    )
+    return u
+
+
+def expand_(out: Tensor, u: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor, scales: Tensor) -> Tensor:
+    """out[order[p]] += s_a · u_p W_aᵀ in place; W: (n, D, R) any strides, out: (N, D)."""
+    N, D = out.shape
+    BR = u.shape[1]
+    order, blk_a, blk_s, blk_e = plan.block_table(BLOCK_M)
+    BN = 128 if D >= 128 else max(16, triton.next_power_of_2(D))
+    grid = (blk_a.numel(), triton.cdiv(D, BN))
+    _expand_kernel[grid](
+        u, W, out, order, blk_a, blk_s, blk_e, ranks, scales,
+        D,
+        u.stride(0), W.stride(0), W.stride(1), W.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BN, BLOCK_R=BR, IEEE=out.dtype == torch.float32, num_warps=4,
+    )
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _full_ranks(n: int, R: int, device: torch.device) -> Tensor:
+    return torch.full((n,), R, dtype=torch.int32, device=device)
+
+
+def segmented_lora_triton(
+    x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor | None, base2: Tensor | None
+) -> Tensor:
+    """(N, d) = base + segmented update, through the kernels; differentiable like the torch path."""
+    n, R, _ = A.shape
+    ranks = _full_ranks(n, R, x2.device) if ranks is None else ranks.to(device=x2.device, dtype=torch.int32)
+    scales = scales.to(device=x2.device, dtype=torch.float32)
+    if base2 is None:
+        base2 = x2.new_zeros(x2.shape[0], B.shape[1])
+    return _SegmentedTriton.apply(x2, A, B, base2, scales, ranks, plan)
+
+
+class _SegmentedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, A, B, base2, scales, ranks, plan):  # type: ignore[override]
+        A_, B_ = A.to(x2.dtype), B.to(x2.dtype)
+        out = base2.to(x2.dtype).clone(memory_format=torch.contiguous_format)  # autograd must see base unchanged
+        u = shrink(x2, plan, A_, ranks)  # (N, BR) fp32, sorted order
+        expand_(out, u, plan, B_, ranks, scales)
+        ctx.save_for_backward(x2, A, B, scales, ranks)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x2, A, B, scales, ranks = ctx.saved_tensors
+        plan: SegmentPlan = ctx.plan
+        need_x, need_A, need_B, need_base = ctx.needs_input_grad[:4]
+        g = g.contiguous()
+        dt = x2.dtype
+        A_, B_ = A.to(dt), B.to(dt)
+        n, R, k = A.shape
+        d = B.shape[1]
+        grad_x = grad_A = grad_B = None
+        if need_x:  # g ↦ (s_a g B_a) A_a: shrink by B_aᵀ (R, d), expand by A_aᵀ (k, R)
+            v = shrink(g, plan, B_.transpose(1, 2), ranks)
+            grad_x = expand_(torch.zeros_like(x2), v, plan, A_.transpose(1, 2), ranks, scales)
+        if need_A or need_B:
+            # Masked dense products: token t contributes only to its own adapter's columns.
+            idx = plan.index.to(x2.device)
+            own = torch.nn.functional.one_hot(idx + 1, n + 1)[:, 1:].to(dt).unsqueeze(-1)  # (N, n, 1)
+            col = column_scales(scales, ranks, R).to(dt)  # (n, R)
+            if need_A:
+                v = ((g @ B_.transpose(1, 2).reshape(n * R, d).t()).view(-1, n, R) * (own * col)).reshape(-1, n * R)
+                grad_A = (v.t() @ x2).view(n, R, k).to(A.dtype)
+            if need_B:
+                u = ((x2 @ A_.reshape(n * R, k).t()).view(-1, n, R) * (own * col)).reshape(-1, n * R)
+                grad_B = (g.t() @ u).view(d, n, R).permute(1, 0, 2).to(B.dtype)
+        return grad_x, grad_A, grad_B, (g if need_base else None), None, None, None

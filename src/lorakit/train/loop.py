@@ -1,0 +1,455 @@
+"""The training loop: one Trainer for every task.
+
+A run is a sequence of optimizer steps.  Step ``t`` consumes the next ``batch_size · grad_accum``
+examples of the current epoch's permutation (a permutation of the training set seeded by
+``seed + epoch``, independent of every other random generator), split into ``grad_accum``
+micro-batches whose losses are weighted by their share of the step's examples.  The last step of an
+epoch may be short; the next step starts the next epoch.  So the whole data position is the pair
+(epoch, index), which is what a checkpoint stores, and resuming is exact.
+
+For distributed training (added later on top of this class) the seams are: :meth:`Trainer.wrap`
+(the one place the model is wrapped), :meth:`Trainer.step_indices` (the one place data indices are
+chosen) and :attr:`Trainer.is_main` (who saves and logs).
+
+Learning rate, with W warmup steps and T total steps, at step t (0-based):
+
+    t < W:  lr · (t + 1) / W
+    else:   lr · ½ (1 + cos(π p))  (cosine)   or   lr · (1 − p)  (linear),   p = (t − W) / max(1, T − W)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+import lorakit
+
+from ..config import LoraConfig
+from ..errors import LorakitError
+from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
+from .task import Task
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (e.g. the loss kept being NaN/inf)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How to train; every field is a ``lorakit train`` option."""
+
+    lr: float = 2e-4
+    #: passes over the training data (ignored when max_steps is set)
+    epochs: int = 1
+    #: stop after this many optimizer steps
+    max_steps: int | None = None
+    #: examples per micro-batch
+    batch_size: int = 16
+    #: micro-batches per optimizer step
+    grad_accum: int = 1
+    #: warmup steps (≥ 1) or fraction of the run (< 1)
+    warmup: float = 0.05
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    #: gradients are clipped to this global norm (None: no clipping)
+    max_grad_norm: float | None = 1.0
+    #: evaluate every N steps (0: only before and after)
+    eval_every: int = 0
+    #: checkpoint every N steps (0: no checkpoints)
+    save_every: int = 0
+    #: checkpoints kept (0: all)
+    keep: int = 3
+    seed: int = 0
+    #: stop after this many non-finite steps in a row
+    max_bad_steps: int = 5
+    bf16: bool = False
+    #: progress line every N steps when stderr is not a terminal
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, got {self.max_steps}"),
+            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be ≥ 1, got {self.grad_accum}"),
+            (self.warmup >= 0, f"--warmup must be ≥ 0 (steps, or a fraction < 1), got {self.warmup}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.eval_every >= 0 and self.save_every >= 0, "--eval-every and --save-every must be ≥ 0"),
+            (self.keep >= 0, f"--keep must be ≥ 0 (0 keeps all), got {self.keep}"),
+            (self.max_bad_steps >= 1, f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise lorakit.ConfigError(message)
+
+
+# Fields that may differ from a checkpoint's without changing what is being resumed.
+_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every"}
+# LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
+_STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at 0-based step ``step`` (see the module docstring)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    skipped: int
+    before: dict[str, float]
+    after: dict[str, float]
+    history: dict[str, list[dict[str, float]]]
+    trainable: int
+    total: int
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(batch: Any) -> int:
+    if isinstance(batch, dict):
+        if isinstance(batch.get("attention_mask"), torch.Tensor):
+            return int(batch["attention_mask"].sum())
+        return sum(_count_tokens(v) for v in batch.values() if isinstance(v, dict))
+    return 0
+
+
+class Progress:
+    """One status line on stderr: a live bar on a terminal, a line every ``every`` steps otherwise."""
+
+    def __init__(self, total: int, stream: TextIO, every: int, start_step: int = 0) -> None:
+        self.total, self.stream, self.every = total, stream, max(1, every)
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.t0, self.start_step, self.examples = time.monotonic(), start_step, 0
+        self.loss_avg: float | None = None
+
+    def update(self, step: int, loss: float, lr: float, examples: int, note: str = "") -> None:
+        self.examples += examples
+        if math.isfinite(loss):  # smoothed so the bar is readable; metrics.json keeps every value
+            self.loss_avg = loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * loss
+        if not (self.tty or step % self.every == 0 or step == self.total or note):
+            return
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        loss_s = f"{self.loss_avg:.4f}" if self.loss_avg is not None else "nan"
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss_s} lr {lr:.2e} "
+            f"{self.examples / elapsed:.1f} ex/s ETA {_hms(eta)}{'  ' + note if note else ''}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Trainer:
+    """Trains LoRA adapters for a :class:`~lorakit.train.task.Task`.
+
+    Args:
+        task: data, loss and evaluation.
+        lora: what to adapt; ``modules_to_save`` is extended with the task's.
+        config: how to train.
+        out: output directory (``adapter/``, ``metrics.json``, ``checkpoints/``).
+        extra: run facts (model path, data paths, ...) stored in checkpoints and compared on resume.
+        log: where progress and the summary go.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        lora: LoraConfig,
+        config: TrainConfig,
+        out: str | Path,
+        *,
+        extra: dict[str, Any] | None = None,
+        log: TextIO | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.task, self.config, self.out = task, config, Path(out)
+        self.extra = dict(extra or {})
+        self.log = log or sys.stderr
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.bf16 and self.device.type != "cuda":
+            raise lorakit.ConfigError("--bf16 needs a CUDA GPU; on CPU train in float32 (drop --bf16)")
+        saved = tuple(dict.fromkeys((*lora.modules_to_save, *task.modules_to_save)))
+        self.lora = lora.replace(modules_to_save=saved) if saved != tuple(lora.modules_to_save) else lora
+        torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
+        random.seed(config.seed)
+        model = lorakit.inject(task.model, self.lora)
+        self.base = model.to(self.device)
+        self.model = self.wrap(self.base)
+        self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.params], lr=config.lr, weight_decay=config.weight_decay
+        )
+        n = len(task.train_examples)
+        if n == 0:
+            raise TrainingError(f"task {task.name!r} has no training examples")
+        per_step = config.batch_size * config.grad_accum
+        self.steps_per_epoch = math.ceil(n / per_step)
+        self.total = config.max_steps or config.epochs * self.steps_per_epoch
+        self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
+        self._perm_cache: tuple[int, list[int]] | None = None
+
+    # -- seams for distributed training ------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Whether this process saves files and prints (rank 0)."""
+        return True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The one place the model gets wrapped (DDP / FSDP); identity on one process."""
+        return model
+
+    def permutation(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s order of the training set; seeded by (seed, epoch) alone."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(len(self.task.train_examples), generator=g).tolist())
+        return self._perm_cache[1]
+
+    def step_indices(self, epoch: int, index: int) -> tuple[list[list[int]], int, int]:
+        """The micro-batches of the step starting at (epoch, index), and the position after it."""
+        perm = self.permutation(epoch)
+        take = perm[index : index + self.config.batch_size * self.config.grad_accum]
+        bs = self.config.batch_size
+        micro = [take[i : i + bs] for i in range(0, len(take), bs)]
+        index += len(take)
+        return (micro, epoch + 1, 0) if index >= len(perm) else (micro, epoch, index)
+
+    # -- the run ---------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.params}
+
+    def run_config(self) -> dict[str, Any]:
+        lora = {k: v for k, v in self.lora.to_peft_dict().items() if k not in ("inference_mode", "base_model_name_or_path")}
+        return {"task": self.task.name, "data": self.task.fingerprint(), "lora": lora,
+                "train": dataclasses.asdict(self.config), **self.extra}
+
+    def check_resume(self, ckpt: Checkpoint, force: bool) -> None:
+        """Refuse a checkpoint whose run differs from this one (unless ``force``, where it can be)."""
+        saved, now = ckpt.state.get("config", {}), self.run_config()
+        hard, soft = [], []
+        for key in sorted(set(saved) | set(now)):
+            a, b = saved.get(key), now.get(key)
+            if key in ("lora", "train"):
+                for sub in sorted(set(a or {}) | set(b or {})):
+                    x, y = (a or {}).get(sub), (b or {}).get(sub)
+                    if x == y or key == "train" and sub in _FREE_ON_RESUME:
+                        continue
+                    (hard if key == "lora" and sub in _STRUCTURAL else soft).append(f"{sub}: checkpoint {x!r}, now {y!r}")
+            elif a != b:
+                (hard if key == "task" else soft).append(f"{key}: checkpoint {a!r}, now {b!r}")
+        if hard:
+            raise CheckpointError(
+                f"{ckpt.path} was trained with a different adapter shape or task ({'; '.join(hard)}); "
+                "resume with the checkpoint's settings, or start a new run with a different --out"
+            )
+        if soft and not force:
+            raise CheckpointError(
+                f"{ckpt.path} does not match this run ({'; '.join(soft)}); drop the differing options to "
+                "use the checkpoint's, or pass --force to resume with the new ones"
+            )
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        names = dict(self.params)
+        missing, unexpected = sorted(set(names) - set(ckpt.trainable)), sorted(set(ckpt.trainable) - set(names))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt.path}: trainable parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "resume with the same model, targets and task"
+            )
+        with torch.no_grad():
+            for name, p in self.params:
+                t = ckpt.trainable[name]
+                if t.shape != p.shape:
+                    raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+                p.copy_(t)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        restore_rng(ckpt.rng)
+
+    def evaluate(self) -> dict[str, float]:
+        """Task metrics, without disturbing any random generator the training uses."""
+        py_state = random.getstate()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+            self.model.eval()
+            try:
+                metrics = {k: float(v) for k, v in self.task.evaluate(self.base).items()}
+            finally:
+                self.model.train()
+                random.setstate(py_state)
+        return metrics
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _print(self, *lines: str) -> None:
+        if self.is_main:
+            for line in lines:
+                print(line, file=self.log, flush=True)
+
+    def fit(self, resume: Checkpoint | None = None, *, force: bool = False) -> TrainResult:
+        """Train to ``max_steps`` / ``epochs``; write the adapter, metrics.json and the plot into ``out``."""
+        cfg = self.config
+        ckpt_dir = self.out / "checkpoints"
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in clean_stale(ckpt_dir):
+                self._print(f"removed an incomplete checkpoint left by a crash: {stale}")
+        report = lorakit.trainable_parameters(self.base)
+        self._print(
+            f"task {self.task.name}: {len(self.task.train_examples)} training examples, "
+            f"{self.total} steps of {cfg.batch_size}×{cfg.grad_accum} on {self.device.type}",
+            f"trainable parameters: {report.trainable:,} of {report.total:,} ({report.percent:.3f}%)",
+        )
+        step = epoch = index = skipped = bad_run = 0
+        history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
+        if resume is not None:
+            self.check_resume(resume, force)
+            self.restore(resume)
+            s = resume.state
+            step, epoch, index, skipped = s["step"], s["epoch"], s["index"], s["skipped"]
+            history = s["history"]
+            self._print(f"resumed from {resume.path} at step {step} (epoch {epoch}, example {index})")
+        before = history["eval"][0] if history["eval"] else None
+        if before is None:
+            before = {"step": 0, **self.evaluate()}
+            history["eval"].append(before)
+            self._print("before: " + _fmt(before))
+        self.model.train()
+        progress = Progress(self.total, self.log, cfg.log_every, start_step=step) if self.is_main else None
+        tokens, t_start = 0, time.monotonic()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while step < self.total:
+            micro, next_epoch, next_index = self.step_indices(epoch, index)
+            lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            n_step = sum(len(m) for m in micro)
+            loss_sum = 0.0
+            for ids in micro:
+                batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
+                tokens += _count_tokens(batch)
+                with self._autocast():
+                    loss = self.task.loss(self.model, batch)
+                # each micro-batch counts by its share of the step's examples (a short last one counts less)
+                (loss * (len(ids) / n_step)).backward()
+                loss_sum += float(loss.detach()) * len(ids) / n_step
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for _, p in self.params], cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
+            )
+            note = ""
+            if math.isfinite(loss_sum) and bool(torch.isfinite(norm)):
+                self.optimizer.step()
+                bad_run = 0
+            else:
+                skipped += 1
+                bad_run += 1
+                note = f"skipped step {step + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} ({skipped} skipped so far)"
+            self.optimizer.zero_grad(set_to_none=True)
+            step, epoch, index = step + 1, next_epoch, next_index
+            history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
+            if progress is not None:
+                progress.update(step, loss_sum, lr, n_step, note)
+            if bad_run >= cfg.max_bad_steps:
+                raise TrainingError(
+                    f"stopped at step {step}: the last {bad_run} steps had a NaN/inf loss or gradient "
+                    f"({skipped} skipped in all); lower --lr, check the data, or resume from the last checkpoint "
+                    f"in {ckpt_dir}"
+                )
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
+                history["eval"].append({"step": step, **self.evaluate()})
+                self._print(f"step {step}: " + _fmt(history["eval"][-1]))
+            if cfg.save_every and (step % cfg.save_every == 0 or step == self.total) and bad_run == 0:
+                self.save(ckpt_dir, step, epoch, index, skipped, history)
+        if progress is not None:
+            progress.close()
+        elapsed = time.monotonic() - t_start
+        after = {"step": step, **self.evaluate()}
+        if history["eval"][-1].get("step") != step:
+            history["eval"].append(after)
+        result = TrainResult(step, skipped, before, after, history, report.trainable, report.total)
+        if self.is_main:
+            self.write_outputs(result)
+            self._summary(result, tokens, elapsed)
+        return result
+
+    def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
+        if not self.is_main:
+            return None
+        state = {"step": step, "epoch": epoch, "index": index, "skipped": skipped, "history": history,
+                 "scheduler": {"schedule": self.config.schedule, "warmup": self.warmup, "total": self.total},
+                 "config": self.run_config(), "lorakit_version": lorakit.__version__}
+        return save_checkpoint(
+            root, step, trainable=self.trainable_state(), optimizer=self.optimizer.state_dict(), state=state,
+            rng=capture_rng(), write_adapter=lambda path: lorakit.save_adapter(self.base, path), keep=self.config.keep,
+        )
+
+    def write_outputs(self, result: TrainResult) -> None:
+        lorakit.save_adapter(self.base, self.out / "adapter")
+        metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
+                   "trainable_parameters": result.trainable, "total_parameters": result.total,
+                   "before": result.before, "after": result.after, "history": result.history,
+                   "config": self.run_config()}
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        from .plot import plot_history  # matplotlib is only needed here
+
+        plot_history(result.history, self.out / "training.png", title=f"lorakit train --task {self.task.name}")
+
+    def _summary(self, result: TrainResult, tokens: int, elapsed: float) -> None:
+        lines = [f"trained {result.steps} steps" + (f" ({result.skipped} skipped: non-finite)" if result.skipped else "")]
+        for key, b in result.before.items():
+            if key == "step" or key not in result.after:
+                continue
+            a = result.after[key]
+            lines.append(f"  {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            lines.append(f"  {tokens / max(elapsed, 1e-9):,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
+        self._print(*lines)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
