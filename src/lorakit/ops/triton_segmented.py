@@ -39,6 +39,16 @@ BLOCK_M = 16  # tokens per program: tl.dot needs ≥ 16; larger blocks waste wor
 if triton is not None:
 
     @triton.jit
+    def _block_rows(pid, blk_start_ptr, blk_end_ptr, order_ptr, BLOCK_M: tl.constexpr):
+        # sorted positions offs_m of block pid, their mask, and the token ids they stand for
+        start = tl.load(blk_start_ptr + pid)
+        end = tl.load(blk_end_ptr + pid)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        rows = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        return offs_m, m_mask, rows
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr, w_ptr, u_ptr, order_ptr, blk_adapter_ptr, blk_start_ptr, blk_end_ptr, ranks_ptr,
         K,
@@ -49,11 +59,7 @@ if triton is not None:
         pid = tl.program_id(0)
         a = tl.load(blk_adapter_ptr + pid)
         if a >= 0:
-            start = tl.load(blk_start_ptr + pid)
-            end = tl.load(blk_end_ptr + pid)
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            rows = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # token ids
+            offs_m, m_mask, rows = _block_rows(pid, blk_start_ptr, blk_end_ptr, order_ptr, BLOCK_M)
             r = tl.load(ranks_ptr + a)
             offs_r = tl.arange(0, BLOCK_R)
             r_mask = offs_r < r
@@ -91,11 +97,7 @@ if triton is not None:
         pid_n = tl.program_id(1)
         a = tl.load(blk_adapter_ptr + pid)
         if a >= 0:
-            start = tl.load(blk_start_ptr + pid)
-            end = tl.load(blk_end_ptr + pid)
-            offs_m = start + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < end
-            rows = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+            offs_m, m_mask, rows = _block_rows(pid, blk_start_ptr, blk_end_ptr, order_ptr, BLOCK_M)
             r = tl.load(ranks_ptr + a)
             s = tl.load(scales_ptr + a)
             offs_r = tl.arange(0, BLOCK_R)
