@@ -153,7 +153,6 @@ class LoraConfig:
             "init_lora_weights": True if self.init == "kaiming" else "gaussian",
             "use_dora": False,
             "inference_mode": True,
-            "lorakit_init": self.init,
         }
 
     @classmethod
@@ -172,8 +171,7 @@ class LoraConfig:
         if data.get("bias", "none") != "none":
             raise ConfigError(f"{source}: bias={data['bias']!r} is not supported; lorakit adapters train no biases")
         kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
-        init = data.get("lorakit_init") or ("gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming")
-        kwargs["init"] = init
+        kwargs["init"] = "gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming"
         try:
             return cls(**kwargs)
         except ConfigError as err:

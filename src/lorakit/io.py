@@ -252,15 +252,18 @@ def load_adapter(
         if not key.startswith(PREFIX):
             raise AdapterMismatchError(f"{where}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
         found[key[len(PREFIX):]] = tensor
+    # PEFT saves a targeted embedding's full base weight too (save_embedding_layers, for resized
+    # vocabularies) as <module>.base_layer.<param>; like PEFT, those values replace the base's.
+    base_params = _saved_base_params(model, targets, found)
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+    unexpected = sorted(set(found) - set(expected) - set(base_params))
     if missing:
         raise AdapterMismatchError(f"{where}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing in all) for this model")
     if unexpected:
         raise AdapterMismatchError(
             f"{where}: unexpected key {PREFIX + unexpected[0]!r} ({len(unexpected)} in all): no such adapted module in this model"
         )
-    for key, shape in expected.items():
+    for key, shape in expected.items() | {k: p.shape for k, p in base_params.items()}.items():
         if tuple(found[key].shape) != tuple(shape):
             raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(found[key].shape)}, this model needs {tuple(shape)}")
     saved_fp = adapter.fingerprint
@@ -288,10 +291,25 @@ def load_adapter(
                 if not trainable:
                     for p in _layer_params(module, adapter_name).values():
                         p.requires_grad_(False)
+            for key, param in base_params.items():
+                param.copy_(found[key])
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
     return model
+
+
+def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Relative key → base parameter, for the ``<target>.base_layer.<param>`` keys present in ``found``."""
+    from .inject import candidates
+
+    bases = {name: base for name, _, base in candidates(model) if name in set(targets)}
+    return {
+        f"{name}.base_layer.{pname}": param
+        for name, base in bases.items()
+        for pname, param in base.named_parameters()
+        if f"{name}.base_layer.{pname}" in found
+    }
 
 
 def _layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:

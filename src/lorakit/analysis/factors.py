@@ -1,7 +1,7 @@
 """The LoRA factors of an adapter, one (A, B, s) triple per adapted module, as (d, k) matrices.
 
 Everything in :mod:`lorakit.analysis` works on these triples, never on files: an adapter directory
-is read by :func:`lorakit.io.read_adapter` (when available) and its PEFT-keyed tensors are paired
+is read by :func:`lorakit.io.read_adapter` and its PEFT-keyed tensors are paired
 here. Every layer kind becomes the same matrix picture ``ΔW = s · B A`` with
 
     A: (r, k)   B: (d, r)   ΔW: (d, k)
@@ -16,7 +16,6 @@ here. Every layer kind becomes the same matrix picture ``ΔW = s · B A`` with
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -25,10 +24,8 @@ from typing import Any, Literal
 import torch
 
 from ..config import LoraConfig
-from ..errors import AdapterFileError, LorakitError
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from ..errors import LorakitError
+from ..io import read_adapter
 
 # PEFT's keys: "base_model.model.<module>.lora_A.weight", in-memory state dicts add an adapter name
 # ("...lora_A.default.weight"); embeddings have no ".weight" ("...lora_embedding_A").
@@ -108,7 +105,7 @@ def load_factors(
         config: overrides the directory's config / gives the scale for bare tensors.
 
     Raises:
-        AdapterFileError: the directory is not an adapter directory (names the missing file).
+        AdapterFileError: the directory is not an adapter directory (from :func:`lorakit.io.read_adapter`).
         AnalysisError: no LoRA tensors, an A without its B, or factor shapes that disagree.
     """
     if isinstance(source, AdapterFactors):
@@ -117,48 +114,10 @@ def load_factors(
     if isinstance(source, Mapping):
         tensors, label = dict(source), "<tensors>"
     else:
-        label = str(source)
-        file_config, tensors, raw = _read_adapter_dir(Path(source))
-        config = config or file_config
+        adapter = read_adapter(source)
+        label, tensors, raw = str(source), adapter.tensors, adapter.raw_config
+        config = config or adapter.config
     return _pair(tensors, config, label, raw)
-
-
-def _read_adapter_dir(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Mapping[str, Any]]:
-    """The adapter's config, tensors and raw adapter_config.json (for keys LoraConfig drops)."""
-    if not path.is_dir():
-        raise AdapterFileError(f"{path} is not a directory; pass an adapter directory holding {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        from ..io import read_adapter  # the one file reader of the library, once it exists
-    except ImportError:  # pragma: no cover - only before lorakit.io lands
-        read_adapter = None
-    raw = _read_raw_config(path)
-    if read_adapter is not None:
-        adapter = read_adapter(path)
-        return adapter.config, dict(adapter.tensors), raw
-    # Interim reader (lorakit.io not yet written): the same checks io will make, nothing more.
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise AdapterFileError(f"{path} has no {WEIGHTS_FILE}; is it an adapter directory (saved with save_adapter / PEFT)?")
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types
-        raise AdapterFileError(f"{weights}: cannot read safetensors file ({err})") from None
-    return LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_FILE)), tensors, raw
-
-
-def _read_raw_config(path: Path) -> dict[str, Any]:
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise AdapterFileError(f"{path} has no {CONFIG_FILE}; is it an adapter directory (saved with save_adapter / PEFT)?")
-    try:
-        raw = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise AdapterFileError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise AdapterFileError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 def _pair(tensors: Mapping[str, torch.Tensor], config: LoraConfig | None, label: str, raw: Mapping[str, Any]) -> AdapterFactors:

@@ -60,6 +60,10 @@ def lora_linear(
     Returns:
         (..., d) in x's dtype.
     """
+    if x.is_cuda or torch.compiler.is_compiling():  # GPU kernels / no graph break: see ops/lora_op.py
+        from .lora_op import lora_linear_op  # imported late: lora_op builds on _LoraLinear below
+
+        return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed))
 
 

@@ -432,7 +432,7 @@ class Trainer:
         metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
                    "trainable_parameters": result.trainable, "total_parameters": result.total,
                    "before": result.before, "after": result.after, "history": result.history,
-                   "config": self.run_config()}
+                   "config": self.run_config(), **_task_info(self.task)}
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         from .plot import plot_history  # matplotlib is only needed here
 
@@ -449,6 +449,11 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             lines.append(f"  {tokens / max(elapsed, 1e-9):,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
         self._print(*lines)
+
+
+def _task_info(task: Task) -> dict[str, Any]:
+    info = getattr(task, "info", None)  # optional Task member (see task.py)
+    return dict(info()) if callable(info) else {}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

