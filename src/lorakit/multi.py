@@ -1,0 +1,288 @@
+"""Many adapters on one model at once: mixed-adapter batches and hot swapping.
+
+Mixed batches::
+
+    with lorakit.batch_adapters(model, ["a", "b", None, "a"]):   # one entry per sample
+        logits = model(input_ids).logits                           # sample 2 is the base model
+        out = model.generate(input_ids, max_new_tokens=20)         # works the same
+
+Inside the block every LoRA linear layer adds, to each token, the update of its own sample's adapter
+through one segmented pass (:func:`lorakit.ops.segmented.segmented_lora`) over the adapters' weights
+stacked as (n, R, k) / (n, d, R) tensors; the model's own forward knows nothing of this.  The layer's
+own low-rank branch is switched off in the block and a forward hook adds the segmented update to the
+base output instead, so nothing in ``layers.py`` needs to know about mixed batches.
+
+How a per-sample assignment becomes a per-token one: a layer's input x has the batch as its leading
+dimension, (batch, seq, k) in transformers (seq = 1 in each step of ``generate``; the batch stays the
+same across steps).  If the leading dimension is a multiple m of the number of samples (beam search
+and ``num_return_sequences`` repeat each sample m times in a row, as transformers'
+``repeat_interleave`` does), each sample's entry is repeated m times.
+
+Training works too: in training mode gradients reach each adapter only from its own samples
+(multi-tenant fine-tuning in one batch); the stacks are rebuilt from the live parameters on every
+forward so autograd sees them, and cached between forwards when no gradient is needed.
+
+Hot swap (:func:`hot_swap`) copies another adapter's weights into an existing adapter's parameters in
+place — same tensors, same shapes, same Python floats — so neither re-injection nor a
+``torch.compile`` recompilation is needed.  Ranks are padded to the slot's rank (declare the largest
+rank you will load when you inject the slot); the new adapter's scale is folded into B, so the
+layer's ``scaling`` float stays what it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import adapter_names, lora_layers
+from .errors import AdapterMismatchError, AdapterNameError, MergeError, UnsupportedModuleError
+from .inject import lora_modules
+from .io import PREFIX, AdapterFile, _layer_params, read_adapter
+from .layers import LoraLayer, LoraLinear, ModulesToSave
+from .ops.segmented import SegmentPlan, plan_segments, segmented_lora
+
+
+class _Stacks:
+    """One layer's adapters for a mixed batch, stacked: A (m, R, k), B (m, d, R), scales, ranks."""
+
+    def __init__(self, layer: LoraLinear, names: list[str]) -> None:
+        self.layer, self.names = layer, names
+        self.R = max(layer.r[n] for n in names)
+        self._cached: tuple[tuple, tuple[Tensor, Tensor]] | None = None
+        device = layer.lora_A[names[0]].device
+        self.scales = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
+        self.ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=device)
+        ps = {layer.dropout_p[n] for n in names}
+        self.dropout = ps.pop() if len(ps) == 1 else None  # None: the adapters disagree
+
+    def _params(self) -> list[Tensor]:
+        return [t for n in self.names for t in (self.layer.lora_A[n], self.layer.lora_B[n])]
+
+    def _build(self) -> tuple[Tensor, Tensor]:
+        A = torch.stack([F.pad(self.layer.lora_A[n], (0, 0, 0, self.R - self.layer.r[n])) for n in self.names])
+        B = torch.stack([F.pad(self.layer.lora_B[n], (0, self.R - self.layer.r[n])) for n in self.names])
+        return A, B
+
+    def get(self) -> tuple[Tensor, Tensor]:
+        """The stacks; rebuilt (differentiably) whenever a gradient may be needed or a weight changed."""
+        params = self._params()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build()
+        key = tuple((id(p), p._version) for p in params)  # a hot swap or optimizer step bumps _version
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self._build())
+        return self._cached[1]
+
+
+class _MixedBatch:
+    """The state of one ``batch_adapters`` block: per-sample slots and per-layer stacks."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str | None]) -> None:
+        known = adapter_names(model)
+        unknown = sorted({n for n in names if n is not None and n not in known})
+        if unknown:
+            raise AdapterNameError(f"no adapter named {unknown[0]!r}; the model has {known or 'no adapters'}")
+        self.n_samples = len(names)
+        if not self.n_samples:
+            raise AdapterNameError("batch_adapters needs one adapter name (or None) per sample; got an empty list")
+        self.unique = list(dict.fromkeys(n for n in names if n is not None))
+        self.sample_slot = [-1 if n is None else self.unique.index(n) for n in names]
+        self.layers: dict[LoraLayer, tuple[_Stacks | None, list[int]]] = {}
+        self._plans: dict[tuple, SegmentPlan] = {}
+        for qualified, layer in lora_layers(model):
+            present = [n for n in self.unique if n in layer.lora_A]
+            if not present:
+                continue
+            if layer.merged_adapters:
+                raise MergeError(
+                    f"layer {qualified!r} has merged adapters {layer.merged_adapters}; a mixed batch needs the base "
+                    "weights alone: call lorakit.unmerge(model) first"
+                )
+            if not isinstance(layer, LoraLinear):
+                raise UnsupportedModuleError(
+                    f"layer {qualified!r} is a {type(layer).__name__}; mixed-adapter batches support linear layers "
+                    "(nn.Linear, transformers Conv1D) only: leave it out of these adapters' target_modules"
+                )
+            # this layer's slot of each batch-wide slot (-1: the adapter does not adapt this layer)
+            local = [present.index(n) if n in present else -1 for n in self.unique]
+            self.layers[layer] = (_Stacks(layer, present), local)
+
+    def token_plan(self, x: Tensor, local: list[int]) -> SegmentPlan:
+        """The per-token adapter slots for input x of a layer whose slots are ``local``."""
+        lead = tuple(x.shape[:-1])
+        key = (lead, tuple(local), x.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            if not lead or lead[0] % self.n_samples:
+                raise AdapterMismatchError(
+                    f"batch_adapters was given {self.n_samples} adapter names but a layer's input has shape "
+                    f"{tuple(x.shape)}: its leading (batch) dimension must be a multiple of {self.n_samples}"
+                )
+            per_sample = torch.tensor([local[s] if s >= 0 else -1 for s in self.sample_slot], dtype=torch.int64)
+            rows = per_sample.repeat_interleave(lead[0] // self.n_samples)  # beams / return sequences repeat rows
+            index = rows.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
+            plan = plan_segments(index.to(x.device), max(x for x in local) + 1)
+            self._plans[key] = plan
+        return plan
+
+    def hook(self, layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        stacks, local = self.layers[layer]  # type: ignore[index]
+        (x,) = inputs
+        A, B = stacks.get()
+        if layer.training and stacks.dropout is None:
+            raise UnsupportedModuleError(
+                f"adapters {stacks.names} have different dropout probabilities; a mixed training batch needs one "
+                "(set the same dropout, or train in eval mode)"
+            )
+        p = stacks.dropout if layer.training else 0.0
+        x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
+        return segmented_lora(x_low, self.token_plan(x, local), A, B, stacks.scales, stacks.ranks, base=output)
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, sample i of each batch uses adapter ``names[i]`` (None: the base model alone).
+
+    Every LoRA linear layer computes ``h_t = W x_t + b + s_a · B_a A_a x_t`` with a = the adapter of
+    token t's sample, through one segmented low-rank pass per layer (Triton kernels on CUDA). Works
+    for any model whose forward knows nothing of adapters, ``generate`` included, in eval and in
+    training mode (each adapter's gradient comes from its own samples only). The active-adapter
+    selection is ignored inside the block and restored after it.
+
+    Args:
+        model: a model with adapters injected (``lorakit.inject`` / ``lorakit.load_adapter``).
+        names: one adapter name or None per sample; a layer's batch dimension may be a multiple of
+            ``len(names)`` (each sample repeated in a row, as beam search does).
+
+    Raises:
+        AdapterNameError: an unknown name.   MergeError: a layer has merged adapters.
+        UnsupportedModuleError: a named adapter adapts an Embedding or Conv2d layer.
+    """
+    batch = _MixedBatch(model, names)
+    saved: list[tuple[LoraLayer, bool]] = []
+    handles = []
+    try:
+        for _, layer in lora_layers(model):
+            saved.append((layer, layer.disabled))
+            layer.disabled = True  # the layer computes the base alone; the hook adds the segmented update
+            if layer in batch.layers:
+                handles.append(layer.register_forward_hook(batch.hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, disabled in saved:
+            layer.disabled = disabled
+
+
+def hot_swap(
+    model: nn.Module, adapter_name: str, source: str | os.PathLike | AdapterFile, *, strict: bool = True
+) -> None:
+    """Load the adapter at ``source`` into the parameters of adapter ``adapter_name``, in place.
+
+    The slot keeps its tensors, shapes and ``scaling`` floats, so nothing is re-injected and a
+    ``torch.compile``d model is not recompiled. Per layer, with slot rank R and scale s, and the new
+    adapter's rank r ≤ R and scale s':
+
+        A_slot ← [A'; 0]  (R, k)        B_slot ← (s'/s) · [B', 0]  (d, R)    ⇒  s · B_slot A_slot = s' · B' A'
+
+    Layers of the slot the new adapter does not adapt get ΔW = 0 (A and B zeroed).
+
+    Args:
+        source: an adapter directory (lorakit or PEFT layout) or an :class:`AdapterFile`.
+        strict: refuse a new adapter whose base-model fingerprint differs from the slot's base.
+
+    Raises:
+        AdapterNameError: no adapter ``adapter_name``.
+        AdapterMismatchError: a rank above the slot's (inject the slot with a larger r), a layer
+            or module the slot does not have, or a shape that does not fit. Nothing is changed then.
+    """
+    if adapter_name not in adapter_names(model):
+        raise AdapterNameError(f"no adapter named {adapter_name!r} to swap into; the model has {adapter_names(model)}")
+    adapter = source if isinstance(source, AdapterFile) else read_adapter(source)
+    where = adapter.path
+    found: dict[str, Tensor] = {}
+    for key, tensor in adapter.tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterMismatchError(f"{where}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
+        found[key[len(PREFIX):]] = tensor
+    if strict:
+        _check_fingerprint(model, adapter_name, adapter)
+    plan: list[tuple[Tensor, Tensor]] = []  # (parameter, new value) — all checked before any write
+    used: set[str] = set()
+    for qualified, module in lora_modules(model):
+        if isinstance(module, ModulesToSave):
+            if adapter_name not in module.copies:
+                continue
+            for key, param in _layer_params(module, adapter_name).items():
+                full = f"{qualified}.{key}"
+                if full not in found:
+                    raise AdapterMismatchError(f"{where}: missing key {PREFIX + full!r} for the slot's module to save")
+                plan.append((param, found[full].reshape(param.shape)))
+                used.add(full)
+            continue
+        if adapter_name not in module.lora_A:
+            continue
+        keys = list(_layer_params(module, adapter_name))
+        A_slot, B_slot = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        R = A_slot.shape[0]
+        newA, newB = (found.get(f"{qualified}.{k}") for k in keys)
+        if newA is None and newB is None:  # the new adapter leaves this layer alone
+            plan += [(A_slot, torch.zeros_like(A_slot)), (B_slot, torch.zeros_like(B_slot))]
+            continue
+        if newA is None or newB is None:
+            raise AdapterMismatchError(f"{where}: {qualified} has only one of {keys}")
+        used.update(f"{qualified}.{k}" for k in keys)
+        r = newA.shape[0]
+        newA, newB = newA.reshape(r, -1), newB.reshape(newB.shape[0], -1)
+        if r > R:
+            raise AdapterMismatchError(
+                f"{where}: {qualified} has rank {r} but slot {adapter_name!r} holds rank {R}; inject the slot with "
+                f"r ≥ {r} (the largest rank you will swap in)"
+            )
+        if newA.shape[1] != A_slot.shape[1] or newB.shape != (B_slot.shape[0], r):
+            raise AdapterMismatchError(
+                f"{where}: {qualified} has A {tuple(newA.shape)} / B {tuple(newB.shape)}, the slot needs "
+                f"({r}, {A_slot.shape[1]}) / ({B_slot.shape[0]}, {r})"
+            )
+        ratio = adapter.config.scale_for(qualified) / module.scaling[adapter_name]
+        A_new, B_new = torch.zeros_like(A_slot), torch.zeros_like(B_slot)
+        A_new[:r] = newA.to(A_new)
+        B_new[:, :r] = newB.to(device=B_new.device, dtype=torch.float64).mul(ratio).to(B_new.dtype)
+        plan += [(A_slot, A_new), (B_slot, B_new)]
+    extra = sorted(set(found) - used)
+    if extra:
+        raise AdapterMismatchError(
+            f"{where}: {PREFIX + extra[0]!r} ({len(extra)} key(s) in all) has no place in slot {adapter_name!r}; "
+            "inject the slot with target_modules covering every module the swapped adapters adapt"
+        )
+    with torch.no_grad():
+        for param, value in plan:
+            param.copy_(value)
+
+
+def _check_fingerprint(model: nn.Module, adapter_name: str, adapter: AdapterFile) -> None:
+    from .fingerprint import describe_mismatch
+    from .inject import state_of
+
+    saved, ours = adapter.fingerprint, state_of(model).fingerprints.get(adapter_name)
+    if saved is None or ours is None:
+        return
+    saved_modules, our_modules = dict(saved.get("modules", {})), dict(ours.get("modules", {}))
+    if set(saved_modules) == set(our_modules):
+        problem = describe_mismatch(saved, ours)
+    else:  # the checksum covers a different set of modules: compare names and shapes only
+        problem = describe_mismatch({"modules": saved_modules}, {"modules": our_modules})
+    if problem:
+        raise AdapterMismatchError(
+            f"{adapter.path} was trained on another base model: {problem}; pass strict=False to swap it in anyway"
+        )
+
+
+__all__ = ["batch_adapters", "hot_swap"]
