@@ -1,0 +1,79 @@
+"""``lorakit analyze``: what an adapter learned, and which rank it needs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  # spectrum of every module's ΔW = s·BA, per-type summary and a rank suggestion
+  lorakit analyze out/r16/adapter
+  # also ‖ΔW‖/‖W‖ against the base model's weights, pictures and JSON
+  lorakit analyze out/r16/adapter --base models/Qwen2.5-0.5B --plots plots/ --json analysis.json
+  # do rank 4 and rank 64 learn the same directions? (LoRA paper, Fig. 3)
+  lorakit analyze out/r4/adapter out/r64/adapter --plots plots/
+
+Reading the output: "eff95" is the fewest singular directions holding 95 % of ‖ΔW‖²_F; a type
+whose eff95 equals its r is "at ceiling" and may want more rank. The suggestion is a rank_pattern
+to paste into adapter_config.json / LoraConfig (α chosen to keep the trained scale s = α/r).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "analyze", help="spectrum of ΔW, subspace overlap between ranks, rank suggestion, plots",
+        description="Analyse trained LoRA adapters: singular values of ΔW = s·BA per module, effective and stable "
+                    "rank, a per-module-type rank suggestion; with two adapters, the normalised subspace similarity "
+                    "φ(i, j) between them.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory; give two to compare them")
+    parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory (*.safetensors) for ‖ΔW‖/‖W‖")
+    parser.add_argument("--energy", type=float, default=0.95, help="energy share the rank suggestion keeps (default 0.95)")
+    parser.add_argument("--side", choices=("input", "output"), default="input",
+                        help="compare right (input, the paper's choice) or left (output) singular vectors (default input)")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG pictures into DIR")
+    parser.add_argument("--json", metavar="FILE", help="write all numbers as JSON to FILE")
+    parser.add_argument("--brief", action="store_true", help="omit the per-module table")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis import AnalysisError, analyze_adapter, compare_adapters, suggest_ranks
+    from ..analysis.report import format_analysis, format_comparison, format_suggestion
+
+    if len(args.adapters) > 2:
+        raise AnalysisError(f"give one adapter to analyse or two to compare, not {len(args.adapters)}")
+    analyses = [analyze_adapter(path, args.base) for path in args.adapters]
+    suggestions = [suggest_ranks(a, energy=args.energy) for a in analyses]
+    out: dict = {"adapters": []}
+    for analysis, suggestion in zip(analyses, suggestions):
+        print(format_analysis(analysis, modules=not args.brief and len(analyses) == 1))
+        print()
+        print(format_suggestion(suggestion))
+        print()
+        out["adapters"].append({**analysis.to_dict(), "suggestion": suggestion.to_dict()})
+    comparison = compare_adapters(*args.adapters, side=args.side) if len(args.adapters) == 2 else None
+    if comparison is not None:
+        print(format_comparison(comparison))
+        out["comparison"] = comparison.to_dict()
+    if args.plots:
+        from ..analysis import plots
+
+        folder = Path(args.plots)
+        written = []
+        for i, analysis in enumerate(analyses):
+            tag = "" if len(analyses) == 1 else f"_{'ab'[i]}"
+            written.append(plots.plot_spectra(analysis, folder / f"spectra{tag}.png"))
+            written.append(plots.plot_energy(analysis, folder / f"energy{tag}.png"))
+        if comparison is not None:
+            written.append(plots.plot_similarity(comparison, folder / "similarity.png"))
+        print("\nplots: " + ", ".join(str(p) for p in written))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"json: {args.json}")
+    return 0
