@@ -53,8 +53,8 @@ def _bwd(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: T
         ctx = SimpleNamespace(saved_tensors=(x, weight, A, B, u), scale=scale, p=p, seed=seed, has_bias=False,
                               needs_input_grad=(need_x, False, False, need_A, need_B, False, False, False))
         gx, _, _, gA, gB, *_ = _LoraLinear.backward(ctx, g)
-    empty = g.new_empty(0)
-    return (empty if gx is None else gx), (empty if gA is None else gA), (empty if gB is None else gB)
+    empty = g.new_empty(0)  # results contiguous, as the fake impl promises (∂B is a transposed view)
+    return tuple(empty if t is None else t.contiguous() for t in (gx, gA, gB))
 
 
 @_bwd.register_fake
