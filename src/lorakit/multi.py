@@ -59,24 +59,25 @@ class _Stacks:
         self.ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=device)
         ps = {layer.dropout_p[n] for n in names}
         self.dropout = ps.pop() if len(ps) == 1 else None  # None: the adapters disagree
-
-    def _params(self) -> list[Tensor]:
-        return [t for n in self.names for t in (self.layer.lora_A[n], self.layer.lora_B[n])]
+        # captured once: looking parameters up in ParameterDicts on every forward costs more host time
+        # than a decode step's kernels
+        self.params = [t for n in names for t in (layer.lora_A[n], layer.lora_B[n])]
 
     def _build(self) -> tuple[Tensor, Tensor]:
         A = torch.stack([F.pad(self.layer.lora_A[n], (0, 0, 0, self.R - self.layer.r[n])) for n in self.names])
         B = torch.stack([F.pad(self.layer.lora_B[n], (0, self.R - self.layer.r[n])) for n in self.names])
         return A, B
 
-    def get(self) -> tuple[Tensor, Tensor]:
-        """The stacks; rebuilt (differentiably) whenever a gradient may be needed or a weight changed."""
-        params = self._params()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+    def get(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The stacks; rebuilt (differentiably) whenever a gradient may be needed, else cached in
+        ``dtype`` (the activations') until a weight changes."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
             return self._build()
-        key = tuple((id(p), p._version) for p in params)  # a hot swap or optimizer step bumps _version
+        key = (dtype, sum(p._version for p in self.params))  # a hot swap or optimizer step bumps _version
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, self._build())
+                A, B = self._build()
+                self._cached = (key, (A.to(dtype), B.to(dtype)))
         return self._cached[1]
 
 
@@ -134,7 +135,7 @@ class _MixedBatch:
     def hook(self, layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         stacks, local = self.layers[layer]  # type: ignore[index]
         (x,) = inputs
-        A, B = stacks.get()
+        A, B = stacks.get(x.dtype)
         if layer.training and stacks.dropout is None:
             raise UnsupportedModuleError(
                 f"adapters {stacks.names} have different dropout probabilities; a mixed training batch needs one "
@@ -142,7 +143,8 @@ class _MixedBatch:
             )
         p = stacks.dropout if layer.training else 0.0
         x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
-        return segmented_lora(x_low, self.token_plan(x, local), A, B, stacks.scales, stacks.ranks, base=output)
+        plan = self.token_plan(x, local)
+        return segmented_lora(x_low, plan, A, B, stacks.scales, stacks.ranks, base=output, inplace=True)
 
 
 @contextlib.contextmanager

@@ -101,6 +101,7 @@ def segmented_lora(
     scales: Tensor | Sequence[float],
     ranks: Tensor | Sequence[int] | None = None,
     base: Tensor | None = None,
+    inplace: bool = False,
 ) -> Tensor:
     """h_t = base_t + s_{a(t)} · B_{a(t)} A_{a(t)} x_t for every token t; tokens with a(t) = -1 get base_t.
 
@@ -115,6 +116,8 @@ def segmented_lora(
         ranks: (n,) true rank r_i ≤ R of each adapter; rows ≥ r_i of A_i and columns ≥ r_i of B_i
             are ignored. None: all R are used.
         base: (..., d) base output W x + b the update accumulates into; None: zeros.
+        inplace: when no gradient is needed and base has x's dtype, accumulate into ``base`` itself
+            and return it (saves an (N, d) copy: what a serving layer wants for its fresh output).
 
     Returns:
         (..., d) in x's dtype. Differentiable in x, lora_A, lora_B and base; adapter i's gradient
@@ -148,13 +151,17 @@ def segmented_lora(
         if base.shape[:-1] != lead or base.shape[-1] != d:
             raise SegmentError(f"base must have shape {(*lead, d)}, got {tuple(base.shape)}")
         base2 = base.reshape(-1, d)
+    tensors = (x2, lora_A, lora_B) if base2 is None else (x2, lora_A, lora_B, base2)
+    inplace = inplace and base2 is not None and base2.dtype == x2.dtype and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    )
     if x2.device.type == "cuda" and N and n:
         from . import triton_segmented
 
         if triton_segmented.available():
-            h = triton_segmented.segmented_lora_triton(x2, plan, lora_A, lora_B, scale_t, rank_t, base2)
+            h = triton_segmented.segmented_lora_triton(x2, plan, lora_A, lora_B, scale_t, rank_t, base2, inplace)
             return h.view(*lead, d)
-    h = _torch_segmented(x2, plan, lora_A, lora_B, scale_t, rank_t, base2, strategy=None)
+    h = _torch_segmented(x2, plan, lora_A, lora_B, scale_t, rank_t, base2, strategy=None, inplace=inplace)
     return h.view(*lead, d)
 
 
@@ -176,8 +183,10 @@ def _torch_segmented(
     ranks: Tensor | None,
     base2: Tensor | None,
     strategy: str | None,
+    inplace: bool = False,
 ) -> Tensor:
-    """The torch reference path (plain autograd ops). strategy: 'dense', 'grouped' or None (by cost)."""
+    """The torch reference path (plain autograd ops). strategy: 'dense', 'grouped' or None (by cost);
+    inplace: accumulate into base2 (only when the caller checked that no gradient is needed)."""
     N, k = x2.shape
     n, R, _ = A.shape
     d = B.shape[1]
@@ -198,7 +207,9 @@ def _torch_segmented(
         own = torch.nn.functional.one_hot(idx + 1, n + 1)[:, 1:].to(x2.dtype)  # (N, n); -1 → zero row
         u = (u * (own.unsqueeze(-1) * colscale)).reshape(N, n * R)
         Bt = B_.transpose(1, 2).reshape(n * R, d)  # [B_1 … B_n]ᵀ: (n·R, d)
-        return torch.addmm(base2.to(x2.dtype), u, Bt) if base2 is not None else u @ Bt
+        if base2 is None:
+            return u @ Bt
+        return base2.addmm_(u, Bt) if inplace else torch.addmm(base2.to(x2.dtype), u, Bt)
     if strategy != "grouped":
         raise SegmentError(f"strategy must be 'dense' or 'grouped', got {strategy!r}")
     # Sort tokens by adapter (base-only ones first, then dropped), pack each segment into a row of
@@ -208,7 +219,7 @@ def _torch_segmented(
     idx_sorted, order = idx_sorted[n_base:], order[n_base:]
     out = base2.to(x2.dtype) if base2 is not None else x2.new_zeros(N, d)
     if not order.numel():
-        return out.clone() if base2 is not None else out
+        return out if inplace or base2 is None else out.clone()
     counts = torch.bincount(idx_sorted, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(order.numel(), device=x2.device) - starts[idx_sorted]  # place within its segment
@@ -217,7 +228,7 @@ def _torch_segmented(
     packed = packed.index_put((idx_sorted, pos), x2[order])  # (n, L, k)
     u = torch.bmm(packed, A_.transpose(1, 2)) * colscale.unsqueeze(1)  # (n, L, R)
     y = torch.bmm(u, B_.transpose(1, 2))  # (n, L, d)
-    return out.index_add(0, order, y[idx_sorted, pos])
+    return out.index_add_(0, order, y[idx_sorted, pos]) if inplace else out.index_add(0, order, y[idx_sorted, pos])
 
 
 def _block_table(index: Tensor, n: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -167,24 +167,39 @@ def _full_ranks(n: int, R: int, device: torch.device) -> Tensor:
 
 
 def segmented_lora_triton(
-    x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor | None, base2: Tensor | None
+    x2: Tensor,
+    plan: SegmentPlan,
+    A: Tensor,
+    B: Tensor,
+    scales: Tensor,
+    ranks: Tensor | None,
+    base2: Tensor | None,
+    inplace: bool = False,
 ) -> Tensor:
-    """(N, d) = base + segmented update, through the kernels; differentiable like the torch path."""
+    """(N, d) = base + segmented update, through the kernels; differentiable like the torch path.
+
+    inplace: accumulate into base2 and skip autograd (the caller checked no gradient is needed).
+    """
     n, R, _ = A.shape
     ranks = _full_ranks(n, R, x2.device) if ranks is None else ranks.to(device=x2.device, dtype=torch.int32)
     scales = scales.to(device=x2.device, dtype=torch.float32)
     if base2 is None:
         base2 = x2.new_zeros(x2.shape[0], B.shape[1])
+    if inplace:
+        return _forward_into(base2, x2, plan, A, B, scales, ranks)
     return _SegmentedTriton.apply(x2, A, B, base2, scales, ranks, plan)
+
+
+def _forward_into(out: Tensor, x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor) -> Tensor:
+    u = shrink(x2, plan, A.to(x2.dtype), ranks)  # (N, BR) fp32, sorted order
+    return expand_(out, u, plan, B.to(x2.dtype), ranks, scales)
 
 
 class _SegmentedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A, B, base2, scales, ranks, plan):  # type: ignore[override]
-        A_, B_ = A.to(x2.dtype), B.to(x2.dtype)
         out = base2.to(x2.dtype).clone(memory_format=torch.contiguous_format)  # autograd must see base unchanged
-        u = shrink(x2, plan, A_, ranks)  # (N, BR) fp32, sorted order
-        expand_(out, u, plan, B_, ranks, scales)
+        _forward_into(out, x2, plan, A, B, scales, ranks)
         ctx.save_for_backward(x2, A, B, scales, ranks)
         ctx.plan = plan
         return out
