@@ -203,8 +203,9 @@ def analyze_adapter(
         if weights is not None:
             W = weights.weight(f)
             base_norm = float(torch.linalg.matrix_norm(W.double()))
-            # ‖Uᵀ W V‖_F: how much W already acts along the update's own directions; (m, m)
-            projected = svd.U.T.float() @ (W @ svd.V.float())
+            # ‖Uᵀ W V‖_F: how much W already acts along the update's own (nonzero) directions; (m, m)
+            used = svd.nonzero()
+            projected = used.U.T.float() @ (W @ used.V.float())
             inside = float(torch.linalg.matrix_norm(projected.double()))
             norm = float(svd.S.norm())
             amplification = norm / inside if inside > 0 else None

@@ -133,13 +133,13 @@ class Comparison:
             best = statistics.fmean(t.best for t in hits)
             if verdict == "captured":
                 lines.append(f"rank {small} already captures the top directions of rank {large} in {names}: "
-                             f"its subspace holds {cap:.0%} of the rank-{large} update's energy (at most {best:.0%} possible).")
+                             f"its subspace holds {cap:.1%} of the rank-{large} update's energy (at most {best:.1%} possible).")
             elif verdict == "needs more rank":
-                lines.append(f"{names} need more than rank {small}: the rank-{large} update keeps only {best:.0%} "
+                lines.append(f"{names} need more than rank {small}: the rank-{large} update keeps only {best:.1%} "
                              f"of its energy in its top {small} directions.")
             else:
                 lines.append(f"{names}: the two runs learned different directions — the rank-{small} subspace holds "
-                             f"{cap:.0%} of the rank-{large} update's energy where {best:.0%} is possible "
+                             f"{cap:.1%} of the rank-{large} update's energy where {best:.1%} is possible "
                              "(the rest may be noise, or training had not converged).")
         return lines
 
@@ -190,7 +190,7 @@ def compare_adapters(
             notes.append(f"module {name}: an update is zero; skipped")
             continue
         # Keep only directions the update uses: σ below float64 noise carries no direction.
-        sa, sb = _nonzero(sa), _nonzero(sb)
+        sa, sb = sa.nonzero(), sb.nonzero()
         Ua, Ub = (sa.V, sb.V) if side == "input" else (sa.U, sb.U)
         small, large = (sa, sb) if Ua.shape[1] <= Ub.shape[1] else (sb, sa)
         U_small, U_large = (small.V, large.V) if side == "input" else (small.U, large.U)
@@ -204,7 +204,3 @@ def compare_adapters(
                   for g in groups if any(m.group == g.label for m in modules))
     return Comparison(fa.source, fb.source, side, tuple(modules), types, tuple(notes))
 
-
-def _nonzero(svd: Any) -> Any:
-    keep = svd.S > svd.S[0] * 1e-10
-    return type(svd)(svd.U[:, keep], svd.S[keep], svd.V[:, keep])

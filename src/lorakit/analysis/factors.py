@@ -79,7 +79,7 @@ class LoraFactors:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFactors:
-    """All modules of one adapter, in file order, with the config they were read with."""
+    """All modules of one adapter, ordered by path (numbers as numbers), with the config they were read with."""
 
     modules: tuple[LoraFactors, ...]
     config: LoraConfig | None
@@ -136,7 +136,9 @@ def _pair(tensors: Mapping[str, torch.Tensor], config: LoraConfig | None, label:
         raise AnalysisError(f"{label}: tensors of several adapters ({', '.join(sorted(adapters))}); pass one adapter's tensors")
     if not found:
         raise AnalysisError(f"{label}: no LoRA tensors (keys ending in lora_A / lora_B / lora_embedding_A / lora_embedding_B)")
-    modules = [_module(name, parts, config, label) for name, parts in found.items()]
+    # Files keep keys sorted as strings; order by path with numbers as numbers (layers 2 < 10).
+    order = sorted(found, key=lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in n.split(".")])
+    modules = [_module(name, found[name], config, label) for name in order]
     notes = []
     if ignored:
         notes.append(f"{ignored} non-LoRA tensor(s) (e.g. modules_to_save) are not part of the analysis")

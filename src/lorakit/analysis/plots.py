@@ -71,6 +71,8 @@ def plot_spectra(analysis: AdapterAnalysis, path: str | Path) -> Path:
 
 def plot_similarity(comparison: Comparison, path: str | Path) -> Path:
     """The LoRA paper's heat-map per module type: mean φ(i, j) over the type's modules."""
+    from matplotlib.ticker import MaxNLocator
+
     types = [t for t in comparison.types if t.grid is not None]
     fig, axes = _figure(max(1, len(types)), width=3.8, height=3.4)
     image = None
@@ -78,9 +80,11 @@ def plot_similarity(comparison: Comparison, path: str | Path) -> Path:
         grid = t.grid.numpy()
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", origin="upper", aspect="auto",
                           extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
-        ax.set_title(f"{t.label}: captured {t.captured:.0%}", fontsize=9)
+        ax.set_title(f"{t.label}: captured {t.captured:.1%}", fontsize=9)
         ax.set_xlabel(f"j (b, r={t.modules[0].r_b})")
         ax.set_ylabel(f"i (a, r={t.modules[0].r_a})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="φ(i, j)")
     fig.suptitle(f"normalised subspace similarity ({comparison.side} side)", fontsize=10)

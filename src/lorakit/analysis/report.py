@@ -65,11 +65,11 @@ def format_analysis(analysis: AdapterAnalysis, *, modules: bool = True) -> str:
         rows = []
         for depth, ms in sorted(depths.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
             rel = [m.relative_norm for m in ms if m.relative_norm is not None]
-            rows.append([depth if depth is not None else "-", len(ms), statistics.fmean(m.effective_rank(0.95) for m in ms),
-                         statistics.fmean(m.stable_rank for m in ms), statistics.fmean(m.norm for m in ms),
-                         statistics.fmean(rel) if rel else None])
-        parts += ["", "per depth (block index):",
-                  table(["depth", "modules", "eff95 mean", "stable mean", "‖ΔW‖_F mean", "‖ΔW‖/‖W‖ mean"], rows)]
+            row = [depth if depth is not None else "-", len(ms), statistics.fmean(m.effective_rank(0.95) for m in ms),
+                   statistics.fmean(m.stable_rank for m in ms), statistics.fmean(m.norm for m in ms)]
+            rows.append(row + ([statistics.fmean(rel) if rel else None] if base else []))
+        headers = ["depth", "modules", "eff95 mean", "stable mean", "‖ΔW‖_F mean"] + (["‖ΔW‖/‖W‖ mean"] if base else [])
+        parts += ["", "per depth (block index):", table(headers, rows)]
     if analysis.notes:
         parts += ["", *(f"note: {n}" for n in analysis.notes)]
     return "\n".join(parts)

@@ -35,6 +35,12 @@ class LowRankSVD:
     S: torch.Tensor
     V: torch.Tensor
 
+    def nonzero(self, rtol: float = 1e-10) -> LowRankSVD:
+        """Only the directions with σ > rtol·σ₁: a rank-deficient update's other singular vectors
+        are arbitrary (any basis of the null part), so they carry no information."""
+        keep = self.S > self.S[0] * rtol if self.S.numel() else self.S > 0
+        return LowRankSVD(self.U[:, keep], self.S[keep], self.V[:, keep])
+
 
 def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> LowRankSVD:
     """SVD of ``scale · B @ A`` from the factors, never forming the (d, k) product.
