@@ -67,3 +67,60 @@ def make_bert(path: Path, *, num_labels: int = 2) -> Path:
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class ToyTask:
+    """A pure-torch regression task (no transformers): fast enough to train many times per test.
+
+    y = sin(x·w) for 40 random x ∈ R^8; the model is Linear(8,16) → Tanh → Linear(16,1) with LoRA on both
+    linears.  ``poison`` names example indices whose loss is NaN (to exercise non-finite skipping).
+    """
+
+    name = "toy"
+    default_targets = ("0", "2")
+    modules_to_save: tuple[str, ...] = ()
+    tokenizer = None
+
+    def __init__(self, n: int = 40, poison: frozenset[int] = frozenset()) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = torch.sin(self.x @ torch.randn(8, 1, generator=g))
+        self.poison = poison
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.train_examples = list(range(n))
+
+    def collate(self, examples: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.tensor(examples)
+        bad = torch.tensor([float("nan") if i in self.poison else 0.0 for i in examples])
+        return {"x": self.x[idx], "y": self.y[idx], "bad": bad}
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean() + batch["bad"].sum()
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"mse": float(((model(self.x) - self.y) ** 2).mean())}
+
+    def fingerprint(self) -> str:
+        return f"toy{len(self.train_examples)}"
+
+
+def train_toy(out: str, max_steps: int, *, resume: bool = False, **config):
+    """Train ToyTask into ``out`` (used in-process and by the SIGKILL test's subprocess)."""
+    import io
+
+    import lorakit
+    from lorakit.train.checkpoint import load_checkpoint
+    from lorakit.train.loop import TrainConfig, Trainer
+
+    task = ToyTask()
+    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=config.pop("dropout", 0.1), target_modules=task.default_targets)
+    config = {"lr": 1e-2, "batch_size": 4, **config}
+    trainer = Trainer(task, lora, TrainConfig(max_steps=max_steps, **config), out, log=io.StringIO(), device="cpu")
+    return trainer.fit(load_checkpoint(out) if resume else None)
+
+
+if __name__ == "__main__":  # the SIGKILL test runs: python tiny_models.py OUT STEPS SAVE_EVERY
+    import sys
+
+    train_toy(sys.argv[1], int(sys.argv[2]), save_every=int(sys.argv[3]), keep=2)

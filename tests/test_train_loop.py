@@ -1,0 +1,141 @@
+"""The training loop: schedule, batching, accumulation, exact resume, non-finite steps (on a pure-torch toy task)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from lorakit.train.loop import TrainConfig, Trainer, TrainingError, lr_factor
+from tiny_models import ToyTask, train_toy
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_lr_schedule_hand_computed() -> None:
+    # warmup W=2 of T=10: steps 0, 1 → 1/2, 2/2; then p = (t − 2) / 8
+    assert [lr_factor(t, 10, 2, "cosine") for t in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == 1.0
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # p = 1/2: ½(1 + cos π/2)
+    assert lr_factor(4, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 2, "linear") == pytest.approx(1 / 8)
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def make_trainer(tmp_path: Path, **config) -> Trainer:
+    task = ToyTask(n=10)
+    lora = lorakit.LoraConfig(r=2, alpha=4, target_modules=task.default_targets)
+    return Trainer(task, lora, TrainConfig(**config), tmp_path, log=io.StringIO(), device="cpu")
+
+
+def test_each_epoch_visits_every_example_once_with_a_short_last_step(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, batch_size=2, grad_accum=2, max_steps=6)
+    assert trainer.steps_per_epoch == 3  # ceil(10 / 4)
+    epoch, index, seen, sizes = 0, 0, [], []
+    for _ in range(3):
+        micro, epoch, index = trainer.step_indices(epoch, index)
+        sizes.append([len(m) for m in micro])
+        seen += [i for m in micro for i in m]
+    assert sizes == [[2, 2], [2, 2], [2]] and (epoch, index) == (1, 0)
+    assert sorted(seen) == list(range(10))
+    assert trainer.permutation(1) != trainer.permutation(0)  # a new order each epoch...
+    assert trainer.permutation(0) == make_trainer(tmp_path, batch_size=2).permutation(0)  # ...fixed by the seed
+
+
+def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    """4 micro-batches of 2 + the short last step weigh examples like batches of 8 (dropout off)."""
+    a = train_toy(str(tmp_path / "a"), 4, batch_size=2, grad_accum=4, dropout=0.0)
+    b = train_toy(str(tmp_path / "b"), 4, batch_size=8, grad_accum=1, dropout=0.0)
+    wa, wb = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    assert a.steps == b.steps == 4
+
+
+def test_base_weights_frozen_and_outputs_written(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, batch_size=4, max_steps=3)
+    base = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
+    result = trainer.fit()
+    for name, p in trainer.base.named_parameters():
+        if name in base:
+            assert torch.equal(p, base[name]), name
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in trainer.params if "lora_B" in n)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["trainable_parameters"] == result.trainable == (2 * 8 + 16 * 2) + (2 * 16 + 1 * 2)
+    assert [row["step"] for row in metrics["history"]["train"]] == [1, 2, 3]
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("k, accum", [(3, 1), (5, 2)])  # k=3: mid-epoch (10 steps of 4 per epoch of 40)
+def test_resume_is_bit_identical(tmp_path: Path, k: int, accum: int) -> None:
+    """N steps straight == k steps + resume + N−k (dropout on, so the RNG state must come back too)."""
+    n = 14
+    common = dict(batch_size=4 // accum, grad_accum=accum, eval_every=4, keep=0)
+    train_toy(str(tmp_path / "straight"), n, save_every=k, **common)
+    # a second run stops at step k (its checkpoint), then a third resumes it
+    part = tmp_path / "part"
+    part.mkdir()
+    ckpts = list_checkpoints(tmp_path / "straight" / "checkpoints")
+    assert [int(p.name[5:]) for p in ckpts][:2] == [k, 2 * k]
+    (part / "checkpoints").mkdir()
+    ckpts[0].rename(part / "checkpoints" / ckpts[0].name)
+    resumed = train_toy(str(part), n, resume=True, save_every=k, **common)
+    assert resumed.steps == n
+    assert_identical(adapter(tmp_path / "straight"), adapter(part))
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    again = json.loads((part / "metrics.json").read_text())
+    assert straight["history"] == again["history"]
+
+
+def test_resume_refuses_a_contradicting_run(tmp_path: Path) -> None:
+    train_toy(str(tmp_path), 4, save_every=2)
+    ckpt = load_checkpoint(tmp_path)
+    task = ToyTask()
+    with pytest.raises(CheckpointError, match="r: checkpoint 4, now 2"):
+        Trainer(task, lorakit.LoraConfig(r=2, target_modules=task.default_targets), TrainConfig(max_steps=6, lr=1e-2, batch_size=4),
+                tmp_path, log=io.StringIO()).fit(ckpt, force=True)
+    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=task.default_targets)
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.01, now 0.02.*--force"):
+        Trainer(ToyTask(), lora, TrainConfig(max_steps=6, lr=2e-2, batch_size=4), tmp_path, log=io.StringIO()).fit(ckpt)
+    result = Trainer(ToyTask(), lora, TrainConfig(max_steps=6, lr=2e-2, batch_size=4), tmp_path, log=io.StringIO()).fit(ckpt, force=True)
+    assert result.steps == 6
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    task = ToyTask(n=8, poison=frozenset(range(4)))  # with batch 8 every step sees a poisoned example
+    lora = lorakit.LoraConfig(r=2, alpha=4, target_modules=task.default_targets)
+    log = io.StringIO()
+    trainer = Trainer(task, lora, TrainConfig(max_steps=10, batch_size=8, max_bad_steps=3, save_every=1), tmp_path, log=log)
+    before = {n: p.detach().clone() for n, p in trainer.params}
+    with pytest.raises(TrainingError, match="last 3 steps had a NaN/inf loss"):
+        trainer.fit()
+    for name, p in trainer.params:  # no update ever happened
+        assert torch.equal(p, before[name])
+    assert "skipped step 1: non-finite loss (1 skipped so far)" in log.getvalue()
+    assert list_checkpoints(tmp_path / "checkpoints") == []  # nothing saved after a bad step
+
+
+def test_isolated_non_finite_step_is_skipped_and_training_goes_on(tmp_path: Path) -> None:
+    task = ToyTask(n=8, poison=frozenset({3}))  # batch 4: one of every two steps is poisoned
+    lora = lorakit.LoraConfig(r=2, alpha=4, target_modules=task.default_targets)
+    result = Trainer(task, lora, TrainConfig(max_steps=6, batch_size=4), tmp_path, log=io.StringIO()).fit()
+    assert result.skipped == 3 and result.steps == 6
+    assert all(math.isfinite(v) for v in result.after.values())
+    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_steps"] == 3
