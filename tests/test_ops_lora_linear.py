@@ -72,3 +72,21 @@ def test_dropout_mask_statistics_and_determinism():
     for seed in range(400):
         counts[dropped_positions(50, 0.3, seed).long()] += 1
     assert (counts / 400 - 0.3).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_half_precision_with_dropout_matches_float64_same_mask(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    W, A, B = torch.randn(16, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(16, 4, generator=g)
+    grads = []
+    for dt in (dtype, torch.float64):
+        xs = x.to(dt).requires_grad_()
+        adapter_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        As, Bs = A.to(adapter_dtype).requires_grad_(), B.to(adapter_dtype).requires_grad_()
+        out = lora_linear(xs, W.to(dt), None, As, Bs, 0.5, 0.2, seed=3)
+        assert out.dtype == dt
+        out.double().sum().backward()
+        grads.append((out.detach(), xs.grad, As.grad, Bs.grad))
+    for low, ref in zip(*grads):
+        assert ((low.double() - ref).norm() / ref.norm()) < tol

@@ -70,12 +70,31 @@ def lora_linear(
 def _dropped_input_times(x2: Tensor, pos: Tensor, A: Tensor) -> Tensor:
     """x|_D Aᵀ, (N, r), for the dropped entries D of x2 (N, k), as one sparse-dense product."""
     N, k = x2.shape
-    rows, cols = pos // k, pos % k
+    rows = pos // k
+    cols = pos - rows * k
     crow = torch.searchsorted(rows, torch.arange(N + 1, device=x2.device, dtype=rows.dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta": we rely on csr @ dense only
-        dropped = torch.sparse_csr_tensor(crow, cols, x2.reshape(-1)[pos], (N, k), check_invariants=False)
-        return dropped @ A.t()
+        acc = _sparse_dtype(x2.dtype)  # sparse kernels lack bf16/fp16: only the p·N·k gathered values are upcast
+        dropped = torch.sparse_csr_tensor(crow, cols, x2.reshape(-1)[pos].to(acc), (N, k), check_invariants=False)
+        return (dropped @ A.t().to(acc)).to(x2.dtype)
+
+
+def _sampled_product(v: Tensor, A: Tensor, pos: Tensor, shape: torch.Size) -> Tensor:
+    """(v A) at the flat positions ``pos`` only (a sampled dense-dense product), as a vector."""
+    N, k = shape
+    rows = pos // k
+    crow = torch.searchsorted(rows, torch.arange(N + 1, device=v.device, dtype=rows.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        acc = _sparse_dtype(v.dtype)
+        pattern = torch.sparse_csr_tensor(crow, pos - rows * k, torch.zeros(pos.numel(), dtype=acc, device=v.device),
+                                          (N, k), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, v.to(acc), A.to(acc), beta=0.0).values().to(v.dtype)
+
+
+def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -112,21 +131,25 @@ class _LoraLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if need_B:
             grad_B = (u.t() @ g).mul_(s).t().to(B.dtype)  # (d, r); uᵀg is the faster GEMM shape
+        # One (N, k) buffer serves two purposes in turn: first drop(x) for ∂L/∂A (only with dropout),
+        # then ∂L/∂x itself — so dropout adds a copy of x, not another allocation.
+        buf = None
         if need_A:
             if pos is None:
-                grad_A = v.t() @ x2  # (r, k)
+                grad_A = (v.t() @ x2).to(A.dtype)  # (r, k)
             else:
-                kept = x2.clone()
-                kept.view(-1)[pos] = 0
-                grad_A = v.t() @ kept
-            grad_A = grad_A.to(A.dtype)
+                buf = x2.clone()
+                buf.view(-1)[pos] = 0
+                grad_A = (v.t() @ buf).to(A.dtype)
         if need_x:
-            low = v @ A_  # (N, k): the branch's input gradient
-            if pos is not None:
-                low.view(-1)[pos] = 0  # dropped inputs get none through the branch
-            if weight is not None:
-                low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
-            grad_x = low.view(x.shape)
+            if weight is None:
+                grad_x = v @ A_
+            else:
+                grad_x = torch.mm(g, weight.to(x.dtype), out=buf) if buf is not None else g @ weight.to(x.dtype)
+                grad_x.addmm_(v, A_)  # + the branch's input gradient, in place
+            if pos is not None:  # dropped inputs get no gradient through the branch: take (v A) back out there
+                grad_x.view(-1)[pos] -= _sampled_product(v, A_, pos, x2.shape)
+            grad_x = grad_x.view(x.shape)
         if need_w:  # only when a caller unfroze the base; LoRA layers never do
             grad_w = (g.t() @ x2).to(weight.dtype)
         if need_b and ctx.has_bias:
