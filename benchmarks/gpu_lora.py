@@ -237,7 +237,8 @@ def one_layer() -> None:
     u = triton_lora.xa(xd, A_)
     v = torch.mm(g, B_)
     pc["base GEMM x Wᵀ"] = med(lambda: F.linear(xd, W))
-    pc["merge W + sBA"] = med(lambda: torch.addmm(W, B_, A_, alpha=2.0))
+    pc["merge W + sBA, torch.addmm"] = med(lambda: torch.addmm(W, B_, A_, alpha=2.0))
+    pc["merge W + sBA, triton"] = med(lambda: triton_lora.merged_weight(W, B_, A_, 2.0))
     pc["u = x Aᵀ, triton"] = med(lambda: triton_lora.xa(xd, A_))
     pc["u = x Aᵀ, cuBLAS"] = med(lambda: torch.mm(xd, A_.t()))
     pc["u = drop(x) Aᵀ, triton p=0.05"] = med(lambda: triton_lora.xa(xd, A_, 0.05, 7))
@@ -248,13 +249,35 @@ def one_layer() -> None:
     h0 = torch.mm(u, B_.t())
     pc["h.addmm_(x, Wᵀ) (β=1)"] = med(lambda: h0.addmm_(xd, W.t()))
     pc["h = u Bᵀ (write N×d)"] = med(lambda: torch.mm(u, B_.t()))
-    for bm, bk, nw, ns in ((32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3), (32, 256, 4, 3)):
+    for bm, bk, nw, ns in ((32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 2), (64, 256, 8, 3)):
         pc[f"xa config BM={bm} BK={bk} w={nw} s={ns}"] = med(
             lambda: triton_lora.xa(xd, A_, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw, num_stages=ns))
-    for bm, bk, nw, ns in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)):
+    for bm, bk, nw, ns in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (32, 32, 4, 4),
+                           (64, 16, 4, 4)):
         pc[f"dropout_backward BM={bm} BK={bk} w={nw} s={ns}"] = med(
             lambda: triton_lora.dropout_backward(xd, v, A_, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw,
                                                  num_stages=ns))
+
+    # Host cost per call: a small layer, where launching is all there is to time.
+    xs = torch.randn(64, 256, device=DEV, dtype=dt, requires_grad=True)
+    gs = torch.randn(64, 256, device=DEV, dtype=dt)
+    Ws = torch.randn(256, 256, device=DEV, dtype=dt)
+    As = torch.nn.Parameter(torch.randn(16, 256, device=DEV))
+    Bs = torch.nn.Parameter(torch.randn(256, 16, device=DEV))
+    small_peft, small_params = peft_layer(Ws, 16, 0.0, False)
+
+    def host(f, params):
+        def run():
+            for _ in range(20):
+                f().backward(gs)
+        return med(run, grad_to_none=[xs, *params]) / 20
+    pc["host, small layer fwd+bwd: frozen F.linear"] = host(lambda: F.linear(xs, Ws), [])
+    pc["host, small layer fwd+bwd: PEFT bf16"] = host(lambda: small_peft(xs), small_params)
+    pc["host, small layer fwd+bwd: lorakit p=0"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.0, 0),
+                                                        [As, Bs])
+    pc["host, small layer fwd+bwd: lorakit p=0.05"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.05, 3),
+                                                           [As, Bs])
+    del small_peft, small_params
 
     # A kernel-level profile of one lorakit training step per case.
     from torch.profiler import ProfilerActivity, profile
@@ -265,6 +288,7 @@ def one_layer() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 lora_linear(x, W, None, A, B, 2.0, p, 7).backward(g)
+                x.grad = A.grad = B.grad = None  # as do_bench's grad_to_none: no accumulation kernels
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
         results["pieces"][f"profile_p{p}"] = table

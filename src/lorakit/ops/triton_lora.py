@@ -27,6 +27,8 @@ not the CPU path's mask (``ops.dropout``): a seed names a mask per device type.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -125,16 +127,34 @@ if triton is not None:
             row_ok = rows < row_hi
             ok = row_ok[:, None] & col_ok[None, :]
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=ok, other=0.0)
-            v = tl.load(v_ptr + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
-                        other=0.0)  # (BM, R_PAD)
+            v_offs = rows[:, None].to(tl.int64) * R + rr[None, :]  # (BM, R_PAD)
+            v_ok = row_ok[:, None] & r_ok[None, :]
             keep = _keep(seed, rows, k0, threshold, BM, BK)
-            acc = tl.dot(tl.trans(v), tl.where(keep, x, tl.zeros_like(x)), acc, input_precision=PRECISION)
+            # vᵀ is loaded as such (a strided 2 KiB read that L1 serves) instead of tl.trans: no layout shuffle.
+            vt = tl.load(v_ptr + tl.trans(v_offs), mask=tl.trans(v_ok), other=0.0)  # (R_PAD, BM)
+            acc = tl.dot(vt, tl.where(keep, x, tl.zeros_like(x)), acc, input_precision=PRECISION)
             if WRITE_GX:
+                v = tl.load(v_ptr + v_offs, mask=v_ok, other=0.0)  # (BM, R_PAD)
                 gx = tl.dot(v, a, input_precision=PRECISION)  # (BM, BK)
                 gx = tl.where(keep, gx, tl.zeros_like(gx))
                 tl.store(gx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
                          mask=ok)
         tl.atomic_add(ga_ptr + rr[:, None] * K + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
+
+
+    @triton.jit
+    def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, D, K, R, stride_wd, stride_wk, scale,
+                      R_PAD: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        # W'[rows, cols] = W[rows, cols] + s · B[rows] A[:, cols]     W, W': (D, K)  B: (D, R)  A: (R, K)
+        rows = tl.program_id(0) * BD + tl.arange(0, BD)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, R_PAD)
+        ok = (rows < D)[:, None] & (cols < K)[None, :]
+        b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows < D)[:, None] & (rr < R)[None, :], other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr < R)[:, None] & (cols < K)[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wk, mask=ok, other=0.0)
+        merged = w.to(tl.float32) + scale * tl.dot(b, a, input_precision=PRECISION)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], merged.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _r_pad(r: int) -> int:
@@ -146,10 +166,31 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index or 0).multi_processor_count
     return 4  # the interpreter: a few programs are enough to exercise the split
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.type, device.index)
+
+
+def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, *, block_d: int = 64,
+                  block_k: int = 128) -> Tensor:
+    """W' = W + s·B A in one pass over W (read once, written once):  W: (d, k) any strides → (d, k).
+
+    B: (d, r) and A: (r, k) in the output dtype (W's values are cast on load).
+    """
+    D, K = weight.shape
+    R = A.shape[0]
+    out = torch.empty((D, K), dtype=A.dtype, device=weight.device)
+    _merge_kernel[(triton.cdiv(D, block_d), triton.cdiv(K, block_k))](
+        weight, B.contiguous(), A.contiguous(), out, D, K, R, weight.stride(0), weight.stride(1), float(scale),
+        R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(A.dtype), num_warps=4,
+    )
+    return out
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:
@@ -166,7 +207,7 @@ def keep_mask(n: int, k: int, p: float, seed: int, device: torch.device | str) -
 
 
 def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, *, block_m: int | None = None,
-       block_k: int = 128, num_warps: int = 4, num_stages: int = 4) -> Tensor:
+       block_k: int = 256, num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """u = drop(x) Aᵀ in one pass over x:  x: (N, k), A: (r, k) in x's dtype → u: (N, r) in x's dtype.
 
     With p > 0, drop(x) = x ⊙ m / (1 - p), m = :func:`keep_mask`(N, k, p, seed).
@@ -189,7 +230,7 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, *, block_m: int | No
 
 
 def dropout_backward(x: Tensor, v: Tensor, A: Tensor, p: float, seed: int, write_gx: bool = True, *,
-                     block_m: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+                     block_m: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 4,
                      ) -> tuple[Tensor | None, Tensor]:
     """One pass over x for the dropout branch's backward, with the forward's mask m regenerated.
 
@@ -220,13 +261,11 @@ def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tenso
     r = A.shape[0]
     if p == 0.0 and weight is not None:
         u = xa(x, A_) if need_u else x.new_empty((0, r))
-        merged = torch.addmm(weight.to(x.dtype), B_, A_, alpha=scale)  # W' = W + s·B A: (d, k)
+        merged = merged_weight(weight, B_, A_, scale)  # W' = W + s·B A: (d, k)
         return F.linear(x, merged, None if bias is None else bias.to(x.dtype)), u
     u = xa(x, A_, p, seed)  # (N, r), dropout and its 1/(1-p) applied
-    if bias is not None:
-        h = torch.addmm(bias.to(x.dtype), u, B_.t(), alpha=scale)  # (N, d)
-    else:
-        h = torch.mm(u, B_.t()).mul_(scale)
+    sB = B_ * scale  # (d, r): scaling the small factor, not the (N, d) product
+    h = torch.addmm(bias.to(x.dtype), u, sB.t()) if bias is not None else torch.mm(u, sB.t())  # (N, d)
     if weight is not None:
         h.addmm_(x, weight.to(x.dtype).t())  # the big GEMM accumulates into the low-rank term
     return h, (u if need_u else x.new_empty((0, r)))
@@ -242,7 +281,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
         grad_B = torch.mm(u.t(), g).t().mul_(scale).to(B.dtype)  # s·gᵀu: (d, r); uᵀg is the faster GEMM shape
     if not (need_x or need_A):
         return grad_x, grad_A, grad_B
-    v = torch.mm(g, B_).mul_(scale / (1.0 - p))  # (N, r), dropout's c folded in
+    v = torch.mm(g, B_ * (scale / (1.0 - p)))  # (N, r) = s·c·g B, with dropout's c folded in
     if p == 0.0:
         if need_A:
             grad_A = torch.mm(v.t(), x).to(A.dtype)  # (r, k)
@@ -250,7 +289,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
             if weight is None:
                 grad_x = torch.mm(v, A_)
             else:  # g W' with W' = W + s·B A rebuilt: one GEMM, no (N, k) low-rank temporary
-                grad_x = torch.mm(g, torch.addmm(weight.to(x.dtype), B_, A_, alpha=scale))
+                grad_x = torch.mm(g, merged_weight(weight, B_, A_, scale))
         return grad_x, grad_A, grad_B
     low, ga = dropout_backward(x, v, A_, p, seed, write_gx=need_x)
     grad_A = ga.to(A.dtype) if need_A else None
