@@ -83,7 +83,7 @@ def test_half_precision_with_dropout_matches_float64_same_mask(dtype, tol):
     for dt in (dtype, torch.float64):
         xs = x.to(dt).requires_grad_()
         adapter_dtype = torch.float64 if dt == torch.float64 else torch.float32
-        As, Bs = A.to(adapter_dtype).requires_grad_(), B.to(adapter_dtype).requires_grad_()
+        As, Bs = A.to(adapter_dtype).clone().requires_grad_(), B.to(adapter_dtype).clone().requires_grad_()
         out = lora_linear(xs, W.to(dt), None, As, Bs, 0.5, 0.2, seed=3)
         assert out.dtype == dt
         out.double().sum().backward()
