@@ -48,7 +48,6 @@ class CausalLMTask:
         self.tokenizer = load_tokenizer(model)
         self.max_length, self.eval_batch_size = max_length, eval_batch_size
         self.data_paths = (data, eval_data)
-        self.model = load_model(model, "AutoModelForCausalLM", seed=seed)
         loaded = read_jsonl(data, self._example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
         self.skipped = loaded.skipped
         if eval_data is not None:
@@ -59,6 +58,7 @@ class CausalLMTask:
             train, ev = split_holdout(len(loaded.examples), eval_fraction, seed)
             self.train_examples = [loaded.examples[i] for i in train]
             self.eval_examples = [loaded.examples[i] for i in ev]
+        self.model = load_model(model, "AutoModelForCausalLM", seed=seed)  # after the data: bad data fails fast
 
     # -- data ----------------------------------------------------------------------------------
     def _ids(self, text: str, special: bool) -> list[int]:
