@@ -1,0 +1,136 @@
+"""``lorakit inspect ADAPTER``: what an adapter directory holds, and who else can load it."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+example:
+  lorakit inspect runs/code-search/adapter
+  lorakit inspect runs/code-search/checkpoints/step-00000100/adapter
+
+Shows the targets, r, α and the scale s = α/r (α/√r with rsLoRA), parameter counts, the fingerprint
+of the base weights it was trained on, file sizes, and whether HF PEFT and vLLM can load it (and why not).
+"""
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+# ranks vLLM accepts for --max-lora-rank; its default is 16
+_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect", help="describe an adapter directory and check PEFT / vLLM compatibility",
+        description="Describe a LoRA adapter directory (lorakit's or PEFT's) without loading any model.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
+    p.set_defaults(func=run)
+    return p
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def describe(path: str | Path) -> list[str]:
+    """The report's lines (the CLI prints them)."""
+    from ..io import read_adapter
+
+    af = read_adapter(path)
+    cfg, raw = af.config, af.raw_config
+    modules: dict[str, dict[str, Any]] = {}
+    saved_params, lora_params = 0, 0
+    for key, t in af.tensors.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            info = modules.setdefault(m["module"], {})
+            info[m["kind"]] = t
+            lora_params += t.numel()
+        else:
+            saved_params += t.numel()
+    ranks = {name: int(info.get("lora_A.weight", info.get("lora_embedding_A")).shape[0]) for name, info in modules.items()
+             if "lora_A.weight" in info or "lora_embedding_A" in info}
+    leaves = Counter(name.rsplit(".", 1)[-1] for name in modules)
+    rank_set = sorted(set(ranks.values()))
+    scale = f"α/√r = {cfg.alpha / cfg.r ** 0.5:.4g}" if cfg.use_rslora else f"α/r = {cfg.alpha / cfg.r:.4g}"
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in af.tensors.values()})
+    fp = af.fingerprint
+    lines = [
+        f"adapter: {af.path}",
+        f"base model: {raw.get('base_model_name_or_path') or 'not recorded'}; task type: {raw.get('task_type') or 'not recorded'}",
+        f"targets (config): {cfg.target_modules if isinstance(cfg.target_modules, str) else ', '.join(cfg.target_modules or ())}",
+        f"adapted modules: {len(modules)} ({', '.join(f'{leaf}×{n}' for leaf, n in sorted(leaves.items()))})",
+        f"r: {cfg.r}" + (f" (per module: {rank_set})" if rank_set and rank_set != [cfg.r] else ""),
+        f"alpha: {cfg.alpha:g}; scale {scale}" + (" (rsLoRA)" if cfg.use_rslora else "")
+        + (f"; alpha_pattern {dict(cfg.alpha_pattern)}" if cfg.alpha_pattern else ""),
+        f"dropout: {cfg.dropout:g}",
+        f"modules_to_save: {', '.join(cfg.modules_to_save) or 'none'}",
+        f"parameters: {lora_params + saved_params:,} ({lora_params:,} LoRA, {saved_params:,} in saved modules); dtype {', '.join(dtypes)}",
+        f"base fingerprint: {fp['checksum']} over {len(fp.get('modules', {}))} modules" if fp
+        else "base fingerprint: none (not saved by lorakit; loading cannot check the base model)",
+        f"lorakit version: {af.metadata.get('lorakit_version', 'n/a (not written by lorakit)')}",
+        "files: " + ", ".join(f"{p.name} {_size(p.stat().st_size)}" for p in sorted(af.path.iterdir()) if p.is_file()),
+    ]
+    peft_problems = _peft_problems(af)
+    lines.append("PEFT: " + ("yes (adapter_config.json and keys in PEFT's layout)" if not peft_problems
+                             else "no: " + "; ".join(peft_problems)))
+    vllm_problems, vllm_notes = _vllm_problems(af, modules, rank_set)
+    lines.append("vLLM: " + ("yes" if not vllm_problems else "no: " + "; ".join(vllm_problems))
+                 + (f" (note: {'; '.join(vllm_notes)})" if vllm_notes else ""))
+    return lines
+
+
+def _peft_problems(af: Any) -> list[str]:
+    problems = []
+    bad_keys = [k for k in af.tensors if not k.startswith("base_model.model.")]
+    if bad_keys:
+        problems.append(f"key {bad_keys[0]!r} lacks PEFT's 'base_model.model.' prefix")
+    try:
+        import peft
+    except ImportError:
+        return problems
+    known = set(peft.LoraConfig.__dataclass_fields__)
+    try:
+        peft.LoraConfig(**{k: v for k, v in af.raw_config.items() if k in known})
+    except (TypeError, ValueError) as err:
+        problems.append(f"peft {peft.__version__} rejects the config: {err}")
+    return problems
+
+
+def _vllm_problems(af: Any, modules: dict[str, dict[str, Any]], ranks: list[int]) -> tuple[list[str], list[str]]:
+    cfg, problems, notes = af.config, [], []
+    if cfg.modules_to_save:
+        problems.append(f"vLLM does not load modules_to_save ({', '.join(cfg.modules_to_save)}); serve a merged model "
+                        "(lorakit merge) instead")
+    if any(t.dim() == 4 for info in modules.values() for t in info.values()):
+        problems.append("vLLM has no LoRA for Conv2d layers")
+    if any("lora_embedding_A" in info for info in modules.values()):
+        problems.append("LoRA on embedding layers is not served by current vLLM")
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        problems.append("vLLM uses one r and α for all modules; rank_pattern/alpha_pattern are not honoured")
+    top = max(ranks or [cfg.r])
+    if top > 512:
+        problems.append(f"r = {top} exceeds vLLM's largest --max-lora-rank (512)")
+    elif top > 16:
+        need = next(r for r in _VLLM_RANKS if r >= top)
+        notes.append(f"start vLLM with --max-lora-rank {need} (its default is 16)")
+    task = af.raw_config.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        notes.append(f"task type {task}: vLLM serves LoRA mainly on generative models")
+    notes.append("the base architecture must support LoRA in vLLM")
+    return problems, notes
+
+
+def run(args: argparse.Namespace) -> int:
+    for line in describe(args.adapter):
+        print(line)
+    return 0

@@ -1,0 +1,90 @@
+"""``lorakit merge BASE ADAPTER OUT``: fold an adapter into its base model and save a plain transformers model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+EPILOG = """\
+example:
+  lorakit merge ./llama-1b runs/chat/adapter ./llama-1b-chat
+  python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('./llama-1b-chat')"
+
+The merged weights are W' = W + s·BA for every adapted module; modules_to_save (e.g. a classifier head)
+take the adapter's trained copy.  The tokenizer is copied from BASE when it has one.
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "merge", help="merge an adapter into its base model (a plain transformers model dir)",
+        description="Merge a LoRA adapter into a local transformers checkpoint and save the result.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("base", metavar="BASE", help="the base model directory the adapter was trained on")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="where to write the merged model")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge even if BASE differs from the model the adapter was trained on")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.set_defaults(func=run)
+    return p
+
+
+def _model_class(base: Path, adapter: Path) -> tuple[Any, dict[str, Any]]:
+    """The transformers class of BASE's architecture, and kwargs that make its head fit the adapter's."""
+    import transformers
+
+    config = json.loads((base / "config.json").read_text())
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModel
+    kwargs: dict[str, Any] = {}
+    if arch and arch.endswith("ForSequenceClassification"):
+        from ..io import read_adapter
+
+        for key, t in read_adapter(adapter).tensors.items():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                kwargs.update(num_labels=t.shape[0], ignore_mismatched_sizes=True)
+        metrics = adapter.parent / "metrics.json"  # lorakit train writes the label names there
+        labels = json.loads(metrics.read_text()).get("labels") if metrics.is_file() else None
+        if labels and len(labels) == kwargs.get("num_labels"):
+            kwargs["id2label"] = {i: str(label) for i, label in enumerate(labels)}
+            kwargs["label2id"] = {str(label): i for i, label in enumerate(labels)}
+    return cls, kwargs
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    import lorakit
+
+    from ..train.models import model_dir
+
+    transformers.utils.logging.disable_progress_bar()
+    base, adapter, out = model_dir(args.base), Path(args.adapter), Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
+    cls, kwargs = _model_class(base, adapter)
+    model = cls.from_pretrained(str(base), local_files_only=True, dtype=torch.float32, **kwargs)
+    saved_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    lorakit.load_adapter(model, adapter, allow_base_mismatch=args.allow_base_mismatch)
+    merged = lorakit.merge_and_unload(model)
+    if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
+        merged = merged.to(saved_dtype)  # merged in float32, saved in the base's own precision
+    merged.save_pretrained(str(out))
+    try:
+        transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(str(out))
+    except (OSError, ValueError):
+        print(f"note: {base} has no tokenizer to copy", file=sys.stderr)
+    print(f"merged model written to {out}; load it with transformers.{cls.__name__}.from_pretrained({str(out)!r})")
+    return 0
