@@ -42,7 +42,7 @@ class AnalysisError(LorakitError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraFactors:
-    """One adapted module's update ``ΔW = scale · B @ A`` in (d, k) matrix form (float64).
+    """One adapted module's update ``ΔW = scale · B @ A`` in (d, k) matrix form (the file's dtype).
 
     Attributes:
         name: the module's dotted path in the model ("model.layers.0.self_attn.q_proj").
@@ -71,10 +71,6 @@ class LoraFactors:
     def num_parameters(self) -> int:
         """Trainable parameters of this module: r (d + k)."""
         return self.A.numel() + self.B.numel()
-
-    def delta_weight(self) -> torch.Tensor:
-        """The full ΔW = s · B A, (d, k). Only for small modules and tests: it costs d·k memory."""
-        return self.scale * (self.B @ self.A)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +153,9 @@ def _module(name: str, parts: dict[str, torch.Tensor], config: LoraConfig | None
     if a_key not in parts or b_key not in parts:
         missing = b_key if a_key in parts else a_key
         raise AnalysisError(f"{label}: module {name} has no {missing} tensor; the adapter file is incomplete")
-    A, B = parts[a_key].detach().to("cpu", torch.float64), parts[b_key].detach().to("cpu", torch.float64)
+    # Kept in the file's dtype (a 7B adapter in float64 would double its memory); the spectrum
+    # converts one module at a time to float64.
+    A, B = parts[a_key].detach().cpu(), parts[b_key].detach().cpu()
     kind: Kind = "embedding" if embedding else ("conv" if A.dim() > 2 else "linear")
     if kind == "conv":
         if B.dim() < 2 or any(s != 1 for s in B.shape[2:]):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .analyze import AdapterAnalysis
 from .compare import Comparison
+from .factors import AnalysisError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,8 +23,12 @@ if TYPE_CHECKING:
 
 
 def _figure(panels: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AnalysisError("plots need matplotlib, which is not installed: pip install 'lorakit[hf]' "
+                            "(or leave out --plots; the tables and --json need nothing extra)") from None
 
     cols = min(panels, 4)
     rows = math.ceil(panels / cols)
@@ -45,9 +50,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def plot_spectra(analysis: AdapterAnalysis, path: str | Path) -> Path:
     """One panel per module type: σᵢ/σ₁ of every module (colour = depth), log scale, with the
     95 % effective rank of the type marked."""
-    from matplotlib import colormaps
-
     fig, axes = _figure(len(analysis.groups))
+    from matplotlib import colormaps
     depths = [m.depth for m in analysis.modules if m.depth is not None]
     top = max(depths, default=0) or 1
     cmap = colormaps["viridis"]
@@ -71,10 +75,9 @@ def plot_spectra(analysis: AdapterAnalysis, path: str | Path) -> Path:
 
 def plot_similarity(comparison: Comparison, path: str | Path) -> Path:
     """The LoRA paper's heat-map per module type: mean φ(i, j) over the type's modules."""
-    from matplotlib.ticker import MaxNLocator
-
     types = [t for t in comparison.types if t.grid is not None]
     fig, axes = _figure(max(1, len(types)), width=3.8, height=3.4)
+    from matplotlib.ticker import MaxNLocator
     image = None
     for ax, t in zip(axes, types):
         grid = t.grid.numpy()

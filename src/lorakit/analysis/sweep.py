@@ -15,6 +15,7 @@ Runs whose metrics.json exists are reused, so an interrupted sweep continues whe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import subprocess
@@ -126,7 +127,7 @@ def run_sweep(
     tolerance: float = 0.01,
     force: bool = False,
     runner: Callable[[list[str], Path], int] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = functools.partial(print, flush=True),
 ) -> SweepResult:
     """Train one run per (r, α) in ``grid`` under ``out`` and collect ``metric`` from each.
 

@@ -8,11 +8,13 @@ from pathlib import Path
 
 EXAMPLES = """\
 examples:
-  # ranks 1..64 at α = 2r; everything after -- goes to every `lorakit train` run unchanged
-  lorakit sweep --ranks 1 2 4 8 16 32 64 --alpha-ratio 2 --metric eval_loss --out sweeps/codesearch \\
-      -- --task codesearch --max-steps 300 --seed 0
+  # ranks 1..64 at α = 2r on the offline code-search demo; everything after -- goes to every
+  # `lorakit train` run unchanged
+  lorakit sweep --ranks 1 2 4 8 16 32 64 --alpha-ratio 2 --metric mrr --out sweeps/code-search \\
+      -- --task code-search --max-steps 300 --seed 0
   # two fixed α values at each rank
-  lorakit sweep --ranks 4 16 64 --alphas 16 64 --metric accuracy --out sweeps/cls -- --task <task> ...
+  lorakit sweep --ranks 4 16 64 --alphas 16 64 --metric accuracy --out sweeps/cls \\
+      -- --task classification --model ./bert-base --data reviews.jsonl --epochs 3
   # only plot runs trained before (any `lorakit train --out` directories)
   lorakit sweep --collect runs/r4 runs/r16 runs/r64 --metric eval_loss --plots plots/
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.ranks or not args.out:
             raise AnalysisError("a sweep needs --ranks and --out (or --collect RUN_DIR... to read finished runs)")
         if not train_args:
-            raise AnalysisError("give the `lorakit train` arguments after --, e.g. -- --task codesearch --max-steps 300")
+            raise AnalysisError("give the `lorakit train` arguments after --, e.g. -- --task code-search --max-steps 300")
         grid = sweep_grid(args.ranks, args.alphas, args.alpha_ratio)
         result = run_sweep(train_args, grid, args.out, metric=args.metric, lower=args.lower,
                            tolerance=args.tolerance, force=args.force)
