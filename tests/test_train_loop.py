@@ -68,6 +68,19 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     assert a.steps == b.steps == 4
 
 
+def test_progress_line_on_a_pipe() -> None:
+    from lorakit.train.loop import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total=20, stream=stream, every=10)
+    for step in range(1, 21):
+        progress.update(step, loss=2.0, lr=1e-3, examples=4)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2  # not a terminal: one line every 10 steps
+    assert lines[0].startswith("[############............] 10/20 loss 2.0000 lr 1.00e-03 ")
+    assert " ex/s ETA " in lines[0] and lines[1].endswith("ETA 0:00")
+
+
 def test_base_weights_frozen_and_outputs_written(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, batch_size=4, max_steps=3)
     base = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
@@ -129,6 +142,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path: Path) -> None:
     for name, p in trainer.params:  # no update ever happened
         assert torch.equal(p, before[name])
     assert "skipped step 1: non-finite loss (1 skipped so far)" in log.getvalue()
+    assert "1/10 loss nan lr " in log.getvalue()  # a progress line per step that has a note
     assert list_checkpoints(tmp_path / "checkpoints") == []  # nothing saved after a bad step
 
 
@@ -138,4 +152,5 @@ def test_isolated_non_finite_step_is_skipped_and_training_goes_on(tmp_path: Path
     result = Trainer(task, lora, TrainConfig(max_steps=6, batch_size=4), tmp_path, log=io.StringIO()).fit()
     assert result.skipped == 3 and result.steps == 6
     assert all(math.isfinite(v) for v in result.after.values())
-    assert json.loads((tmp_path / "metrics.json").read_text())["skipped_steps"] == 3
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 3 and metrics["examples_per_s"] > 0

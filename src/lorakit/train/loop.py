@@ -121,6 +121,10 @@ class TrainResult:
     history: dict[str, list[dict[str, float]]]
     trainable: int
     total: int
+    #: wall-clock seconds of the training steps (evaluation and saving included), and throughput
+    seconds: float = 0.0
+    examples_per_s: float = 0.0
+    tokens_per_s: float = 0.0
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -132,11 +136,13 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, dict):
-        if isinstance(batch.get("attention_mask"), torch.Tensor):
-            return int(batch["attention_mask"].sum())
-        return sum(_count_tokens(v) for v in batch.values() if isinstance(v, dict))
-    return 0
+    """Real (unpadded) tokens in a batch: its attention_mask, or packed ``*_lengths`` (the embedding task)."""
+    if not isinstance(batch, dict):
+        return 0
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
+        return int(batch["attention_mask"].sum())
+    lengths = sum(int(v.sum()) for k, v in batch.items() if k.endswith("lengths") and isinstance(v, torch.Tensor))
+    return lengths + sum(_count_tokens(v) for v in batch.values() if isinstance(v, dict))
 
 
 class Progress:
@@ -359,7 +365,7 @@ class Trainer:
             self._print("before: " + _fmt(before))
         self.model.train()
         progress = Progress(self.total, self.log, cfg.log_every, start_step=step) if self.is_main else None
-        tokens, t_start = 0, time.monotonic()
+        tokens, examples, t_start = 0, 0, time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while step < self.total:
@@ -368,6 +374,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             n_step = sum(len(m) for m in micro)
+            examples += n_step
             loss_sum = 0.0
             for ids in micro:
                 batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
@@ -410,10 +417,11 @@ class Trainer:
         after = {"step": step, **self.evaluate()}
         if history["eval"][-1].get("step") != step:
             history["eval"].append(after)
-        result = TrainResult(step, skipped, before, after, history, report.trainable, report.total)
+        result = TrainResult(step, skipped, before, after, history, report.trainable, report.total,
+                             elapsed, examples / max(elapsed, 1e-9), tokens / max(elapsed, 1e-9))
         if self.is_main:
             self.write_outputs(result)
-            self._summary(result, tokens, elapsed)
+            self._summary(result)
         return result
 
     def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
@@ -431,15 +439,17 @@ class Trainer:
         lorakit.save_adapter(self.base, self.out / "adapter")
         metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
                    "trainable_parameters": result.trainable, "total_parameters": result.total,
-                   "before": result.before, "after": result.after, "history": result.history,
+                   "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
+                   "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after, "history": result.history,
                    "config": self.run_config(), **_task_info(self.task)}
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         from .plot import plot_history  # matplotlib is only needed here
 
         plot_history(result.history, self.out / "training.png", title=f"lorakit train --task {self.task.name}")
 
-    def _summary(self, result: TrainResult, tokens: int, elapsed: float) -> None:
-        lines = [f"trained {result.steps} steps" + (f" ({result.skipped} skipped: non-finite)" if result.skipped else "")]
+    def _summary(self, result: TrainResult) -> None:
+        lines = [f"trained {result.steps} steps in {_hms(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
+                 + (f"; {result.skipped} skipped (non-finite)" if result.skipped else "")]
         for key, b in result.before.items():
             if key == "step" or key not in result.after:
                 continue
@@ -447,7 +457,7 @@ class Trainer:
             lines.append(f"  {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            lines.append(f"  {tokens / max(elapsed, 1e-9):,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
+            lines.append(f"  {result.tokens_per_s:,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
         self._print(*lines)
 
 

@@ -1,3 +1,7 @@
+# 2026-11-29 (loop owner): added two OPTIONAL members, read with getattr, so existing tasks keep
+# working unchanged: ``skipped: int`` (bad data lines dropped by --skip-bad-lines; the CLI reports
+# it) and ``info() -> dict`` (extra facts merged into metrics.json, e.g. classification labels).
+# Also documented: loss/evaluate receive the model already on the training device.
 """What the training loop needs from a task (causal-lm, classification, embedding, code-search).
 
 The loop owns ordering, batching, accumulation, optimisation, checkpoints and logging; a task owns
@@ -35,13 +39,23 @@ class Task(Protocol):
         ...
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar loss of the (adapted) model on a batch."""
+        """Scalar loss of the (adapted, possibly DDP-wrapped) model on a batch already on its device.
+
+        The mean over the batch: the loop weights micro-batches by their number of examples."""
         ...
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Held-out metrics; the first key is the headline metric shown in the summary."""
+        """Held-out metrics; the first key is the headline metric shown in the summary.
+
+        Called in eval mode under torch.no_grad(); put inputs on ``next(model.parameters()).device``.
+        Random generators are saved and restored around it, so it cannot disturb exact resume."""
         ...
 
     def fingerprint(self) -> str:
         """A short string identifying the task's data, checked when resuming."""
         ...
+
+
+# Optional members (not part of the Protocol check; the loop and CLI use getattr):
+#   skipped: int                 data lines skipped by --skip-bad-lines
+#   info() -> dict[str, Any]     extra JSON facts for metrics.json
