@@ -230,33 +230,49 @@ def one_layer() -> None:
         row["lorakit_fp32_adapters"] = med(lambda: lora_linear(x, W, None, A, B, 2.0, 0.0, 0))
         del layer
 
-    # Pieces of lorakit's step (each timed alone), for the profile.
+    # Pieces of lorakit's step, each timed alone as GPU time (10 calls captured in a CUDA graph, replayed).
     pc = results["pieces"]
     A_, B_ = A.detach().to(dt), B.detach().to(dt)
     xd = x.detach()
     u = triton_lora.xa(xd, A_)
     v = torch.mm(g, B_)
-    pc["base GEMM x Wᵀ"] = med(lambda: F.linear(xd, W))
-    pc["merge W + sBA, torch.addmm"] = med(lambda: torch.addmm(W, B_, A_, alpha=2.0))
-    pc["merge W + sBA, triton"] = med(lambda: triton_lora.merged_weight(W, B_, A_, 2.0))
-    pc["u = x Aᵀ, triton"] = med(lambda: triton_lora.xa(xd, A_))
-    pc["u = x Aᵀ, cuBLAS"] = med(lambda: torch.mm(xd, A_.t()))
-    pc["u = drop(x) Aᵀ, triton p=0.05"] = med(lambda: triton_lora.xa(xd, A_, 0.05, 7))
-    pc["v = g B, cuBLAS"] = med(lambda: torch.mm(g, B_))
-    pc["uᵀ g (∂B), cuBLAS"] = med(lambda: torch.mm(u.t(), g))
-    pc["vᵀ x (∂A), cuBLAS"] = med(lambda: torch.mm(v.t(), xd))
-    pc["dropout backward (∂A + m⊙vA), triton"] = med(lambda: triton_lora.dropout_backward(xd, v, A_, 0.05, 7))
+
+    def gpu(fn) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fn()
+        return med(graph.replay) / 10
+
+    pc["base GEMM x Wᵀ"] = gpu(lambda: F.linear(xd, W))
+    pc["merge W + sBA, torch.addmm"] = gpu(lambda: torch.addmm(W, B_, A_, alpha=2.0))
+    pc["merge W + sBA, triton (fp32 factors)"] = gpu(lambda: triton_lora.merged_weight(W, B, A, 2.0))
+    pc["u = x Aᵀ, triton"] = gpu(lambda: triton_lora.xa(xd, A))
+    pc["u = x Aᵀ, cuBLAS"] = gpu(lambda: torch.mm(xd, A_.t()))
+    pc["u = (x⊙m) Aᵀ, triton p=0.05"] = gpu(lambda: triton_lora.xa(xd, A, 0.05, 7))
+    pc["v = g B, cuBLAS"] = gpu(lambda: torch.mm(g, B_))
+    pc["uᵀ g (∂B), cuBLAS"] = gpu(lambda: torch.mm(u.t(), g))
+    pc["gᵀ u (∂B), triton tall_product"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True))
+    pc["vᵀ x (∂A), cuBLAS"] = gpu(lambda: torch.mm(v.t(), xd))
+    pc["vᵀ x (∂A), triton tall_product"] = gpu(lambda: triton_lora.tall_product(xd, v))
+    pc["vᵀ(x⊙m) + m⊙vA, triton p=0.05"] = gpu(lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A))
     h0 = torch.mm(u, B_.t())
-    pc["h.addmm_(x, Wᵀ) (β=1)"] = med(lambda: h0.addmm_(xd, W.t()))
-    pc["h = u Bᵀ (write N×d)"] = med(lambda: torch.mm(u, B_.t()))
-    for bm, bk, nw, ns in ((32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 2), (64, 256, 8, 3)):
-        pc[f"xa config BM={bm} BK={bk} w={nw} s={ns}"] = med(
-            lambda: triton_lora.xa(xd, A_, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw, num_stages=ns))
-    for bm, bk, nw, ns in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (32, 32, 4, 4),
-                           (64, 16, 4, 4)):
-        pc[f"dropout_backward BM={bm} BK={bk} w={nw} s={ns}"] = med(
-            lambda: triton_lora.dropout_backward(xd, v, A_, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw,
-                                                 num_stages=ns))
+    pc["h.addmm_(x, Wᵀ) (β=1)"] = gpu(lambda: h0.addmm_(xd, W.t()))
+    pc["h = u Bᵀ (write N×d)"] = gpu(lambda: torch.mm(u, B_.t()))
+    for bm, bk, nw, ns in ((32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (64, 128, 4, 4)):
+        pc[f"xa p=0.05 BM={bm} BK={bk} w={nw} s={ns}"] = gpu(
+            lambda: triton_lora.xa(xd, A, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw, num_stages=ns))
+    for bm, bc, nw, ns in ((64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)):
+        pc[f"tall ∂A p=0 BM={bm} BC={bc} w={nw} s={ns}"] = gpu(
+            lambda: triton_lora.tall_product(xd, v, block_m=bm, block_c=bc, num_warps=nw, num_stages=ns))
+        pc[f"tall ∂A+gx p=0.05 BM={bm} BC={bc} w={nw} s={ns}"] = gpu(
+            lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A_, block_m=bm, block_c=bc, num_warps=nw,
+                                             num_stages=ns))
 
     # Host cost per call: a small layer, where launching is all there is to time.
     xs = torch.randn(64, 256, device=DEV, dtype=dt, requires_grad=True)

@@ -12,11 +12,16 @@ design minimises the number of full-size passes:
   gradient is ONE GEMM, g W' (W' is rebuilt in backward rather than kept: it would cost d·k memory
   per layer).  In bf16 this rounds W + sBA once, which loses no more of a small update than
   PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just the same.
-* dropout: u = c·(x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
-  Philox(seed, position) inside the kernel; h = s·u Bᵀ is written once and x Wᵀ accumulates into it
-  (``addmm_``, so no second full-size temporary).  Backward regenerates the same mask from the seed:
-  one Triton pass over x (:func:`dropout_backward`) produces both ∂L/∂A = vᵀ(x⊙m)·c and the branch's
-  input gradient c·m⊙(v A), into which g W then accumulates.
+* dropout: u = (x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
+  Philox(seed, position) inside the kernel; h = u (s·c·B)ᵀ is written once and x Wᵀ accumulates into
+  it (``addmm_``, so no second full-size temporary).  Backward regenerates the same mask from the seed:
+  one Triton pass over x (:func:`tall_product`) gives both ∂L/∂A = vᵀ(x⊙m) (v = s·c·g B) and the
+  branch's input gradient m⊙(v A), into which g W then accumulates.
+* ∂L/∂B = s·c·gᵀu is the same kind of product (long axis N reduced, float32 atomics across row
+  slices), so it too is one Triton pass over g, straight into a float32 (d, r) result.
+* few launches: on the benchmark host every eager op costs 20-40 µs of CPU, as much as a low-rank
+  pass costs the GPU, so scales ride on the r-sized factors and the kernels cast the (float32)
+  adapters themselves.
 
 Masks: each Philox call gives 4×32 random bits, used as eight 16-bit numbers for eight consecutive
 columns of one row; an element is dropped when its number is < round(p·2¹⁶).  The mask is a function
@@ -81,11 +86,11 @@ if triton is not None:
 
     @triton.jit
     def _xa_kernel(
-        x_ptr, a_ptr, u_ptr, N, K, R, stride_xn, seed, threshold, c,
+        x_ptr, a_ptr, u_ptr, N, K, R, stride_xn, seed, threshold, scale,
         HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # u[rows] = c · (x[rows] ⊙ m) Aᵀ     x: (N, K)  A: (R, K)  u: (N, R)
+        # u[rows] = scale · (x[rows] ⊙ m) Aᵀ     x: (N, K)  A: (R, K), any float dtype  u: (N, R) in x's dtype
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, R_PAD)
         row_ok = rows < N
@@ -98,49 +103,56 @@ if triton is not None:
             if HAS_DROPOUT:
                 x = tl.where(_keep(seed, rows, k0, threshold, BM, BK), x, tl.zeros_like(x))
             a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)  # (BM, R_PAD)
-        acc = acc * c
+            acc = tl.dot(x, tl.trans(a.to(x.dtype)), acc, input_precision=PRECISION)  # (BM, R_PAD)
+        acc = acc * scale
         out = u_ptr + rows[:, None].to(tl.int64) * R + rr[None, :]
         tl.store(out, acc.to(u_ptr.dtype.element_ty), mask=row_ok[:, None] & (rr < R)[None, :])
 
     @triton.jit
-    def _dropout_bwd_kernel(
-        x_ptr, v_ptr, a_ptr, gx_ptr, ga_ptr, N, K, R, stride_xn, seed, threshold,
-        WRITE_GX: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-        PRECISION: tl.constexpr,
+    def _tall_kernel(
+        m_ptr, p_ptr, a_ptr, gx_ptr, out_ptr, N, C, R, stride_mn, stride_or, stride_oc, seed, threshold, scale,
+        HAS_DROPOUT: tl.constexpr, WRITE_GX: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr,
+        BC: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One column block of x, a slice of the rows:  ∂A[:, cols] += vᵀ (x ⊙ m)   gx = m ⊙ (v A)
-        # v: (N, R) with s·c folded in; ga: (R, K) fp32, accumulated across row slices with atomics.
-        k0 = tl.program_id(0) * BK
+        # One column block of M and a slice of its rows:
+        #   out[:, cols] += scale · Pᵀ (M ⊙ m)[:, cols]          (R, BC), float32, atomics across row slices
+        #   gx[:, cols]   = m ⊙ (P A)[:, cols]                    (only if WRITE_GX)
+        # M: (N, C), P: (N, R) in M's dtype, A: (R, C).  ∂A = vᵀ drop(x) and ∂B = s·c·gᵀu are both this product.
+        c0 = tl.program_id(0) * BC
         n_split = tl.num_programs(1)
         per_split = tl.cdiv(tl.cdiv(N, n_split), BM) * BM
         row_lo = tl.program_id(1) * per_split
         row_hi = tl.minimum(row_lo + per_split, N)
-        cols = k0 + tl.arange(0, BK)
-        col_ok = cols < K
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < C
         rr = tl.arange(0, R_PAD)
         r_ok = rr < R
-        a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.zeros((R_PAD, BK), dtype=tl.float32)
+        if WRITE_GX:
+            a = tl.load(a_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+            a = a.to(p_ptr.dtype.element_ty)
+        acc = tl.zeros((R_PAD, BC), dtype=tl.float32)
         for m0 in range(row_lo, row_hi, BM):
             rows = m0 + tl.arange(0, BM)
             row_ok = rows < row_hi
             ok = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=ok, other=0.0)
-            v_offs = rows[:, None].to(tl.int64) * R + rr[None, :]  # (BM, R_PAD)
-            v_ok = row_ok[:, None] & r_ok[None, :]
-            keep = _keep(seed, rows, k0, threshold, BM, BK)
-            # vᵀ is loaded as such (a strided 2 KiB read that L1 serves) instead of tl.trans: no layout shuffle.
-            vt = tl.load(v_ptr + tl.trans(v_offs), mask=tl.trans(v_ok), other=0.0)  # (R_PAD, BM)
-            acc = tl.dot(vt, tl.where(keep, x, tl.zeros_like(x)), acc, input_precision=PRECISION)
+            m = tl.load(m_ptr + rows[:, None].to(tl.int64) * stride_mn + cols[None, :], mask=ok, other=0.0)
+            p_offs = rows[:, None].to(tl.int64) * R + rr[None, :]  # (BM, R_PAD)
+            p_ok = row_ok[:, None] & r_ok[None, :]
+            if HAS_DROPOUT:
+                keep = _keep(seed, rows, c0, threshold, BM, BC)
+                m = tl.where(keep, m, tl.zeros_like(m))
+            # Pᵀ is loaded as such (a strided 2 KiB read that L1 serves) instead of tl.trans: no layout shuffle.
+            pt = tl.load(p_ptr + tl.trans(p_offs), mask=tl.trans(p_ok), other=0.0)  # (R_PAD, BM)
+            acc = tl.dot(pt, m, acc, input_precision=PRECISION)
             if WRITE_GX:
-                v = tl.load(v_ptr + v_offs, mask=v_ok, other=0.0)  # (BM, R_PAD)
-                gx = tl.dot(v, a, input_precision=PRECISION)  # (BM, BK)
-                gx = tl.where(keep, gx, tl.zeros_like(gx))
-                tl.store(gx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                pm = tl.load(p_ptr + p_offs, mask=p_ok, other=0.0)  # (BM, R_PAD)
+                gx = tl.dot(pm, a, input_precision=PRECISION)  # (BM, BC)
+                if HAS_DROPOUT:
+                    gx = tl.where(keep, gx, tl.zeros_like(gx))
+                tl.store(gx_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
                          mask=ok)
-        tl.atomic_add(ga_ptr + rr[:, None] * K + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
-
+        out = out_ptr + rr[:, None] * stride_or + cols[None, :] * stride_oc
+        tl.atomic_add(out, acc * scale, mask=r_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _merge_kernel(w_ptr, b_ptr, a_ptr, out_ptr, D, K, R, stride_wd, stride_wk, scale,
@@ -152,6 +164,7 @@ if triton is not None:
         ok = (rows < D)[:, None] & (cols < K)[None, :]
         b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows < D)[:, None] & (rr < R)[None, :], other=0.0)
         a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr < R)[:, None] & (cols < K)[None, :], other=0.0)
+        b, a = b.to(tl.float32), a.to(tl.float32)  # the adapters' own precision (fp32 by default)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wk, mask=ok, other=0.0)
         merged = w.to(tl.float32) + scale * tl.dot(b, a, input_precision=PRECISION)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], merged.to(out_ptr.dtype.element_ty), mask=ok)
@@ -177,18 +190,20 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.type, device.index)
 
 
-def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, *, block_d: int = 64,
-                  block_k: int = 128) -> Tensor:
-    """W' = W + s·B A in one pass over W (read once, written once):  W: (d, k) any strides → (d, k).
+def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype | None = None, *,
+                  block_d: int = 64, block_k: int = 128) -> Tensor:
+    """W' = W + s·B A in one pass over W (read once, written once), rounded once to ``dtype`` (W's by default).
 
-    B: (d, r) and A: (r, k) in the output dtype (W's values are cast on load).
+    W: (d, k) with any strides, B: (d, r), A: (r, k) in any float dtype; the product is taken in float32
+    (tf32 units for a half-precision result, exact float32 for a float32 one).
     """
     D, K = weight.shape
     R = A.shape[0]
-    out = torch.empty((D, K), dtype=A.dtype, device=weight.device)
+    dtype = dtype or weight.dtype
+    out = torch.empty((D, K), dtype=dtype, device=weight.device)
     _merge_kernel[(triton.cdiv(D, block_d), triton.cdiv(K, block_k))](
         weight, B.contiguous(), A.contiguous(), out, D, K, R, weight.stride(0), weight.stride(1), float(scale),
-        R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(A.dtype), num_warps=4,
+        R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(dtype), num_warps=4,
     )
     return out
 
@@ -206,11 +221,11 @@ def keep_mask(n: int, k: int, p: float, seed: int, device: torch.device | str) -
     return out.bool()
 
 
-def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, *, block_m: int | None = None,
-       block_k: int = 256, num_warps: int = 4, num_stages: int = 3) -> Tensor:
-    """u = drop(x) Aᵀ in one pass over x:  x: (N, k), A: (r, k) in x's dtype → u: (N, r) in x's dtype.
+def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, scale: float = 1.0, *, block_m: int | None = None,
+       block_k: int = 128, num_warps: int = 4, num_stages: int = 4) -> Tensor:
+    """u = scale · (x ⊙ m) Aᵀ in one pass over x:  x: (N, k), A: (r, k) any float dtype → u: (N, r) in x's dtype.
 
-    With p > 0, drop(x) = x ⊙ m / (1 - p), m = :func:`keep_mask`(N, k, p, seed).
+    m = :func:`keep_mask`(N, k, p, seed) (all ones for p = 0); for drop(x) Aᵀ pass scale = 1/(1-p).
     """
     x = _rows_contiguous(x)
     N, K = x.shape
@@ -222,50 +237,64 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, *, block_m: int | No
         block_m = 64 if triton.cdiv(N, 64) >= 2 * _sm_count(x.device) else 32
     block_k = max(16, min(block_k, triton.next_power_of_2(K)))
     _xa_kernel[(triton.cdiv(N, block_m),)](
-        x, A.contiguous(), u, N, K, R, x.stride(0), int(seed), drop_threshold(p), 1.0 / (1.0 - p),
+        x, A.contiguous(), u, N, K, R, x.stride(0), int(seed), drop_threshold(p), float(scale),
         HAS_DROPOUT=p > 0, R_PAD=_r_pad(R), BM=block_m, BK=block_k, PRECISION=_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return u
 
 
-def dropout_backward(x: Tensor, v: Tensor, A: Tensor, p: float, seed: int, write_gx: bool = True, *,
-                     block_m: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 4,
-                     ) -> tuple[Tensor | None, Tensor]:
-    """One pass over x for the dropout branch's backward, with the forward's mask m regenerated.
+def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed: int = 0, A: Tensor | None = None,
+                 transpose_out: bool = False, *, block_m: int = 64, block_c: int = 64, num_warps: int = 4,
+                 num_stages: int = 3) -> tuple[Tensor, Tensor | None]:
+    """scale · Pᵀ (M ⊙ m) in one pass over M, and optionally m ⊙ (P A) in the same pass.
 
-    x: (N, k), v: (N, r) = s·c·g B (c = 1/(1-p)), A: (r, k), all in x's dtype. Returns
-    (m ⊙ (v A) in x's dtype or None, vᵀ(x ⊙ m) as float32 (r, k)) — the input-gradient term and ∂L/∂A.
+    M: (N, C), P: (N, r) in M's dtype (N ≫ C ≫ r), m = :func:`keep_mask`(N, C, p, seed). Returns the
+    float32 product, (r, C) — or (C, r) if ``transpose_out`` — and, when A: (r, C) is given, m ⊙ (P A):
+    (N, C) in M's dtype (else None).  ∂A = vᵀ drop(x) with the branch's input gradient, and ∂B = s·c·gᵀu,
+    are both this product.
     """
-    x = _rows_contiguous(x)
-    N, K = x.shape
-    R = A.shape[0]
-    ga = torch.zeros((R, K), dtype=torch.float32, device=x.device)
-    gx = torch.empty((N, K), dtype=x.dtype, device=x.device) if write_gx else None
+    M = _rows_contiguous(M)
+    N, C = M.shape
+    R = P.shape[1]
+    out = torch.zeros((C, R) if transpose_out else (R, C), dtype=torch.float32, device=M.device)
+    gx = torch.empty((N, C), dtype=M.dtype, device=M.device) if A is not None else None
     if N == 0:
-        return gx, ga
-    n_kb = triton.cdiv(K, block_k)
-    n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(x.device), n_kb)))
-    _dropout_bwd_kernel[(n_kb, n_split)](
-        x, v.contiguous(), A.contiguous(), gx if write_gx else ga, ga, N, K, R, x.stride(0), int(seed),
-        drop_threshold(p), WRITE_GX=write_gx, R_PAD=_r_pad(R), BM=block_m, BK=block_k,
-        PRECISION=_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        return out, gx
+    n_cb = triton.cdiv(C, block_c)
+    n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(M.device), n_cb)))
+    stride_or, stride_oc = (1, R) if transpose_out else (C, 1)
+    _tall_kernel[(n_cb, n_split)](
+        M, P.contiguous(), A.contiguous() if A is not None else P, gx if gx is not None else out, out,
+        N, C, R, M.stride(0), stride_or, stride_oc, int(seed), drop_threshold(p), float(scale),
+        HAS_DROPOUT=p > 0, WRITE_GX=A is not None, R_PAD=_r_pad(R), BM=block_m, BC=block_c,
+        PRECISION=_precision(M.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return gx, ga
+    return out, gx
+
+
+def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """scale · t in ``dtype`` as one kernel (t is a small adapter factor)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.mul(t, scale, out=out)
+
+
+# The host side below is kept to few launches on purpose: on the benchmark machine each eager torch op
+# costs ≈ 20-40 µs of host time, as much as the GPU work of a low-rank pass (docs/gpu-notes.md).
 
 
 def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                  p: float, seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
-    """(h, u) for x: (N, k); u = drop(x) Aᵀ (N, r) is what backward needs (empty (0, r) if not need_u)."""
-    A_, B_ = A.to(x.dtype), B.to(x.dtype)
+    """(h, u) for x: (N, k); u = (x ⊙ m) Aᵀ (N, r), without dropout's 1/(1-p), is what backward needs
+    (empty (0, r) if not need_u)."""
     r = A.shape[0]
-    if p == 0.0 and weight is not None:
-        u = xa(x, A_) if need_u else x.new_empty((0, r))
-        merged = merged_weight(weight, B_, A_, scale)  # W' = W + s·B A: (d, k)
-        return F.linear(x, merged, None if bias is None else bias.to(x.dtype)), u
-    u = xa(x, A_, p, seed)  # (N, r), dropout and its 1/(1-p) applied
-    sB = B_ * scale  # (d, r): scaling the small factor, not the (N, d) product
-    h = torch.addmm(bias.to(x.dtype), u, sB.t()) if bias is not None else torch.mm(u, sB.t())  # (N, d)
+    bias_ = None if bias is None else bias.to(x.dtype)
+    if p == 0.0 and weight is not None:  # h = x W'ᵀ + b, W' = W + s·B A: one GEMM
+        u = xa(x, A) if need_u else x.new_empty((0, r))
+        return F.linear(x, merged_weight(weight, B, A, scale, x.dtype), bias_), u
+    u = xa(x, A, p, seed)  # (N, r)
+    sB = _scaled(B, scale / (1.0 - p), x.dtype)  # (d, r): the scales go on the small factor
+    h = torch.addmm(bias_, u, sB.t()) if bias_ is not None else torch.mm(u, sB.t())  # (N, d)
     if weight is not None:
         h.addmm_(x, weight.to(x.dtype).t())  # the big GEMM accumulates into the low-rank term
     return h, (u if need_u else x.new_empty((0, r)))
@@ -275,25 +304,23 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
                   p: float, seed: int, need_x: bool, need_A: bool, need_B: bool,
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring."""
-    A_, B_ = A.to(x.dtype), B.to(x.dtype)
+    sc = scale / (1.0 - p)
     grad_x = grad_A = grad_B = None
-    if need_B:
-        grad_B = torch.mm(u.t(), g).t().mul_(scale).to(B.dtype)  # s·gᵀu: (d, r); uᵀg is the faster GEMM shape
+    if need_B:  # s·c·gᵀu: one pass over g, (d, r)
+        grad_B = tall_product(g, u, sc, transpose_out=True)[0].to(B.dtype)
     if not (need_x or need_A):
         return grad_x, grad_A, grad_B
-    v = torch.mm(g, B_ * (scale / (1.0 - p)))  # (N, r) = s·c·g B, with dropout's c folded in
-    if p == 0.0:
-        if need_A:
-            grad_A = torch.mm(v.t(), x).to(A.dtype)  # (r, k)
-        if need_x:
-            if weight is None:
-                grad_x = torch.mm(v, A_)
-            else:  # g W' with W' = W + s·B A rebuilt: one GEMM, no (N, k) low-rank temporary
-                grad_x = torch.mm(g, merged_weight(weight, B_, A_, scale))
-        return grad_x, grad_A, grad_B
-    low, ga = dropout_backward(x, v, A_, p, seed, write_gx=need_x)
-    grad_A = ga.to(A.dtype) if need_A else None
+    v = torch.mm(g, _scaled(B, sc, x.dtype))  # (N, r) = s·c·g B
+    merge = p == 0.0 and weight is not None  # then ∂x = g W' is one GEMM
+    low = None
+    if need_A or (need_x and not merge):  # one pass over x: vᵀ(x ⊙ m) and m ⊙ (v A)
+        ga, low = tall_product(x, v, 1.0, p, seed, A if need_x and not merge else None)
+        grad_A = ga.to(A.dtype) if need_A else None
     if need_x:
-        assert low is not None
-        grad_x = low.addmm_(g, weight.to(x.dtype)) if weight is not None else low  # + g W, in place
+        if merge:
+            grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype))
+        elif weight is not None:
+            grad_x = low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
+        else:
+            grad_x = low
     return grad_x, grad_A, grad_B
