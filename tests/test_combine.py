@@ -10,6 +10,7 @@ import lorakit
 from lorakit.combine import combine
 from lorakit.errors import AdapterNameError, ConfigError
 from tests.conftest import tiny_llama
+from tests.test_multi import randomize
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -18,12 +19,7 @@ def two_adapters(rank_b: int = 4, seed: int = 0, v_rank_b: int = 2):
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=TARGETS), "a")
     lorakit.inject(model, lorakit.LoraConfig(r=rank_b, alpha=3, target_modules=TARGETS, rank_pattern={"v_proj": v_rank_b}), "b")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lorakit.lora_layers(model):
-            for n in layer.lora_A:
-                layer.lora_A[n].copy_(torch.randn(layer.lora_A[n].shape, generator=g) * 0.2)
-                layer.lora_B[n].copy_(torch.randn(layer.lora_B[n].shape, generator=g) * 0.2)
+    randomize(model, seed)
     return model
 
 

@@ -187,6 +187,13 @@ def _triton_checks() -> None:  # runs in a subprocess with TRITON_INTERPRET=1
     with torch.no_grad():
         triton_segmented.segmented_lora_triton(x.reshape(-1, x.shape[-1]), plan, A, B, scales, ranks.int(), base2, True)
     assert rel(base2.view_as(ref), ref) <= 1e-5
+    # split-K shrink (small grids, serving only): same u as the one-program-per-block shrink
+    x, index, A, B, scales, ranks, base = make_case("one_per_adapter", 2, batch=4, seq=1, k=700, d=40, n=4)
+    plan = plan_segments(index, 4)
+    ranks32 = ranks.int()
+    u1 = triton_segmented.shrink(x.reshape(-1, 700), plan, A, ranks32, deterministic=True)
+    u2 = triton_segmented.shrink(x.reshape(-1, 700), plan, A, ranks32, deterministic=False)
+    torch.testing.assert_close(u2, u1, rtol=1e-5, atol=1e-5)
     # half precision within 1e-2. fp16, not bf16: the interpreter (triton 3.9) computes bf16 tl.dot wrongly
     # (a one-tile bf16 dot is off by 100%); bf16 is checked on the GPU by benchmarks/gpu_multi_adapter.py
     xb, Ab, Bb, baseb = (t.half() for t in (x, A, B, base))

@@ -35,9 +35,10 @@ from torch import Tensor
 
 from ..errors import LorakitError
 
-# Below this many loaded elements per gathered element the dense strategy is preferred; a gather +
-# scatter pass over x and h costs, on CPU, about as much as this many multiply-adds per element.
-_MOVE_COST = 48.0
+# What the grouped strategy's gather of x and scatter of h cost per element, in multiply-adds: measured
+# on 2 CPU cores (benchmarks/multi_adapter_cpu.py: 8 adapters, N = 512, k = d = 1024, the grouped op
+# took ≈ 8× the dense one), so grouped wins only with many adapters of large rank (m·R ≳ 512 + R).
+_MOVE_COST = 512.0
 
 
 class SegmentError(LorakitError, ValueError):
@@ -193,14 +194,23 @@ def _torch_segmented(
     idx = plan.index.to(x2.device)
     colscale = column_scales(scales, ranks, R).to(x2.dtype)  # (n, R)
     A_, B_ = A.to(x2.dtype), B.to(x2.dtype)
-    if strategy is None:
-        strategy = "dense"
-        if N and x2.device.type == "cpu":
-            counts = torch.bincount(idx + 1, minlength=n + 1)[1:]
-            m = int((counts > 0).sum())
+    if x2.device.type == "cpu" and N:  # reading the counts costs a host sync: CPU only
+        counts = torch.bincount(idx + 1, minlength=n + 1)[1:]
+        present = torch.nonzero(counts).flatten()
+        m = present.numel()
+        if m < n:  # drop the adapters no token uses: both strategies would compute them for nothing
+            remap = torch.full((n + 1,), -1, dtype=idx.dtype)
+            remap[present + 1] = torch.arange(m, dtype=idx.dtype)
+            idx, n = remap[idx + 1], m
+            A_, B_, colscale = A_[present], B_[present], colscale[present]
+            plan = SegmentPlan(index=idx, n_adapters=m)
+        if strategy is None:
             dense_cost = N * m * R * (k + d)
             grouped_cost = m * int(counts.max()) * R * (k + d) + _MOVE_COST * N * (k + d)
             strategy = "grouped" if grouped_cost < dense_cost else "dense"
+    strategy = strategy or "dense"
+    if n == 0:  # no token has an adapter
+        return x2.new_zeros(N, d) if base2 is None else (base2 if inplace else base2.to(x2.dtype).clone())
     if strategy == "dense":
         # u = x [A_1; …; A_n]ᵀ, then each token keeps its own adapter's columns, scaled.
         u = (x2 @ A_.reshape(n * R, k).t()).view(N, n, R)  # (N, n, R)

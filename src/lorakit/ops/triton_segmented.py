@@ -54,9 +54,12 @@ if triton is not None:
         K,
         stride_xm, stride_xk, stride_wn, stride_wr, stride_wk, stride_um,
         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT_K: tl.constexpr,
     ):
         # u[p, :r_a] = x[order[p]] · W_aᵀ for sorted positions p of one block; W_a: (R, K) strided.
+        # With SPLIT_K > 1, program (pid, j) sums every SPLIT_K-th K-tile from j and adds atomically.
         pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
         a = tl.load(blk_adapter_ptr + pid)
         if a >= 0:
             offs_m, m_mask, rows = _block_rows(pid, blk_start_ptr, blk_end_ptr, order_ptr, BLOCK_M)
@@ -65,7 +68,7 @@ if triton is not None:
             r_mask = offs_r < r
             w_base = w_ptr + a.to(tl.int64) * stride_wn
             acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < K
                 xt = tl.load(  # (BLOCK_M, BLOCK_K)
@@ -80,10 +83,12 @@ if triton is not None:
                     acc += tl.dot(xt, wt.to(xt.dtype), input_precision="ieee")
                 else:
                     acc += tl.dot(xt, wt.to(xt.dtype))
-            tl.store(
-                u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :], acc,
-                mask=m_mask[:, None] & (offs_r[None, :] < BLOCK_R),
-            )
+            u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :]
+            u_mask = m_mask[:, None] & (offs_r[None, :] < BLOCK_R)
+            if SPLIT_K == 1:
+                tl.store(u_ptrs, acc, mask=u_mask)
+            else:
+                tl.atomic_add(u_ptrs, acc, mask=u_mask)
 
     @triton.jit
     def _expand_kernel(
@@ -128,19 +133,27 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def shrink(x2: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor) -> Tensor:
-    """u (N, BLOCK_R) fp32 in sorted order: u_p = x_{order[p]} W_aᵀ, W: (n, R, K) any strides."""
+def shrink(x2: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor, deterministic: bool = True) -> Tensor:
+    """u (N, BLOCK_R) fp32 in sorted order: u_p = x_{order[p]} W_aᵀ, W: (n, R, K) any strides.
+
+    deterministic=False lets a small grid (decode: a few tokens per adapter) split K over more
+    programs that add atomically — faster, but the summation order then varies run to run.
+    """
     N, K = x2.shape
     n, R, _ = W.shape
     BR = _block_r(R)
     order, blk_a, blk_s, blk_e = plan.block_table(BLOCK_M)
-    u = torch.zeros(N, BR, device=x2.device, dtype=torch.float32)
     BK = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
-    _shrink_kernel[(blk_a.numel(),)](
+    grid = blk_a.numel()
+    # one program streams all of A_a (R·K) alone: with few programs the GPU idles, so split K
+    split_k = 1 if deterministic or grid >= 256 else max(1, min(triton.cdiv(K, BK * 2), triton.cdiv(512, grid)))
+    alloc = torch.zeros if split_k > 1 else torch.empty  # blocks write every row they own; others are never read
+    u = alloc(N, BR, device=x2.device, dtype=torch.float32)
+    _shrink_kernel[(grid, split_k)](
         x2, W, u, order, blk_a, blk_s, blk_e, ranks,
         K,
         x2.stride(0), x2.stride(1), W.stride(0), W.stride(1), W.stride(2), u.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=BK, IEEE=x2.dtype == torch.float32, num_warps=4,
+        BLOCK_M=BLOCK_M, BLOCK_R=BR, BLOCK_K=BK, IEEE=x2.dtype == torch.float32, SPLIT_K=split_k, num_warps=4,
     )
     return u
 
@@ -185,13 +198,16 @@ def segmented_lora_triton(
     scales = scales.to(device=x2.device, dtype=torch.float32)
     if base2 is None:
         base2 = x2.new_zeros(x2.shape[0], B.shape[1])
-    if inplace:
-        return _forward_into(base2, x2, plan, A, B, scales, ranks)
+    if inplace:  # serving: no autograd, so the faster non-deterministic split-K shrink is fine
+        return _forward_into(base2, x2, plan, A, B, scales, ranks, deterministic=False)
     return _SegmentedTriton.apply(x2, A, B, base2, scales, ranks, plan)
 
 
-def _forward_into(out: Tensor, x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor) -> Tensor:
-    u = shrink(x2, plan, A.to(x2.dtype), ranks)  # (N, BR) fp32, sorted order
+def _forward_into(
+    out: Tensor, x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor,
+    deterministic: bool = True,
+) -> Tensor:
+    u = shrink(x2, plan, A.to(x2.dtype), ranks, deterministic)  # (N, BR) fp32, sorted order
     return expand_(out, u, plan, B.to(x2.dtype), ranks, scales)
 
 
