@@ -271,3 +271,53 @@ def test_cli_analyze_bad_directory_exits_2_with_message(tmp_path, capsys):
     assert main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "lorakit analyze: error:" in err and "adapter_config.json" in err
+
+
+def _randomize_B(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_()
+
+
+def test_lorakit_adapter_round_trip_matches_layer_delta_weight(tmp_path):
+    import lorakit
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv, self.lin, self.head = nn.Embedding(20, 12), nn.Conv2d(3, 10, 3), nn.Linear(12, 9), nn.Linear(9, 2)
+
+    torch.manual_seed(0)
+    model = lorakit.inject(Net(), LoraConfig(r=4, alpha=8, target_modules=["emb", "conv", "lin"], modules_to_save=["head"]))
+    _randomize_B(model)
+    lorakit.save_adapter(model, tmp_path / "ad")
+    analysis = analyze_adapter(tmp_path / "ad")
+    assert {m.name: m.kind for m in analysis.modules} == {"conv": "conv", "emb": "embedding", "lin": "linear"}
+    assert any("modules_to_save" in note for note in analysis.notes)
+    for m in analysis.modules:
+        delta = model.get_submodule(m.name).delta_weight("default").double()
+        torch.testing.assert_close(m.sigma, torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))[:4], rtol=1e-5, atol=1e-7)
+
+
+def test_gpt2_conv1d_with_base_checkpoint(tmp_path):
+    import lorakit
+    from tests.conftest import tiny_gpt2
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    model.save_pretrained(str(tmp_path / "base"))  # keys "transformer.h.0.attn.c_proj.weight", stored (k, d)
+    model = lorakit.inject(model, LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj"]))
+    _randomize_B(model)
+    lorakit.save_adapter(model, tmp_path / "ad")
+    analysis = analyze_adapter(tmp_path / "ad", base=tmp_path / "base")
+    assert len(analysis.modules) == 6
+    for m in analysis.modules:
+        layer = model.get_submodule(m.name)
+        assert isinstance(layer.base_layer, Conv1D)
+        W = layer.base_layer.weight.detach().double().T            # HF Conv1D stores (k, d)
+        delta = layer.scaling["default"] * layer.lora_B["default"].detach().double() @ layer.lora_A["default"].detach().double()
+        assert m.relative_norm == pytest.approx(float(delta.norm() / W.norm()), rel=1e-5)
+        U, _, Vh = torch.linalg.svd(delta)
+        # orientation matters for the square attn.c_proj: UᵀWV uses W as (d, k), not as stored
+        assert m.amplification == pytest.approx(float(delta.norm() / torch.linalg.matrix_norm(U[:, :4].T @ W @ Vh[:4].T)), rel=1e-4)
