@@ -154,3 +154,18 @@ def test_isolated_non_finite_step_is_skipped_and_training_goes_on(tmp_path: Path
     assert all(math.isfinite(v) for v in result.after.values())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["skipped_steps"] == 3 and metrics["examples_per_s"] > 0
+
+
+def test_a_fresh_run_will_not_mix_with_old_checkpoints(tmp_path: Path) -> None:
+    train_toy(str(tmp_path), 4, save_every=2)
+    with pytest.raises(CheckpointError, match=r"holds 2 checkpoint\(s\) of an earlier run \(latest step-00000004\); continue it with --resume"):
+        train_toy(str(tmp_path), 4, save_every=2)
+    # resuming from an older checkpoint: the newer one is another future of this run
+    older = list_checkpoints(tmp_path / "checkpoints")[0]
+    task = ToyTask()
+    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=task.default_targets)
+    trainer = Trainer(task, lora, TrainConfig(max_steps=4, lr=1e-2, batch_size=4, save_every=2), tmp_path, log=io.StringIO())
+    with pytest.raises(CheckpointError, match="newer than step-00000002"):
+        trainer.fit(load_checkpoint(older))
+    assert trainer.fit(load_checkpoint(older), force=True).steps == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000004"]

@@ -215,17 +215,17 @@ def save_checkpoint(
     _fault("fsynced", step)
     final = root / name
     if final.exists():  # re-saving a step after resuming from an older checkpoint
-        _discard(final, root)
+        discard(final, root)
     os.rename(tmp, final)
     _fsync_dir(root)
     _fault("renamed", step)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
-            _discard(old, root, step=step)
+            discard(old, root, step=step)
     return final
 
 
-def _discard(path: Path, root: Path, step: int | None = None) -> None:
+def discard(path: Path, root: Path, step: int | None = None) -> None:
     """Delete a checkpoint without ever leaving a half-deleted ``step-*`` behind."""
     trash = root / f"{TRASH_PREFIX}{path.name}-{os.getpid()}"
     os.rename(path, trash)

@@ -36,7 +36,17 @@ import lorakit
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    checkpoint_step,
+    clean_stale,
+    discard,
+    list_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
 from .task import Task
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -97,7 +107,7 @@ class TrainConfig:
 
 
 # Fields that may differ from a checkpoint's without changing what is being resumed.
-_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every"}
+_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps"}
 # LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
 _STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
 
@@ -215,35 +225,57 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if config.bf16 and self.device.type != "cuda":
             raise lorakit.ConfigError("--bf16 needs a CUDA GPU; on CPU train in float32 (drop --bf16)")
+        if not task.train_examples:
+            raise TrainingError(f"task {task.name!r} has no training examples")
         saved = tuple(dict.fromkeys((*lora.modules_to_save, *task.modules_to_save)))
         self.lora = lora.replace(modules_to_save=saved) if saved != tuple(lora.modules_to_save) else lora
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         random.seed(config.seed)
         model = lorakit.inject(task.model, self.lora)
-        self.base = model.to(self.device)
-        self.model = self.wrap(self.base)
+        self.model = self.wrap(model)  # also puts it on self.device
+        self.base = model
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [p for _, p in self.params], lr=config.lr, weight_decay=config.weight_decay
         )
-        n = len(task.train_examples)
-        if n == 0:
-            raise TrainingError(f"task {task.name!r} has no training examples")
-        per_step = config.batch_size * config.grad_accum
-        self.steps_per_epoch = math.ceil(n / per_step)
+        self.steps_per_epoch = math.ceil(len(task.train_examples) / (config.batch_size * config.grad_accum * self.world_size))
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
         self._perm_cache: tuple[int, list[int]] | None = None
 
-    # -- seams for distributed training ------------------------------------------------------------
+    # -- seams for distributed training (distributed.DistributedTrainer overrides them) -------------
+    #: processes training together; a step takes batch_size × grad_accum × world_size examples
+    world_size = 1
+
     @property
     def is_main(self) -> bool:
         """Whether this process saves files and prints (rank 0)."""
         return True
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The one place the model gets wrapped (DDP / FSDP); identity on one process."""
-        return model
+        """The one place the model gets wrapped (DDP / FSDP) and put on ``self.device``."""
+        return model.to(self.device)
+
+    def step_examples(self, micro: list[list[int]]) -> int:
+        """Examples of the whole step (over all processes): each micro-batch's loss is weighted by its share."""
+        return sum(len(ids) for ids in micro)
+
+    def examples_in(self, ids: list[int]) -> int:
+        """Examples a micro-batch counts for (a distributed padding batch counts for none)."""
+        return len(ids)
+
+    def grad_sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around a micro-batch's backward: whether gradients are reduced over processes now."""
+        return contextlib.nullcontext()
+
+    def mean_over_processes(self, value: float) -> float:
+        return value
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def rng_state(self) -> dict[str, Any]:
+        return capture_rng()
 
     def permutation(self, epoch: int) -> list[int]:
         """Epoch ``epoch``'s order of the training set; seeded by (seed, epoch) alone."""
@@ -255,7 +287,7 @@ class Trainer:
     def step_indices(self, epoch: int, index: int) -> tuple[list[list[int]], int, int]:
         """The micro-batches of the step starting at (epoch, index), and the position after it."""
         perm = self.permutation(epoch)
-        take = perm[index : index + self.config.batch_size * self.config.grad_accum]
+        take = perm[index : index + self.config.batch_size * self.config.grad_accum * self.world_size]
         bs = self.config.batch_size
         micro = [take[i : i + bs] for i in range(0, len(take), bs)]
         index += len(take)
@@ -343,6 +375,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in clean_stale(ckpt_dir):
                 self._print(f"removed an incomplete checkpoint left by a crash: {stale}")
+            self._check_later_checkpoints(ckpt_dir, resume, force)
         report = lorakit.trainable_parameters(self.base)
         self._print(
             f"task {self.task.name}: {len(self.task.train_examples)} training examples, "
@@ -373,17 +406,21 @@ class Trainer:
             lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            n_step = sum(len(m) for m in micro)
+            n_step = self.step_examples(micro)
             examples += n_step
             loss_sum = 0.0
-            for ids in micro:
+            for k, ids in enumerate(micro):
                 batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
                 tokens += _count_tokens(batch)
-                with self._autocast():
-                    loss = self.task.loss(self.model, batch)
-                # each micro-batch counts by its share of the step's examples (a short last one counts less)
-                (loss * (len(ids) / n_step)).backward()
-                loss_sum += float(loss.detach()) * len(ids) / n_step
+                # each micro-batch counts by its share of the step's examples (a short last one counts less);
+                # × world_size because DDP/FSDP average the processes' gradients
+                weight = self.examples_in(ids) * self.world_size / n_step
+                with self.grad_sync(last=k == len(micro) - 1):
+                    with self._autocast():
+                        loss = self.task.loss(self.model, batch)
+                    (loss * weight).backward()
+                loss_sum += float(loss.detach()) * weight
+            loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for _, p in self.params], cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
             )
@@ -419,10 +456,28 @@ class Trainer:
             history["eval"].append(after)
         result = TrainResult(step, skipped, before, after, history, report.trainable, report.total,
                              elapsed, examples / max(elapsed, 1e-9), tokens / max(elapsed, 1e-9))
+        self.write_outputs(result)  # on every process: FSDP gathers the adapter there
         if self.is_main:
-            self.write_outputs(result)
             self._summary(result)
         return result
+
+    def _check_later_checkpoints(self, ckpt_dir: Path, resume: Checkpoint | None, force: bool) -> None:
+        """Checkpoints in ``ckpt_dir`` past the starting step belong to another run (or an abandoned
+        future of this one); mixing them in would make "latest" and keep-K pruning pick the wrong ones."""
+        start = resume.step if resume is not None else 0
+        later = [p for p in list_checkpoints(ckpt_dir) if (checkpoint_step(p) or 0) > start]
+        if not later:
+            return
+        if not force:
+            what = f"newer than {resume.path.name}" if resume is not None else "of an earlier run"
+            raise CheckpointError(
+                f"{ckpt_dir} holds {len(later)} checkpoint(s) {what} (latest {later[-1].name}); "
+                + ("continue it with --resume, " if resume is None else "")
+                + "choose another --out, or pass --force to delete them"
+            )
+        for path in later:
+            discard(path, ckpt_dir)
+        self._print(f"--force: deleted {len(later)} checkpoint(s) in {ckpt_dir} past step {start}")
 
     def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
         if not self.is_main:
@@ -431,11 +486,13 @@ class Trainer:
                  "scheduler": {"schedule": self.config.schedule, "warmup": self.warmup, "total": self.total},
                  "config": self.run_config(), "lorakit_version": lorakit.__version__}
         return save_checkpoint(
-            root, step, trainable=self.trainable_state(), optimizer=self.optimizer.state_dict(), state=state,
-            rng=capture_rng(), write_adapter=lambda path: lorakit.save_adapter(self.base, path), keep=self.config.keep,
+            root, step, trainable=self.trainable_state(), optimizer=self.optimizer_state(), state=state,
+            rng=self.rng_state(), write_adapter=lambda path: lorakit.save_adapter(self.base, path), keep=self.config.keep,
         )
 
     def write_outputs(self, result: TrainResult) -> None:
+        if not self.is_main:
+            return
         lorakit.save_adapter(self.base, self.out / "adapter")
         metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
                    "trainable_parameters": result.trainable, "total_parameters": result.total,
