@@ -52,21 +52,27 @@ def plot_spectra(analysis: AdapterAnalysis, path: str | Path) -> Path:
     95 % effective rank of the type marked."""
     fig, axes = _figure(len(analysis.groups))
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
     depths = [m.depth for m in analysis.modules if m.depth is not None]
     top = max(depths, default=0) or 1
     cmap = colormaps["viridis"]
     for ax, group in zip(axes, analysis.groups):
-        for m in group.modules:
-            if m.is_zero:
-                continue
+        ax.set_title(f"{group.label} ({len(group.modules)} modules, r={'/'.join(map(str, group.ranks))})", fontsize=9)
+        ax.set_xlabel("singular value index i")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        live = [m for m in group.modules if not m.is_zero]
+        if not live:
+            ax.text(0.5, 0.5, "ΔW = 0 everywhere\n(nothing learned here)", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+            continue
+        for m in live:
             sigma = [s / m.spectral_norm for s in m.singular_values if s > 0]
             color = cmap((m.depth or 0) / top) if m.depth is not None else "tab:blue"
             ax.plot(range(1, len(sigma) + 1), sigma, marker=".", linewidth=1, alpha=0.7, color=color)
         eff = group.effective_rank(0.95)
         ax.axvline(eff, color="tab:red", linestyle="--", linewidth=1, label=f"95% energy: {eff}")
         ax.set_yscale("log")
-        ax.set_title(f"{group.label} ({len(group.modules)} modules, r={'/'.join(map(str, group.ranks))})", fontsize=9)
-        ax.set_xlabel("singular value index i")
         ax.set_ylabel("σᵢ / σ₁")
         ax.legend(fontsize=8)
     fig.suptitle(f"spectra of ΔW = s·BA (colour: depth 0 → {top})", fontsize=10)
@@ -97,6 +103,9 @@ def plot_similarity(comparison: Comparison, path: str | Path) -> Path:
 def plot_energy(analysis: AdapterAnalysis, path: str | Path) -> Path:
     """Cumulative energy share vs number of directions, median module per type."""
     fig, (ax,) = _figure(1, width=5.5, height=4)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for group in analysis.groups:
         live = [m for m in group.modules if not m.is_zero]
         if not live:
@@ -106,7 +115,8 @@ def plot_energy(analysis: AdapterAnalysis, path: str | Path) -> Path:
         ax.plot(range(1, n + 1), curve, marker=".", label=group.label)
     ax.axhline(0.95, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("top directions kept")
-    ax.set_ylabel("share of ‖ΔW‖²_F (median module)")
+    ax.set_ylabel("share of the update's energy ‖ΔW‖²")
+    ax.set_title("energy kept by the top directions (median module per type)", fontsize=10)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     return _save(fig, path)
