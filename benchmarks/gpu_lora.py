@@ -205,29 +205,76 @@ def one_layer() -> None:
     A16, B16 = torch.nn.Parameter(A.detach().to(dt)), torch.nn.Parameter(B.detach().to(dt))
     res = results["layer"]
 
-    def train_step(fwd, params):
+    def train_step(fwd, params, key=None):
+        """Eager median (host included); with a key, also the replayed-CUDA-graph time into gpu_rows[key]."""
         def step():
             fwd().backward(g)
-        return med(step, grad_to_none=[x, *params])
+        eager = med(step, grad_to_none=[x, *params])
+        if key is not None:
+            try:
+                gpu_rows[key] = graph_step(step, params)
+            except Exception as e:  # a capture failure must not cost the rest of the run
+                say(f"  CUDA graph of {key} failed: {type(e).__name__}: {e}")
+        return eager
+
+    def graph_step(step, params) -> float:
+        """The step captured once as a CUDA graph and replayed: GPU time without the host's launch cost."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                for t in (x, *params):
+                    t.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        for t in (x, *params):
+            t.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        ms = med(graph.replay)
+        for t in (x, *params):
+            t.grad = None
+        return ms
 
     for p in (0.0, 0.05):
         row = res[f"train_p{p}"] = {}
-        row["frozen_limit"] = train_step(lambda: F.linear(x, W), [])
-        row["full_finetune"] = train_step(lambda: F.linear(x, Wp), [Wp])
+        gpu_rows = res[f"train_p{p}_gpu_graph"] = {}
+        row["frozen_limit"] = train_step(lambda: F.linear(x, W), [], "frozen_limit")
+        row["full_finetune"] = train_step(lambda: F.linear(x, Wp), [Wp], "full_finetune")
         for fp32, key in ((True, "peft_fp32_adapters"), (False, "peft_bf16_adapters")):
             layer, params = peft_layer(W, r, p, fp32)
-            row[key] = train_step(lambda: layer(x), params)
+            row[key] = train_step(lambda: layer(x), params, key)
             del layer, params
-        row["lorakit_fp32_adapters"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B])
-        row["lorakit_bf16_adapters"] = train_step(lambda: lora_linear(x, W, None, A16, B16, 2.0, p, 7), [A16, B16])
+        row["lorakit_fp32_adapters"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
+                                                  "lorakit_fp32_adapters")
+        row["lorakit_bf16_adapters"] = train_step(lambda: lora_linear(x, W, None, A16, B16, 2.0, p, 7), [A16, B16],
+                                                  "lorakit_bf16_adapters")
+        triton_lora.FUSED_G_PASS = False
+        row["lorakit_fp32_cublas_v"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
+                                                  "lorakit_fp32_cublas_v")
+        triton_lora.FUSED_G_PASS = True
 
     row = res["inference"] = {}
+    gpu_rows = res["inference_gpu_graph"] = {}
+
+    def infer(key, fn):
+        row[key] = med(fn)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            fn()
+            with torch.cuda.graph(graph):
+                fn()
+            gpu_rows[key] = med(graph.replay)
+        except Exception as e:
+            say(f"  CUDA graph of {key} failed: {type(e).__name__}: {e}")
+
     with torch.no_grad():
-        row["frozen_limit"] = med(lambda: F.linear(x, W))
+        infer("frozen_limit", lambda: F.linear(x, W))
         layer, _ = peft_layer(W, r, 0.0, True)
         layer.eval()
-        row["peft_fp32_adapters"] = med(lambda: layer(x))
-        row["lorakit_fp32_adapters"] = med(lambda: lora_linear(x, W, None, A, B, 2.0, 0.0, 0))
+        infer("peft_fp32_adapters", lambda: layer(x))
+        infer("lorakit_fp32_adapters", lambda: lora_linear(x, W, None, A, B, 2.0, 0.0, 0))
         del layer
 
     # Pieces of lorakit's step, each timed alone as GPU time (10 calls captured in a CUDA graph, replayed).
@@ -260,6 +307,11 @@ def one_layer() -> None:
     pc["gᵀ u (∂B), triton tall_product"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True))
     pc["vᵀ x (∂A), cuBLAS"] = gpu(lambda: torch.mm(v.t(), xd))
     pc["vᵀ x (∂A), triton tall_product"] = gpu(lambda: triton_lora.tall_product(xd, v))
+    pc["gᵀu (∂B) + v = g B in one pass, triton"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True,
+                                                                                     F=B))
+    for bd, bk, nw in ((64, 128, 4), (128, 64, 4), (32, 256, 4), (128, 128, 8), (64, 256, 8)):
+        pc[f"merge BD={bd} BK={bk} w={nw}"] = gpu(
+            lambda: triton_lora.merged_weight(W, B, A, 2.0, block_d=bd, block_k=bk, num_warps=nw))
     pc["vᵀ(x⊙m) + m⊙vA, triton p=0.05"] = gpu(lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A))
     h0 = torch.mm(u, B_.t())
     pc["h.addmm_(x, Wᵀ) (β=1)"] = gpu(lambda: h0.addmm_(xd, W.t()))
@@ -394,6 +446,9 @@ def e2e() -> None:
     e2e_case("peft_fp32_adapters", peft(True))
     e2e_case("peft_bf16_adapters", peft(False))
     e2e_case("lorakit", ours(0.0))
+    triton_lora.FUSED_G_PASS = False
+    e2e_case("lorakit_cublas_v", ours(0.0))
+    triton_lora.FUSED_G_PASS = True
     e2e_case("lorakit_dropout0.05", ours(0.05))
 
 

@@ -110,14 +110,17 @@ if triton is not None:
 
     @triton.jit
     def _tall_kernel(
-        m_ptr, p_ptr, a_ptr, gx_ptr, out_ptr, N, C, R, stride_mn, stride_or, stride_oc, seed, threshold, scale,
-        HAS_DROPOUT: tl.constexpr, WRITE_GX: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr,
+        m_ptr, p_ptr, a_ptr, gx_ptr, out_ptr, f_ptr, y_ptr, N, C, R, stride_mn, stride_or, stride_oc, seed,
+        threshold, scale, HAS_DROPOUT: tl.constexpr, WRITE_GX: tl.constexpr, ROW_PRODUCT: tl.constexpr,
+        R_PAD: tl.constexpr, BM: tl.constexpr,
         BC: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One column block of M and a slice of its rows:
         #   out[:, cols] += scale · Pᵀ (M ⊙ m)[:, cols]          (R, BC), float32, atomics across row slices
         #   gx[:, cols]   = m ⊙ (P A)[:, cols]                    (only if WRITE_GX)
-        # M: (N, C), P: (N, R) in M's dtype, A: (R, C).  ∂A = vᵀ drop(x) and ∂B = s·c·gᵀu are both this product.
+        #   y            += scale · M[:, cols] F[cols]            (N, R), float32 atomics (only if ROW_PRODUCT)
+        # M: (N, C), P: (N, R), A: (R, C), F: (C, R).  ∂A = vᵀ drop(x) and ∂B = s·c·gᵀu are both this
+        # product; with ROW_PRODUCT the pass over g that gives ∂B also gives v = s·c·g B.
         c0 = tl.program_id(0) * BC
         n_split = tl.num_programs(1)
         per_split = tl.cdiv(tl.cdiv(N, n_split), BM) * BM
@@ -129,7 +132,10 @@ if triton is not None:
         r_ok = rr < R
         if WRITE_GX:
             a = tl.load(a_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-            a = a.to(p_ptr.dtype.element_ty)
+            a = a.to(m_ptr.dtype.element_ty)
+        if ROW_PRODUCT:
+            f = tl.load(f_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+            f = f.to(m_ptr.dtype.element_ty)  # (BC, R_PAD)
         acc = tl.zeros((R_PAD, BC), dtype=tl.float32)
         for m0 in range(row_lo, row_hi, BM):
             rows = m0 + tl.arange(0, BM)
@@ -142,10 +148,13 @@ if triton is not None:
                 keep = _keep(seed, rows, c0, threshold, BM, BC)
                 m = tl.where(keep, m, tl.zeros_like(m))
             # Pᵀ is loaded as such (a strided 2 KiB read that L1 serves) instead of tl.trans: no layout shuffle.
-            pt = tl.load(p_ptr + tl.trans(p_offs), mask=tl.trans(p_ok), other=0.0)  # (R_PAD, BM)
+            pt = tl.load(p_ptr + tl.trans(p_offs), mask=tl.trans(p_ok), other=0.0).to(m.dtype)  # (R_PAD, BM)
             acc = tl.dot(pt, m, acc, input_precision=PRECISION)
+            if ROW_PRODUCT:
+                y = tl.dot(m, f, input_precision=PRECISION)  # (BM, R_PAD), summed over column blocks
+                tl.atomic_add(y_ptr + p_offs, y * scale, mask=p_ok)
             if WRITE_GX:
-                pm = tl.load(p_ptr + p_offs, mask=p_ok, other=0.0)  # (BM, R_PAD)
+                pm = tl.load(p_ptr + p_offs, mask=p_ok, other=0.0).to(m.dtype)  # (BM, R_PAD)
                 gx = tl.dot(pm, a, input_precision=PRECISION)  # (BM, BC)
                 if HAS_DROPOUT:
                     gx = tl.where(keep, gx, tl.zeros_like(gx))
@@ -191,7 +200,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype | None = None, *,
-                  block_d: int = 64, block_k: int = 128) -> Tensor:
+                  block_d: int = 64, block_k: int = 128, num_warps: int = 4) -> Tensor:
     """W' = W + s·B A in one pass over W (read once, written once), rounded once to ``dtype`` (W's by default).
 
     W: (d, k) with any strides, B: (d, r), A: (r, k) in any float dtype; the product is taken in float32
@@ -203,7 +212,7 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: tor
     out = torch.empty((D, K), dtype=dtype, device=weight.device)
     _merge_kernel[(triton.cdiv(D, block_d), triton.cdiv(K, block_k))](
         weight, B.contiguous(), A.contiguous(), out, D, K, R, weight.stride(0), weight.stride(1), float(scale),
-        R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(dtype), num_warps=4,
+        R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(dtype), num_warps=num_warps,
     )
     return out
 
@@ -245,13 +254,14 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, scale: float = 1.0, 
 
 
 def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed: int = 0, A: Tensor | None = None,
-                 transpose_out: bool = False, *, block_m: int = 64, block_c: int = 64, num_warps: int = 4,
-                 num_stages: int = 3) -> tuple[Tensor, Tensor | None]:
-    """scale · Pᵀ (M ⊙ m) in one pass over M, and optionally m ⊙ (P A) in the same pass.
+                 transpose_out: bool = False, F: Tensor | None = None, *, block_m: int = 64, block_c: int = 64,
+                 num_warps: int = 4, num_stages: int = 3) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """scale · Pᵀ (M ⊙ m) in one pass over M, and optionally m ⊙ (P A) and scale · M F in the same pass.
 
-    M: (N, C), P: (N, r) in M's dtype (N ≫ C ≫ r), m = :func:`keep_mask`(N, C, p, seed). Returns the
-    float32 product, (r, C) — or (C, r) if ``transpose_out`` — and, when A: (r, C) is given, m ⊙ (P A):
-    (N, C) in M's dtype (else None).  ∂A = vᵀ drop(x) with the branch's input gradient, and ∂B = s·c·gᵀu,
+    M: (N, C), P: (N, r) (N ≫ C ≫ r), m = :func:`keep_mask`(N, C, p, seed), A: (r, C), F: (C, r); small
+    operands are cast to M's dtype.  Returns (the float32 product, (r, C) — or (C, r) if
+    ``transpose_out``; m ⊙ (P A), (N, C) in M's dtype, if A is given; scale · M F, (N, r) float32, if F
+    is given).  ∂A = vᵀ drop(x) with the branch's input gradient, and ∂B = s·c·gᵀu with v = s·c·g B,
     are both this product.
     """
     M = _rows_contiguous(M)
@@ -259,18 +269,23 @@ def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed:
     R = P.shape[1]
     out = torch.zeros((C, R) if transpose_out else (R, C), dtype=torch.float32, device=M.device)
     gx = torch.empty((N, C), dtype=M.dtype, device=M.device) if A is not None else None
+    y = torch.zeros((N, R), dtype=torch.float32, device=M.device) if F is not None else None
     if N == 0:
-        return out, gx
+        return out, gx, y
     n_cb = triton.cdiv(C, block_c)
     n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(M.device), n_cb)))
     stride_or, stride_oc = (1, R) if transpose_out else (C, 1)
     _tall_kernel[(n_cb, n_split)](
         M, P.contiguous(), A.contiguous() if A is not None else P, gx if gx is not None else out, out,
+        F.contiguous() if F is not None else P, y if y is not None else out,
         N, C, R, M.stride(0), stride_or, stride_oc, int(seed), drop_threshold(p), float(scale),
-        HAS_DROPOUT=p > 0, WRITE_GX=A is not None, R_PAD=_r_pad(R), BM=block_m, BC=block_c,
-        PRECISION=_precision(M.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_DROPOUT=p > 0, WRITE_GX=A is not None, ROW_PRODUCT=F is not None, R_PAD=_r_pad(R), BM=block_m,
+        BC=block_c, PRECISION=_precision(M.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return out, gx
+    return out, gx, y
+
+
+FUSED_G_PASS = True  # v and ∂B from one pass over g (atomics for v); False: cuBLAS for v (benchmarks compare)
 
 
 def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -306,15 +321,20 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
     """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring."""
     sc = scale / (1.0 - p)
     grad_x = grad_A = grad_B = None
-    if need_B:  # s·c·gᵀu: one pass over g, (d, r)
-        grad_B = tall_product(g, u, sc, transpose_out=True)[0].to(B.dtype)
-    if not (need_x or need_A):
+    need_v = need_x or need_A
+    if need_B and (FUSED_G_PASS or not need_v):  # s·c·gᵀu (d, r) and v = s·c·g B (N, r): one pass over g
+        gB, _, v = tall_product(g, u, sc, transpose_out=True, F=B if need_v else None)
+        grad_B = gB.to(B.dtype)
+    else:
+        if need_B:
+            grad_B = tall_product(g, u, sc, transpose_out=True)[0].to(B.dtype)
+        v = torch.mm(g, _scaled(B, sc, x.dtype)) if need_v else None  # (N, r) = s·c·g B
+    if not need_v:
         return grad_x, grad_A, grad_B
-    v = torch.mm(g, _scaled(B, sc, x.dtype))  # (N, r) = s·c·g B
     merge = p == 0.0 and weight is not None  # then ∂x = g W' is one GEMM
     low = None
     if need_A or (need_x and not merge):  # one pass over x: vᵀ(x ⊙ m) and m ⊙ (v A)
-        ga, low = tall_product(x, v, 1.0, p, seed, A if need_x and not merge else None)
+        ga, low, _ = tall_product(x, v, 1.0, p, seed, A if need_x and not merge else None)
         grad_A = ga.to(A.dtype) if need_A else None
     if need_x:
         if merge:
