@@ -106,6 +106,17 @@ def test_causal_lm_loss_only_on_completion_tokens(tmp_path: Path, llama: Path) -
     assert batch["labels"][1, 4:].tolist() == [IGNORE, IGNORE]
 
 
+def test_chat_without_a_template_uses_a_plain_layout(tmp_path: Path, llama: Path) -> None:
+    task = CausalLMTask(llama, write(tmp_path / "d.jsonl", {"text": "x"}), eval_fraction=0)
+    task.tokenizer.chat_template = None
+    ex = task._example({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "yo"}]})
+    tokens = task.tokenizer.convert_ids_to_tokens(ex["input_ids"])
+    assert "".join(tokens) == "system: be brief\nuser: hi\nassistant: yo</s>"
+    n_prompt = len("system: be brief\nuser: hi\nassistant: ")
+    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt and ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
+
+
 def test_causal_lm_bad_lines(tmp_path: Path, llama: Path) -> None:
     bad = write(tmp_path / "d.jsonl", {"prompt": "ab", "completion": "cd"}, {"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(DataError, match=r"d\.jsonl:2: the last message is not from the assistant"):

@@ -169,3 +169,12 @@ def test_a_fresh_run_will_not_mix_with_old_checkpoints(tmp_path: Path) -> None:
         trainer.fit(load_checkpoint(older))
     assert trainer.fit(load_checkpoint(older), force=True).steps == 4
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002", "step-00000004"]
+
+
+def test_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path: Path) -> None:
+    task = ToyTask(n=8, poison_grad=True)
+    lora = lorakit.LoraConfig(r=2, alpha=4, target_modules=task.default_targets)
+    log = io.StringIO()
+    with pytest.raises(TrainingError, match="stopped at step 2"):
+        Trainer(task, lora, TrainConfig(max_steps=4, batch_size=4, max_bad_steps=2), tmp_path, log=log).fit()
+    assert "skipped step 1: non-finite gradient" in log.getvalue()

@@ -81,11 +81,11 @@ class ToyTask:
     modules_to_save: tuple[str, ...] = ()
     tokenizer = None
 
-    def __init__(self, n: int = 40, poison: frozenset[int] = frozenset()) -> None:
+    def __init__(self, n: int = 40, poison: frozenset[int] = frozenset(), poison_grad: bool = False) -> None:
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, 8, generator=g)
         self.y = torch.sin(self.x @ torch.randn(8, 1, generator=g))
-        self.poison = poison
+        self.poison, self.poison_grad = poison, poison_grad
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         self.train_examples = list(range(n))
@@ -96,7 +96,11 @@ class ToyTask:
         return {"x": self.x[idx], "y": self.y[idx], "bad": bad}
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return ((model(batch["x"]) - batch["y"]) ** 2).mean() + batch["bad"].sum()
+        out = model(batch["x"])
+        loss = ((out - batch["y"]) ** 2).mean() + batch["bad"].sum()
+        if self.poison_grad:  # √(0·Σout): the value stays finite (0), its gradient is NaN
+            loss = loss + (out.sum() * 0).sqrt()
+        return loss
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return {"mse": float(((model(self.x) - self.y) ** 2).mean())}
