@@ -181,10 +181,15 @@ class Progress:
             f"{self.examples / elapsed:.1f} ex/s ETA {_hms(eta)}{'  ' + note if note else ''}"
         )
         if self.tty:
-            self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.total else ""))
+            self.stream.write("\r" + line + "\033[K")  # close() ends the line
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the live bar so another line can be printed; the next update redraws it."""
+        if self.tty:
+            self.stream.write("\r\033[K")
 
     def close(self) -> None:
         if self.tty:
@@ -242,6 +247,7 @@ class Trainer:
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
         self._perm_cache: tuple[int, list[int]] | None = None
+        self._progress: Progress | None = None  # the live bar, erased before other lines are printed
 
     # -- seams for distributed training (distributed.DistributedTrainer overrides them) -------------
     #: processes training together; a step takes batch_size × grad_accum × world_size examples
@@ -364,6 +370,8 @@ class Trainer:
 
     def _print(self, *lines: str) -> None:
         if self.is_main:
+            if self._progress is not None:
+                self._progress.clear()
             for line in lines:
                 print(line, file=self.log, flush=True)
 
@@ -398,6 +406,7 @@ class Trainer:
             self._print("before: " + _fmt(before))
         self.model.train()
         progress = Progress(self.total, self.log, cfg.log_every, start_step=step) if self.is_main else None
+        self._progress = progress
         tokens, examples, t_start = 0, 0, time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -450,6 +459,7 @@ class Trainer:
                 self.save(ckpt_dir, step, epoch, index, skipped, history)
         if progress is not None:
             progress.close()
+        self._progress = None
         elapsed = time.monotonic() - t_start
         after = {"step": step, **self.evaluate()}
         if history["eval"][-1].get("step") != step:
