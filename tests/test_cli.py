@@ -184,3 +184,27 @@ def test_skip_bad_lines_reports_the_count(files: dict[str, Path], tmp_path: Path
     assert main(["train", "--task", "causal-lm", "--model", str(files["llama"]), "--data", str(bad), "--max-steps", "1",
                  "--skip-bad-lines", "--out", str(tmp_path / "o")]) == 0
     assert "--skip-bad-lines: skipped 2 bad line(s)" in capsys.readouterr().err
+
+
+def test_inspect_flags_what_vllm_cannot_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    cfg = lorakit.LoraConfig(r=32, alpha=8, target_modules=["0", "2"], rank_pattern={"2": 4}, use_rslora=True)
+    lorakit.save_adapter(lorakit.inject(model, cfg), tmp_path / "a")
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "r: 32 (per module: [4, 32])" in out and "scale α/√r = 1.414 (rsLoRA)" in out
+    assert "parameters: 560 (560 LoRA, 0 in saved modules)" in out  # 32·(8+8) + 4·(8+4)
+    assert "vLLM: no: vLLM uses one r and α for all modules" in out and "PEFT: yes" in out
+
+
+def test_inspect_a_peft_adapter(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(files["llama"]),
+                                peft.LoraConfig(r=24, lora_alpha=48, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "p")
+    assert main(["inspect", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "base fingerprint: none (not saved by lorakit" in out and "adapted modules: 2 (q_proj×2)" in out
+    assert "PEFT: yes" in out and "vLLM: yes (note: start vLLM with --max-lora-rank 32" in out
