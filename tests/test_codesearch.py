@@ -53,10 +53,10 @@ def test_split_is_by_module_with_no_overlap(stdlib_split: cs.CodeSearchSplit) ->
 
 
 def test_eval_cap_keeps_only_held_out_pairs(stdlib_split: cs.CodeSearchSplit) -> None:
-    capped = cs.build_code_search_pairs(eval_pairs=100)
-    assert len(capped.eval) == 100
-    assert set(capped.eval) <= set(stdlib_split.eval)
-    assert capped.train == stdlib_split.train  # capping never moves pairs into training
+    train, capped = cs.split_pairs(stdlib_split.train + stdlib_split.eval, eval_pairs=100)
+    assert len(capped) == 100
+    assert set(capped) <= set(stdlib_split.eval)
+    assert train == stdlib_split.train  # capping never moves pairs into training
 
 
 def test_deterministic(stdlib_split: cs.CodeSearchSplit) -> None:

@@ -51,9 +51,9 @@ class CodeSearchDefaults:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    #: attention and MLP linears of BERT-style encoders (query/key/value/attention.output.dense,
-    #: intermediate.dense, output.dense)
-    targets: tuple[str, ...] = ("query", "key", "value", "dense")
+    #: attention and MLP linears of BERT-style encoders: query/key/value, attention.output.dense,
+    #: intermediate.dense and output.dense — not pooler.dense, which mean pooling never uses
+    targets: tuple[str, ...] = ("query", "key", "value", "output.dense", "intermediate.dense")
     #: tokens per text; covers ≥ 99% of the pairs (summaries are one sentence, signatures short)
     max_length: int = 48
     #: InfoNCE temperature τ (sentence-transformers' MultipleNegativesRankingLoss uses 1/20)

@@ -170,9 +170,12 @@ class EmbeddingTask:
         max_length: tokens per text, special tokens included (longer texts are truncated).
         temperature: τ of the InfoNCE loss.
         data_id: identifies the data in :meth:`fingerprint` (a file hash or a source directory).
+        source: where the data came from, for :meth:`info`.
+        chunk_tokens: padded positions per encoder call (see :func:`encode_packed`).
     """
 
-    default_targets: Sequence[str] | str = ("query", "key", "value", "dense")
+    #: BERT-style attention and MLP linears (not pooler.dense: mean pooling never uses it)
+    default_targets: Sequence[str] | str = ("query", "key", "value", "output.dense", "intermediate.dense")
     modules_to_save: tuple[str, ...] = ()
 
     def __init__(
@@ -186,7 +189,8 @@ class EmbeddingTask:
         temperature: float = 0.05,
         name: str = "embedding",
         data_id: str = "",
-        chunk_tokens: int = 2048,
+        source: str = "",
+        chunk_tokens: int = 1024,
     ) -> None:
         if temperature <= 0:
             raise EmbeddingTaskError(f"temperature must be > 0, got {temperature}")
@@ -202,6 +206,7 @@ class EmbeddingTask:
         self.train_pairs = list(train_pairs)
         self.eval_pairs = list(eval_pairs)
         self._data_id = data_id
+        self._source = source
         self.train_examples: list[_Tokens] = self._tokenize_pairs(self.train_pairs)
         # The held-out corpus: each distinct positive once; answers[i] is query i's document.
         corpus: dict[str, int] = {}
@@ -258,6 +263,12 @@ class EmbeddingTask:
         finally:
             model.train(was_training)
         return retrieval_metrics(q, c, self._eval_answers.to(q.device))
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the data for metrics.json (optional Task member)."""
+        return {"data": {"source": self._source, "train_pairs": len(self.train_pairs), "eval_pairs": len(self.eval_pairs),
+                         "eval_corpus": len(self._eval_corpus), "max_length": self.max_length,
+                         "temperature": self.temperature}}
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.name}\0{self._data_id}\0{self.max_length}\0".encode())
@@ -349,6 +360,7 @@ def build_embedding_task(
         temperature=temperature,
         name="embedding",
         data_id=file_fingerprint(data_file, eval_file),
+        source=str(data_file),
     )
 
 
@@ -380,4 +392,5 @@ def build_code_search_task(
         temperature=D.temperature if temperature is None else temperature,
         name="code-search",
         data_id=split.fingerprint(),
+        source=split.source,
     )
