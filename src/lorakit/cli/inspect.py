@@ -17,7 +17,9 @@ Shows the targets, r, α and the scale s = α/r (α/√r with rsLoRA), parameter
 of the base weights it was trained on, file sizes, and whether HF PEFT and vLLM can load it (and why not).
 """
 
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
+)
 # ranks vLLM accepts for --max-lora-rank; its default is 16
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -66,7 +68,8 @@ def describe(path: str | Path) -> list[str]:
     fp = af.fingerprint
     lines = [
         f"adapter: {af.path}",
-        f"base model: {raw.get('base_model_name_or_path') or 'not recorded'}; task type: {raw.get('task_type') or 'not recorded'}",
+        f"base model: {raw.get('base_model_name_or_path') or 'not recorded'}; "
+        f"task type: {raw.get('task_type') or 'not recorded'}",
         f"targets (config): {cfg.target_modules if isinstance(cfg.target_modules, str) else ', '.join(cfg.target_modules or ())}",
         f"adapted modules: {len(modules)} ({', '.join(f'{leaf}×{n}' for leaf, n in sorted(leaves.items()))})",
         f"r: {cfg.r}" + (f" (per module: {rank_set})" if rank_set and rank_set != [cfg.r] else ""),
@@ -74,7 +77,8 @@ def describe(path: str | Path) -> list[str]:
         + (f"; alpha_pattern {dict(cfg.alpha_pattern)}" if cfg.alpha_pattern else ""),
         f"dropout: {cfg.dropout:g}",
         f"modules_to_save: {', '.join(cfg.modules_to_save) or 'none'}",
-        f"parameters: {lora_params + saved_params:,} ({lora_params:,} LoRA, {saved_params:,} in saved modules); dtype {', '.join(dtypes)}",
+        f"parameters: {lora_params + saved_params:,} ({lora_params:,} LoRA, {saved_params:,} in saved modules); "
+        f"dtype {', '.join(dtypes)}",
         f"base fingerprint: {fp['checksum']} over {len(fp.get('modules', {}))} modules" if fp
         else "base fingerprint: none (not saved by lorakit; loading cannot check the base model)",
         f"lorakit version: {af.metadata.get('lorakit_version', 'n/a (not written by lorakit)')}",

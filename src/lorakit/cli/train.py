@@ -52,7 +52,8 @@ _SAVED = {
     "max_steps": ("train", "max_steps"), "batch_size": ("train", "batch_size"), "grad_accum": ("train", "grad_accum"),
     "warmup": ("train", "warmup"), "schedule": ("train", "schedule"), "eval_every": ("train", "eval_every"),
     "save_every": ("train", "save_every"), "keep": ("train", "keep"), "seed": ("train", "seed"),
-    "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "task": ("task",), "model": ("model",), "data": ("data_file",),
+    "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "task": ("task",), "model": ("model",),
+    "data": ("data_file",),
     "eval_data": ("eval_data_file",), "source": ("source",), "max_length": ("max_length",),
 }
 
@@ -147,7 +148,9 @@ def build_task(v: dict[str, Any], skip_bad_lines: bool) -> Any:
     task = v["task"]
     if task == "code-search":
         if v["data"]:
-            raise ConfigError("--task code-search builds its pairs from --source DIR; for your own JSONL pairs use --task embedding")
+            raise ConfigError(
+                "--task code-search builds its pairs from --source DIR; for your own JSONL pairs use --task embedding"
+            )
         from ..train.embedding import build_code_search_task
 
         return build_code_search_task(v["source"], v["max_length"], v["seed"], model_dir=v["model"])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BadLine, DataError, file_fingerprint, read_jsonl, require, split_holdout
+from .data import DataError, file_fingerprint, read_jsonl, require, split_holdout
 from .models import ModelError, load_model, load_tokenizer
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
@@ -50,7 +50,9 @@ class ClassificationTask:
         self.skipped = loaded.skipped
         self.labels = sorted({label for _, label in loaded.examples}, key=lambda x: (isinstance(x, str), str(x)))
         if len(self.labels) < 2:
-            raise DataError(f"{loaded.path}: every example has label {self.labels[0]!r}; classification needs at least two labels")
+            raise DataError(
+                f"{loaded.path}: every example has label {self.labels[0]!r}; classification needs at least two labels"
+            )
         index = {label: i for i, label in enumerate(self.labels)}
         examples = [(text, index[label]) for text, label in loaded.examples]
         if eval_data is not None:

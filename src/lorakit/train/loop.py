@@ -440,7 +440,8 @@ class Trainer:
             else:
                 skipped += 1
                 bad_run += 1
-                note = f"skipped step {step + 1}: non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} ({skipped} skipped so far)"
+                what = "loss" if not math.isfinite(loss_sum) else "gradient"
+                note = f"skipped step {step + 1}: non-finite {what} ({skipped} skipped so far)"
             self.optimizer.zero_grad(set_to_none=True)
             step, epoch, index = step + 1, next_epoch, next_index
             history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
@@ -507,7 +508,8 @@ class Trainer:
         metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
                    "trainable_parameters": result.trainable, "total_parameters": result.total,
                    "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
-                   "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after, "history": result.history,
+                   "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after,
+                   "history": result.history,
                    "config": self.run_config(), **_task_info(self.task)}
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         from .plot import plot_history  # matplotlib is only needed here

@@ -49,7 +49,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ModelError(f"{d}: cannot load a tokenizer ({err}); save one beside the model with tokenizer.save_pretrained()") from None
+        raise ModelError(
+            f"{d}: cannot load a tokenizer ({err}); save one beside the model with tokenizer.save_pretrained()"
+        ) from None
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ModelError(f"{d}: the tokenizer has neither a pad nor an eos token; add a pad token to it")
@@ -70,4 +72,6 @@ def load_model(path: str | os.PathLike[str], auto_class: str, *, seed: int = 0, 
     try:
         return getattr(transformers, auto_class).from_pretrained(str(d), local_files_only=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"{d}: transformers cannot load it as {auto_class} ({err}); is this the right --task for this model?") from None
+        raise ModelError(
+            f"{d}: transformers cannot load it as {auto_class} ({err}); is this the right --task for this model?"
+        ) from None
