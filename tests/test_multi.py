@@ -47,7 +47,10 @@ def per_sample_logits(model, ids, names):
     return torch.cat(rows)
 
 
-CASES = {"llama": (tiny_llama, ["v_proj", "q_proj", "down_proj"]), "gpt2": (tiny_gpt2, ["c_attn", "c_proj"])}
+CASES = {
+    "llama": (tiny_llama, ["v_proj", "q_proj", "embed_tokens", "down_proj"]),  # c: v_proj only
+    "gpt2": (tiny_gpt2, ["c_attn", "wte", "c_proj"]),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -97,7 +100,7 @@ def _loss(logits, ids):
 
 
 def test_multi_tenant_training_equals_training_each_adapter_separately():
-    targets = ["v_proj", "q_proj", "down_proj"]
+    targets = ["v_proj", "q_proj", "embed_tokens", "down_proj"]
     names = ["a", "b", "a", "c", None, "b"]
     ids = torch.randint(0, 64, (len(names), 6), generator=torch.Generator().manual_seed(3))
     together = three_adapters(tiny_llama, targets)
@@ -219,3 +222,23 @@ def test_hot_swap_refuses_what_does_not_fit(tmp_path):
         assert torch.equal(v, before[k]), k
     with pytest.raises(AdapterNameError):
         hot_swap(served, "nope", big)
+
+
+def test_training_with_dropout_keeps_gradients_to_own_samples():
+    model = tiny_llama()
+    for name in ("a", "b", "c"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "v_proj"]), name)
+    randomize(model, 0)
+    lorakit.set_adapter(model, ["a", "b", "c"])
+    model.train()
+    ids = torch.randint(0, 64, (3, 6))
+    with batch_adapters(model, ["a", None, "b"]):
+        _loss(model(input_ids=ids).logits, ids).backward()
+    for _, layer in lorakit.lora_layers(model):
+        assert layer.lora_A["a"].grad.abs().sum() > 0 and layer.lora_B["b"].grad.abs().sum() > 0
+        assert layer.lora_A["c"].grad is None or not layer.lora_A["c"].grad.any()  # c has no sample
+    lorakit.delete_adapter(model, "c")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"]), "c")
+    with pytest.raises(lorakit.LorakitError, match="dropout"):
+        with batch_adapters(model, ["a", "c", None]):
+            model(input_ids=ids)

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.ops.segmented import SegmentError, _torch_segmented, plan_segments, segmented_lora
+from lorakit.ops.segmented import (
+    SegmentError,
+    _torch_segmented,
+    plan_segments,
+    segmented_lora,
+    segmented_lora_embedding,
+)
 
 LAYOUTS = {
     "random_with_empty": lambda g, n, b: torch.randint(-1, n - 2, (b,), generator=g),  # last 2 adapters unused
@@ -114,6 +120,29 @@ def check_path(path: str, layout: str, seed: int) -> None:
 def test_torch_paths_match_per_sample_reference(path, layout):
     for seed in range(3):
         check_path(path, layout, seed)
+
+
+def test_embedding_form_matches_per_sample_reference():
+    g = torch.Generator().manual_seed(9)
+    n, R, V, d = 4, 5, 11, 7
+    ids = torch.randint(0, V, (5, 6), generator=g)
+    ids[0, :2] = 3  # the padding id appears
+    index = torch.tensor([2, -1, 0, 2, 3])  # adapter 1 unused
+    A = torch.randn(n, R, V, generator=g, requires_grad=True)
+    B = torch.randn(n, d, R, generator=g, requires_grad=True)
+    scales, ranks = torch.tensor([1.0, 2.0, 0.5, 3.0]), torch.tensor([5, 2, 3, 1])
+    base = torch.randn(5, 6, d, generator=g)
+    h = segmented_lora_embedding(ids, index[:, None], A, B, scales, ranks, base, padding_idx=3)
+    ref = base.double().clone()
+    for i, a in enumerate(index.tolist()):
+        if a >= 0:
+            r = int(ranks[a])
+            ref[i] += float(scales[a]) * (A[a, :r].double().t()[ids[i]] @ B[a, :, :r].double().t())
+    assert rel(h, ref) <= 1e-6
+    h.pow(2).sum().backward()
+    assert not A.grad[1].any() and not B.grad[1].any()  # unused adapter
+    assert not A.grad[:, :, 3].any()  # padding id: no gradient, as nn.Embedding
+    assert A.grad[2].abs().sum() > 0 and not A.grad[3, 1:].any()  # rank 1: only row 0 learns
 
 
 def test_hand_computed_value():

@@ -43,14 +43,14 @@ from .adapters import adapter_names, lora_layers
 from .errors import AdapterMismatchError, AdapterNameError, MergeError, UnsupportedModuleError
 from .inject import lora_modules
 from .io import PREFIX, AdapterFile, _layer_params, read_adapter
-from .layers import LoraLayer, LoraLinear, ModulesToSave
-from .ops.segmented import SegmentPlan, plan_segments, segmented_lora
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .ops.segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
 
 
 class _Stacks:
     """One layer's adapters for a mixed batch, stacked: A (m, R, k), B (m, d, R), scales, ranks."""
 
-    def __init__(self, layer: LoraLinear, names: list[str]) -> None:
+    def __init__(self, layer: LoraLinear | LoraEmbedding, names: list[str]) -> None:
         self.layer, self.names = layer, names
         self.R = max(layer.r[n] for n in names)
         self._cached: tuple[tuple, tuple[Tensor, Tensor]] | None = None
@@ -105,36 +105,41 @@ class _MixedBatch:
                     f"layer {qualified!r} has merged adapters {layer.merged_adapters}; a mixed batch needs the base "
                     "weights alone: call lorakit.unmerge(model) first"
                 )
-            if not isinstance(layer, LoraLinear):
+            if not isinstance(layer, (LoraLinear, LoraEmbedding)):
                 raise UnsupportedModuleError(
-                    f"layer {qualified!r} is a {type(layer).__name__}; mixed-adapter batches support linear layers "
-                    "(nn.Linear, transformers Conv1D) only: leave it out of these adapters' target_modules"
+                    f"layer {qualified!r} is a {type(layer).__name__}; mixed-adapter batches support nn.Linear, "
+                    "transformers Conv1D and nn.Embedding layers: leave it out of these adapters' target_modules"
                 )
             # this layer's slot of each batch-wide slot (-1: the adapter does not adapt this layer)
             local = [present.index(n) if n in present else -1 for n in self.unique]
             self.layers[layer] = (_Stacks(layer, present), local)
 
-    def token_plan(self, x: Tensor, local: list[int]) -> SegmentPlan:
-        """The per-token adapter slots for input x of a layer whose slots are ``local``."""
-        lead = tuple(x.shape[:-1])
-        key = (lead, tuple(local), x.device)
+    def token_plan(self, lead: tuple[int, ...], device: torch.device, local: list[int]) -> SegmentPlan:
+        """The adapter slot of each token (a layer input's leading shape ``lead``) for a layer whose
+        slots are ``local``; cached, so all layers of one forward share one plan."""
+        key = (lead, tuple(local), device)
         plan = self._plans.get(key)
         if plan is None:
             if not lead or lead[0] % self.n_samples:
                 raise AdapterMismatchError(
-                    f"batch_adapters was given {self.n_samples} adapter names but a layer's input has shape "
-                    f"{tuple(x.shape)}: its leading (batch) dimension must be a multiple of {self.n_samples}"
+                    f"batch_adapters was given {self.n_samples} adapter names but a layer's input has leading "
+                    f"shape {lead}: its first (batch) dimension must be a multiple of {self.n_samples}"
                 )
             per_sample = torch.tensor([local[s] if s >= 0 else -1 for s in self.sample_slot], dtype=torch.int64)
             rows = per_sample.repeat_interleave(lead[0] // self.n_samples)  # beams / return sequences repeat rows
             index = rows.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
-            plan = plan_segments(index.to(x.device), max(x for x in local) + 1)
+            plan = plan_segments(index.to(device), max(local) + 1)
             self._plans[key] = plan
         return plan
 
     def hook(self, layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         stacks, local = self.layers[layer]  # type: ignore[index]
         (x,) = inputs
+        if isinstance(layer, LoraEmbedding):  # x: ids (...)
+            A, B = stacks.get(layer.lora_A[stacks.names[0]].dtype)
+            plan = self.token_plan(tuple(x.shape), x.device, local)
+            return segmented_lora_embedding(x, plan, A, B, stacks.scales, stacks.ranks, base=output,
+                                            padding_idx=layer.base_layer.padding_idx)
         A, B = stacks.get(x.dtype)
         if layer.training and stacks.dropout is None:
             raise UnsupportedModuleError(
@@ -143,7 +148,7 @@ class _MixedBatch:
             )
         p = stacks.dropout if layer.training else 0.0
         x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
-        plan = self.token_plan(x, local)
+        plan = self.token_plan(tuple(x.shape[:-1]), x.device, local)
         return segmented_lora(x_low, plan, A, B, stacks.scales, stacks.ranks, base=output, inplace=True)
 
 
@@ -164,7 +169,7 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
     Raises:
         AdapterNameError: an unknown name.   MergeError: a layer has merged adapters.
-        UnsupportedModuleError: a named adapter adapts an Embedding or Conv2d layer.
+        UnsupportedModuleError: a named adapter adapts a Conv2d layer.
     """
     batch = _MixedBatch(model, names)
     saved: list[tuple[LoraLayer, bool]] = []

@@ -215,11 +215,7 @@ def _torch_segmented(
         # u = x [A_1; …; A_n]ᵀ, then each token keeps its own adapter's columns, scaled.
         u = (x2 @ A_.reshape(n * R, k).t()).view(N, n, R)  # (N, n, R)
         own = torch.nn.functional.one_hot(idx + 1, n + 1)[:, 1:].to(x2.dtype)  # (N, n); -1 → zero row
-        u = (u * (own.unsqueeze(-1) * colscale)).reshape(N, n * R)
-        Bt = B_.transpose(1, 2).reshape(n * R, d)  # [B_1 … B_n]ᵀ: (n·R, d)
-        if base2 is None:
-            return u @ Bt
-        return base2.addmm_(u, Bt) if inplace else torch.addmm(base2.to(x2.dtype), u, Bt)
+        return _dense_expand(u * (own.unsqueeze(-1) * colscale), B_, base2, inplace)
     if strategy != "grouped":
         raise SegmentError(f"strategy must be 'dense' or 'grouped', got {strategy!r}")
     # Sort tokens by adapter (base-only ones first, then dropped), pack each segment into a row of
@@ -239,6 +235,59 @@ def _torch_segmented(
     u = torch.bmm(packed, A_.transpose(1, 2)) * colscale.unsqueeze(1)  # (n, L, R)
     y = torch.bmm(u, B_.transpose(1, 2))  # (n, L, d)
     return out.index_add_(0, order, y[idx_sorted, pos]) if inplace else out.index_add(0, order, y[idx_sorted, pos])
+
+
+def _dense_expand(u: Tensor, B: Tensor, base2: Tensor | None, inplace: bool) -> Tensor:
+    """base + u [B_1 … B_n]ᵀ for u (N, n, R) already masked to each token's own adapter and scaled."""
+    N, n, R = u.shape
+    u = u.reshape(N, n * R)
+    Bt = B.transpose(1, 2).reshape(n * R, -1)  # [B_1 … B_n]ᵀ: (n·R, d)
+    if base2 is None:
+        return u @ Bt
+    return base2.addmm_(u, Bt) if inplace else torch.addmm(base2.to(u.dtype), u, Bt)
+
+
+def segmented_lora_embedding(
+    ids: Tensor,
+    adapter_index: Tensor | SegmentPlan,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scales: Tensor | Sequence[float],
+    ranks: Tensor | Sequence[int] | None = None,
+    base: Tensor | None = None,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """The embedding form: h_t = base_t + s_{a(t)} · B_{a(t)} A_{a(t)}[:, id_t]  (a(t) = -1: base_t).
+
+    Args:
+        ids: (...) token ids.   adapter_index: as for :func:`segmented_lora`, over ids' shape.
+        lora_A: (n, R, V) stacked A (V = number of embeddings).   lora_B: (n, d, R).
+        scales / ranks: as for :func:`segmented_lora`.   base: (..., d) the base embedding output.
+        padding_idx: an id whose A column gets no gradient (as ``nn.Embedding`` treats it).
+
+    Returns:
+        (..., d) in base's dtype (A's without base). Torch ops on every device: one gather of R
+        values per token and one expand, cheap next to a model's linear layers.
+    """
+    lead = ids.shape
+    n, R, V = lora_A.shape
+    flat = ids.reshape(-1)
+    plan = adapter_index if isinstance(adapter_index, SegmentPlan) else plan_segments(
+        torch.broadcast_to(adapter_index, lead), n)
+    idx = plan.index.to(ids.device)
+    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=ids.device).reshape(-1)
+    rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=ids.device).reshape(-1)
+    a = idx.clamp(min=0)
+    u = lora_A[a, :, flat]  # (N, R): column id_t of the token's own A
+    if padding_idx is not None:
+        u = torch.where((flat == padding_idx).unsqueeze(-1), u.detach(), u)
+    own = (idx >= 0).to(u.dtype).unsqueeze(-1)
+    u = u * column_scales(scale_t, rank_t, R).to(u.dtype)[a] * own  # (N, R), zero for base-only tokens
+    u_full = u.new_zeros(flat.numel(), n, R).index_put((torch.arange(flat.numel(), device=ids.device), a), u)
+    d = lora_B.shape[1]
+    base2 = None if base is None else base.reshape(-1, d).to(u.dtype)
+    h = _dense_expand(u_full, lora_B.to(u.dtype), base2, inplace=False)
+    return h.to(base.dtype if base is not None else h.dtype).view(*lead, d)
 
 
 def _block_table(index: Tensor, n: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
