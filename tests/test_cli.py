@@ -166,9 +166,11 @@ def test_code_search_on_a_source_dir(files: dict[str, Path], tmp_path: Path) -> 
     (["--task", "causal-lm", "--model", "{llama}", "--data", "{bad}"], "bad.jsonl:2: not valid JSON"),
     (["--bf16", "--task", "causal-lm", "--model", "{llama}", "--data", "{lm}"], "--bf16 needs a CUDA GPU"),
     (["--resume", "--out", "{root}/nothing"], "no checkpoint found"),
+    (["--resume", "--task", "classification"], "lorakit-runs/classification: no checkpoint found"),
 ])
 def test_bad_inputs_exit_2_with_a_message(argv: list[str], message: str, files: dict[str, Path],
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                          capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(files["root"])  # the default --out is relative
     bad = files["root"] / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
     argv = [a.format(lm=files["lm"], llama=files["llama"], root=files["root"], bad=bad) for a in argv]

@@ -97,7 +97,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default: off)")
     g.add_argument("--keep", type=int, help="checkpoints to keep (default 3; 0 keeps all)")
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from the latest checkpoint in --out, or from PATH (a checkpoint or a run dir)")
+                   help="continue from PATH (a checkpoint or a run dir), else from the latest checkpoint in --out")
     g.add_argument("--force", action="store_true", help="with --resume: accept options that differ from the checkpoint's")
     p.set_defaults(func=run)
     return p
@@ -191,12 +191,8 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt = None
     if args.resume is not None:
-        if args.resume:
-            where = args.resume
-        elif args.out:
-            where = args.out
-        else:
-            raise ConfigError("--resume without a PATH needs --out DIR (the run to continue)")
+        # a PATH, else the run in --out, else the default --out of the task
+        where = args.resume or args.out or f"lorakit-runs/{args.task or 'code-search'}"
         ckpt = load_checkpoint(resolve_checkpoint(where))
     for key in ("model", "data", "eval_data", "source"):
         if getattr(args, key, None) is not None:
