@@ -134,19 +134,7 @@ def segmented_lora(
     d = lora_B.shape[1]
     x2 = x.reshape(-1, k)
     N = x2.shape[0]
-    if isinstance(adapter_index, SegmentPlan):
-        plan = adapter_index
-        if plan.index.numel() != N or plan.n_adapters != n:
-            raise SegmentError(
-                f"the SegmentPlan is for {plan.index.numel()} tokens and {plan.n_adapters} adapters; "
-                f"x has {N} tokens and the stacks {n} adapters"
-            )
-    else:
-        plan = plan_segments(torch.broadcast_to(adapter_index, lead), n)
-    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
-    rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=x.device).reshape(-1)
-    if scale_t.numel() != n or (rank_t is not None and rank_t.numel() != n):
-        raise SegmentError(f"scales and ranks must have one entry per adapter ({n})")
+    plan, scale_t, rank_t = _prepare(adapter_index, lead, n, scales, ranks, x.device)
     base2 = None
     if base is not None:
         if base.shape[:-1] != lead or base.shape[-1] != d:
@@ -164,6 +152,32 @@ def segmented_lora(
             return h.view(*lead, d)
     h = _torch_segmented(x2, plan, lora_A, lora_B, scale_t, rank_t, base2, strategy=None, inplace=inplace)
     return h.view(*lead, d)
+
+
+def _prepare(
+    adapter_index: Tensor | SegmentPlan,
+    lead: torch.Size,
+    n: int,
+    scales: Tensor | Sequence[float],
+    ranks: Tensor | Sequence[int] | None,
+    device: torch.device,
+) -> tuple[SegmentPlan, Tensor, Tensor | None]:
+    """The plan for tokens of leading shape ``lead`` and the scales / ranks as device tensors, checked."""
+    N = lead.numel()
+    if isinstance(adapter_index, SegmentPlan):
+        plan = adapter_index
+        if plan.index.numel() != N or plan.n_adapters != n:
+            raise SegmentError(
+                f"the SegmentPlan is for {plan.index.numel()} tokens and {plan.n_adapters} adapters; "
+                f"the input has {N} tokens and the stacks {n} adapters"
+            )
+    else:
+        plan = plan_segments(torch.broadcast_to(adapter_index, lead), n)
+    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=device).reshape(-1)
+    rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=device).reshape(-1)
+    if scale_t.numel() != n or (rank_t is not None and rank_t.numel() != n):
+        raise SegmentError(f"scales and ranks must have one entry per adapter ({n})")
+    return plan, scale_t, rank_t
 
 
 def column_scales(scales: Tensor, ranks: Tensor | None, R: int) -> Tensor:
@@ -272,11 +286,8 @@ def segmented_lora_embedding(
     lead = ids.shape
     n, R, V = lora_A.shape
     flat = ids.reshape(-1)
-    plan = adapter_index if isinstance(adapter_index, SegmentPlan) else plan_segments(
-        torch.broadcast_to(adapter_index, lead), n)
+    plan, scale_t, rank_t = _prepare(adapter_index, lead, n, scales, ranks, ids.device)
     idx = plan.index.to(ids.device)
-    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=ids.device).reshape(-1)
-    rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=ids.device).reshape(-1)
     a = idx.clamp(min=0)
     u = lora_A[a, :, flat]  # (N, R): column id_t of the token's own A
     if padding_idx is not None:
