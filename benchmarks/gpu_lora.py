@@ -167,6 +167,13 @@ def correctness() -> bool:
             check(777, 1030, 260, 5, dtype, p, adapter_dtype=dtype, bias=False)
     check(8192, 4096, 4096, 16, torch.bfloat16, 0.0, bias=False)
     check(8192, 4096, 4096, 16, torch.bfloat16, 0.05, bias=False)
+    for flag in ("SKINNY_BY_CUBLAS", "FUSED_G_PASS"):  # the alternative routes timed below are checked too
+        setattr(triton_lora, flag, True)
+        say(f"  with {flag}:")
+        check(1000 + 13, 520, 392, 16, torch.bfloat16, 0.0)
+        check(777, 1030, 260, 5, torch.float32, 0.0)
+        check(8192, 4096, 4096, 16, torch.bfloat16, 0.0, bias=False)
+        setattr(triton_lora, flag, False)
     check_compile_and_checkpoint()
     return all(c["ok"] for c in results["checks"])
 
@@ -250,10 +257,15 @@ def one_layer() -> None:
                                                   "lorakit_fp32_adapters")
         row["lorakit_bf16_adapters"] = train_step(lambda: lora_linear(x, W, None, A16, B16, 2.0, p, 7), [A16, B16],
                                                   "lorakit_bf16_adapters")
-        triton_lora.FUSED_G_PASS = False
-        row["lorakit_fp32_cublas_v"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
-                                                  "lorakit_fp32_cublas_v")
         triton_lora.FUSED_G_PASS = True
+        row["lorakit_fp32_fused_g_pass"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
+                                                      "lorakit_fp32_fused_g_pass")
+        triton_lora.FUSED_G_PASS = False
+        if p == 0.0:
+            triton_lora.SKINNY_BY_CUBLAS = True
+            row["lorakit_fp32_skinny_by_cublas"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7),
+                                                              [A, B], "lorakit_fp32_skinny_by_cublas")
+            triton_lora.SKINNY_BY_CUBLAS = False
 
     row = res["inference"] = {}
     gpu_rows = res["inference_gpu_graph"] = {}
@@ -309,22 +321,12 @@ def one_layer() -> None:
     pc["vᵀ x (∂A), triton tall_product"] = gpu(lambda: triton_lora.tall_product(xd, v))
     pc["gᵀu (∂B) + v = g B in one pass, triton"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True,
                                                                                      F=B))
-    for bd, bk, nw in ((64, 128, 4), (128, 64, 4), (32, 256, 4), (128, 128, 8), (64, 256, 8)):
-        pc[f"merge BD={bd} BK={bk} w={nw}"] = gpu(
-            lambda: triton_lora.merged_weight(W, B, A, 2.0, block_d=bd, block_k=bk, num_warps=nw))
     pc["vᵀ(x⊙m) + m⊙vA, triton p=0.05"] = gpu(lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A))
     h0 = torch.mm(u, B_.t())
     pc["h.addmm_(x, Wᵀ) (β=1)"] = gpu(lambda: h0.addmm_(xd, W.t()))
     pc["h = u Bᵀ (write N×d)"] = gpu(lambda: torch.mm(u, B_.t()))
-    for bm, bk, nw, ns in ((32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 3), (64, 128, 4, 4)):
-        pc[f"xa p=0.05 BM={bm} BK={bk} w={nw} s={ns}"] = gpu(
-            lambda: triton_lora.xa(xd, A, 0.05, 7, block_m=bm, block_k=bk, num_warps=nw, num_stages=ns))
-    for bm, bc, nw, ns in ((64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)):
-        pc[f"tall ∂A p=0 BM={bm} BC={bc} w={nw} s={ns}"] = gpu(
-            lambda: triton_lora.tall_product(xd, v, block_m=bm, block_c=bc, num_warps=nw, num_stages=ns))
-        pc[f"tall ∂A+gx p=0.05 BM={bm} BC={bc} w={nw} s={ns}"] = gpu(
-            lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A_, block_m=bm, block_c=bc, num_warps=nw,
-                                             num_stages=ns))
+    pc["merge W + sBA, triton BD=64 BK=128 (run-3 default)"] = gpu(
+        lambda: triton_lora.merged_weight(W, B, A, 2.0, block_d=64, block_k=128))
 
     # Host cost per call: a small layer, where launching is all there is to time.
     xs = torch.randn(64, 256, device=DEV, dtype=dt, requires_grad=True)
@@ -343,6 +345,10 @@ def one_layer() -> None:
     pc["host, small layer fwd+bwd: PEFT bf16"] = host(lambda: small_peft(xs), small_params)
     pc["host, small layer fwd+bwd: lorakit p=0"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.0, 0),
                                                         [As, Bs])
+    triton_lora.SKINNY_BY_CUBLAS = True
+    pc["host, small layer fwd+bwd: lorakit p=0, skinny by cuBLAS"] = host(
+        lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.0, 0), [As, Bs])
+    triton_lora.SKINNY_BY_CUBLAS = False
     pc["host, small layer fwd+bwd: lorakit p=0.05"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.05, 3),
                                                            [As, Bs])
     del small_peft, small_params
@@ -446,9 +452,9 @@ def e2e() -> None:
     e2e_case("peft_fp32_adapters", peft(True))
     e2e_case("peft_bf16_adapters", peft(False))
     e2e_case("lorakit", ours(0.0))
-    triton_lora.FUSED_G_PASS = False
-    e2e_case("lorakit_cublas_v", ours(0.0))
-    triton_lora.FUSED_G_PASS = True
+    triton_lora.SKINNY_BY_CUBLAS = True
+    e2e_case("lorakit_skinny_by_cublas", ours(0.0))
+    triton_lora.SKINNY_BY_CUBLAS = False
     e2e_case("lorakit_dropout0.05", ours(0.05))
 
 

@@ -45,6 +45,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
 _MASK_BITS = 16  # resolution of the dropout probability: p is rounded to a multiple of 2⁻¹⁶
+# Philox-4x32 with 7 rounds, the fewest that pass BigCrush (Salmon et al., SC'11), not Triton's default 10:
+# mask generation is the compute-bound part of the dropout kernels.
+_PHILOX_ROUNDS = 7
 
 
 def available() -> bool:
@@ -61,13 +64,14 @@ if triton is not None:
 
     @triton.jit
     def _keep(seed, rows, k0, threshold, BM: tl.constexpr, BK: tl.constexpr):
+        PHILOX_ROUNDS: tl.constexpr = _PHILOX_ROUNDS
         """(BM, BK) keep-mask of the elements (rows, k0 + arange(BK)); k0 must be a multiple of 8."""
         # One Philox call per (row, group of 8 columns): counter = (group, row, 0, 0).
         groups = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
         c0 = tl.broadcast_to(groups[None, :], (BM, BK // 8))
         c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BK // 8))
         zero = c0 * 0
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, PHILOX_ROUNDS)
         # Column 8g + j takes 16-bit half (j % 2) of word j // 2: lo/hi of r0, r1, r2, r3 in order.
         lo = 0xFFFF
         w01 = tl.join(tl.join(r0 & lo, r0 >> 16), tl.join(r1 & lo, r1 >> 16))  # (BM, BK/8, 2, 2)
@@ -200,7 +204,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype | None = None, *,
-                  block_d: int = 64, block_k: int = 128, num_warps: int = 4) -> Tensor:
+                  block_d: int = 32, block_k: int = 256, num_warps: int = 4) -> Tensor:
     """W' = W + s·B A in one pass over W (read once, written once), rounded once to ``dtype`` (W's by default).
 
     W: (d, k) with any strides, B: (d, r), A: (r, k) in any float dtype; the product is taken in float32
@@ -272,6 +276,8 @@ def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed:
     y = torch.zeros((N, R), dtype=torch.float32, device=M.device) if F is not None else None
     if N == 0:
         return out, gx, y
+    if A is not None and block_c == 64:  # the input-gradient pass does best with narrower column blocks (sweep)
+        block_c, num_stages = 32, 4
     n_cb = triton.cdiv(C, block_c)
     n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(M.device), n_cb)))
     stride_or, stride_oc = (1, R) if transpose_out else (C, 1)
@@ -285,7 +291,14 @@ def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed:
     return out, gx, y
 
 
-FUSED_G_PASS = True  # v and ∂B from one pass over g (atomics for v); False: cuBLAS for v (benchmarks compare)
+# cuBLAS (with the adapters cast first) instead of the Triton passes for u = x Aᵀ, ∂A and ∂B when p = 0:
+# the same GPU time (≈ 20-23 µs each at N = 8192, k = d = 4096) but fewer Triton launches, whose host cost
+# is the larger one on a slow host. The benchmark compares both.
+SKINNY_BY_CUBLAS = False
+
+# v and ∂B from one pass over g, v by float32 atomics: measured slower on the H200 (64 µs against 22 + 23 µs
+# for cuBLAS g B plus the ∂B pass at N = 8192, d = 4096; docs/gpu-notes.md), so off; the benchmark compares both.
+FUSED_G_PASS = False
 
 
 def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -305,7 +318,10 @@ def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tenso
     r = A.shape[0]
     bias_ = None if bias is None else bias.to(x.dtype)
     if p == 0.0 and weight is not None:  # h = x W'ᵀ + b, W' = W + s·B A: one GEMM
-        u = xa(x, A) if need_u else x.new_empty((0, r))
+        if not need_u:
+            u = x.new_empty((0, r))
+        else:
+            u = torch.mm(x, _scaled(A, 1.0, x.dtype).t()) if SKINNY_BY_CUBLAS else xa(x, A)
         return F.linear(x, merged_weight(weight, B, A, scale, x.dtype), bias_), u
     u = xa(x, A, p, seed)  # (N, r)
     sB = _scaled(B, scale / (1.0 - p), x.dtype)  # (d, r): the scales go on the small factor
@@ -322,6 +338,8 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
     sc = scale / (1.0 - p)
     grad_x = grad_A = grad_B = None
     need_v = need_x or need_A
+    if SKINNY_BY_CUBLAS and p == 0.0:
+        return _backward_by_cublas(g, x, weight, A, B, u, scale, need_x, need_A, need_B)
     if need_B and (FUSED_G_PASS or not need_v):  # s·c·gᵀu (d, r) and v = s·c·g B (N, r): one pass over g
         gB, _, v = tall_product(g, u, sc, transpose_out=True, F=B if need_v else None)
         grad_B = gB.to(B.dtype)
@@ -343,4 +361,20 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
             grad_x = low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
         else:
             grad_x = low
+    return grad_x, grad_A, grad_B
+
+
+def _backward_by_cublas(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
+                        need_x: bool, need_A: bool, need_B: bool,
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`lora_backward` for p = 0 with every product in cuBLAS (see ``SKINNY_BY_CUBLAS``)."""
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = _scaled(torch.mm(g.t(), u), scale, B.dtype)  # (d, r) = s·gᵀu
+    if need_x or need_A:
+        v = torch.mm(g, _scaled(B, scale, x.dtype))  # (N, r)
+        if need_A:
+            grad_A = _scaled(torch.mm(v.t(), x), 1.0, A.dtype)  # (r, k)
+        if need_x:
+            grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype)) if weight is not None else v @ A.to(x.dtype)
     return grad_x, grad_A, grad_B
