@@ -69,6 +69,7 @@ class Checkpoint:
 
 
 def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``step-*`` directory, or None for any other name."""
     m = _NAME.fullmatch(path.name)
     return int(m.group(1)) if m else None
 

@@ -124,6 +124,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What :meth:`Trainer.fit` returns; ``before`` / ``after`` are the task's metrics at step 0 and the end."""
+
     steps: int
     skipped: int
     before: dict[str, float]
@@ -301,9 +303,12 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter by its name in the model (what a checkpoint stores)."""
         return {n: p.detach() for n, p in self.params}
 
     def run_config(self) -> dict[str, Any]:
+        """What defines this run (task, data fingerprint, LoRA and training settings, extras); stored in
+        checkpoints and metrics.json, compared by :meth:`check_resume`."""
         lora = {k: v for k, v in self.lora.to_peft_dict().items() if k not in ("inference_mode", "base_model_name_or_path")}
         return {"task": self.task.name, "data": self.task.fingerprint(), "lora": lora,
                 "train": dataclasses.asdict(self.config), **self.extra}
@@ -334,6 +339,7 @@ class Trainer:
             )
 
     def restore(self, ckpt: Checkpoint) -> None:
+        """Load a checkpoint's trainable tensors, optimizer state and random generators (names and shapes checked)."""
         names = dict(self.params)
         missing, unexpected = sorted(set(names) - set(ckpt.trainable)), sorted(set(ckpt.trainable) - set(names))
         if missing or unexpected:
@@ -491,6 +497,7 @@ class Trainer:
         self._print(f"--force: deleted {len(later)} checkpoint(s) in {ckpt_dir} past step {start}")
 
     def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
+        """Write checkpoint ``step`` (position: the next step starts at example ``index`` of ``epoch``)."""
         if not self.is_main:
             return None
         state = {"step": step, "epoch": epoch, "index": index, "skipped": skipped, "history": history,
@@ -502,6 +509,7 @@ class Trainer:
         )
 
     def write_outputs(self, result: TrainResult) -> None:
+        """The run's results in ``out``: adapter/, metrics.json and training.png."""
         if not self.is_main:
             return
         lorakit.save_adapter(self.base, self.out / "adapter")
