@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 _MASK_BITS = 16  # resolution of the dropout probability: p is rounded to a multiple of 2⁻¹⁶
 # Philox-4x32 with 7 rounds, the fewest that pass BigCrush (Salmon et al., SC'11), not Triton's default 10:
 # mask generation is the compute-bound part of the dropout kernels.
-_PHILOX_ROUNDS = 7
+_PHILOX_ROUNDS = 7  # (made a tl.constexpr below: a jitted function may read only constexpr globals)
 
 
 def available() -> bool:
@@ -61,17 +61,17 @@ def drop_threshold(p: float) -> int:
 
 
 if triton is not None:
+    _PHILOX_ROUNDS_C = tl.constexpr(_PHILOX_ROUNDS)
 
     @triton.jit
     def _keep(seed, rows, k0, threshold, BM: tl.constexpr, BK: tl.constexpr):
-        PHILOX_ROUNDS: tl.constexpr = _PHILOX_ROUNDS
         """(BM, BK) keep-mask of the elements (rows, k0 + arange(BK)); k0 must be a multiple of 8."""
         # One Philox call per (row, group of 8 columns): counter = (group, row, 0, 0).
         groups = (k0 // 8 + tl.arange(0, BK // 8)).to(tl.uint32)
         c0 = tl.broadcast_to(groups[None, :], (BM, BK // 8))
         c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BK // 8))
         zero = c0 * 0
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, PHILOX_ROUNDS)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, _PHILOX_ROUNDS_C)
         # Column 8g + j takes 16-bit half (j % 2) of word j // 2: lo/hi of r0, r1, r2, r3 in order.
         lo = 0xFFFF
         w01 = tl.join(tl.join(r0 & lo, r0 >> 16), tl.join(r1 & lo, r1 >> 16))  # (BM, BK/8, 2, 2)
