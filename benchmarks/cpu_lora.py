@@ -40,10 +40,13 @@ def _step(model, x, g):
     return run
 
 
-def _time(fn) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time(fn, clock) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -54,6 +57,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed time (needs a quiet machine); cpu: this process's CPU time "
+                         "(use with --threads 1 on a loaded machine, where wall time is noise)")
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,10 +85,11 @@ def main() -> None:
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
-            times[name].append(_time(fn))
+            times[name].append(_time(fn, CLOCKS[args.clock]))
     base_t = times["frozen base"]
     flops = 4 * args.tokens * args.d * args.k
-    print(f"fwd+bwd, d=k={args.d}, r={args.r}, T={args.tokens}, fp32, {args.threads} threads, {args.rounds} rounds")
+    print(f"fwd+bwd, d=k={args.d}, r={args.r}, T={args.tokens}, fp32, {args.threads} threads, {args.rounds} rounds, "
+          f"{args.clock} clock")
     print(f"{'variant':<16} {'median ms':>10} {'÷ base':>8}")
     ratios = {}
     for name, ts in times.items():
@@ -91,7 +98,8 @@ def main() -> None:
     print(f"frozen base: {flops / statistics.median(base_t) / 1e9:.1f} GFLOP/s")
     if args.record:
         line = (
-            f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__} "
+            f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, {args.threads} threads, {args.clock} clock, "
+            f"torch {torch.__version__} "
             f"| {1e3 * statistics.median(base_t):.1f} ms | {ratios['lorakit p=0.0']:.3f}× | {ratios['lorakit p=0.05']:.3f}× "
             f"| {ratios.get('PEFT p=0.0', float('nan')):.3f}× | {ratios.get('PEFT p=0.05', float('nan')):.3f}× |\n"
         )
