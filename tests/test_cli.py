@@ -210,3 +210,16 @@ def test_inspect_a_peft_adapter(files: dict[str, Path], tmp_path: Path, capsys: 
     out = capsys.readouterr().out
     assert "base fingerprint: none (not saved by lorakit" in out and "adapted modules: 2 (q_proj×2)" in out
     assert "PEFT: yes" in out and "vLLM: yes (note: start vLLM with --max-lora-rank 32" in out
+
+
+def test_classifier_on_a_causal_lm_checkpoint_merges_into_a_classifier(files: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "llama-cls"
+    assert main(["train", "--task", "classification", "--model", str(files["llama"]), "--data", str(files["cls"]),
+                 "--max-steps", "2", "--batch-size", "4", "--targets", "q_proj", "--out", str(out)]) == 0
+    assert main(["merge", str(files["llama"]), str(out / "adapter"), str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "LlamaForSequenceClassification"  # the adapter's task, not BASE's architecture
+    assert torch.equal(merged.score.weight, weights(out)["base_model.model.score.weight"])
+    assert merged.config.pad_token_id is not None  # needed to classify padded batches

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
 
 EPILOG = """\
 example:
@@ -37,20 +37,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+# The adapter's task_type (PEFT's names) says which head it was trained with; it wins over BASE's
+# architecture, so a classifier trained on a causal-LM checkpoint merges into a classifier.
+_AUTO_FOR_TASK = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
 def _model_class(base: Path, adapter: Path) -> tuple[Any, dict[str, Any]]:
-    """The transformers class of BASE's architecture, and kwargs that make its head fit the adapter's."""
+    """The transformers class to load BASE with, and kwargs that make its head fit the adapter's."""
     import transformers
 
-    config = json.loads((base / "config.json").read_text())
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        cls = transformers.AutoModel
-    kwargs: dict[str, Any] = {}
-    if arch and arch.endswith("ForSequenceClassification"):
-        from ..io import read_adapter
+    from ..io import read_adapter
 
-        for key, t in read_adapter(adapter).tensors.items():
+    saved = read_adapter(adapter)
+    arch = (json.loads((base / "config.json").read_text()).get("architectures") or [None])[0]
+    auto = _AUTO_FOR_TASK.get(str(saved.raw_config.get("task_type")))
+    cls = getattr(transformers, auto or arch or "AutoModel", None) or transformers.AutoModel
+    kwargs: dict[str, Any] = {}
+    if auto == "AutoModelForSequenceClassification" or auto is None and str(arch).endswith("ForSequenceClassification"):
+        for key, t in saved.tensors.items():
             if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
                 kwargs.update(num_labels=t.shape[0], ignore_mismatched_sizes=True)
         metrics = adapter.parent / "metrics.json"  # lorakit train writes the label names there
@@ -68,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
 
-    from ..train.models import model_dir
+    from ..train.models import load_tokenizer, model_dir
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # a head missing from BASE is expected: the adapter brings it
     base, adapter, out = model_dir(args.base), Path(args.adapter), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
@@ -81,10 +92,15 @@ def run(args: argparse.Namespace) -> int:
     merged = lorakit.merge_and_unload(model)
     if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
         merged = merged.to(saved_dtype)  # merged in float32, saved in the base's own precision
-    merged.save_pretrained(str(out))
     try:
-        transformers.AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(str(out))
-    except (OSError, ValueError):
+        tokenizer = load_tokenizer(base)
+    except LorakitError:
+        tokenizer = None
         print(f"note: {base} has no tokenizer to copy", file=sys.stderr)
-    print(f"merged model written to {out}; load it with transformers.{cls.__name__}.from_pretrained({str(out)!r})")
+    if tokenizer is not None and getattr(merged.config, "pad_token_id", 0) is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last token with it
+    merged.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    print(f"merged model written to {out}; load it with transformers.{type(merged).__name__}.from_pretrained({str(out)!r})")
     return 0

@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.loop import TrainConfig, Trainer
 
     ckpt = None
+    transformers.utils.logging.set_verbosity_error()  # e.g. a fresh classification head is expected, not news
     if args.resume is not None:
         # a PATH, else the run in --out, else the default --out of the task
         where = args.resume or args.out or f"lorakit-runs/{args.task or 'code-search'}"
