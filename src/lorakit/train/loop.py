@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -519,10 +520,14 @@ class Trainer:
                    "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after,
                    "history": result.history,
                    "config": self.run_config(), **_task_info(self.task)}
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        # written beside and renamed, so a crash never leaves a truncated file in place of a good one
+        tmp = self.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+        os.replace(tmp, self.out / "metrics.json")
         from .plot import plot_history  # matplotlib is only needed here
 
-        plot_history(result.history, self.out / "training.png", title=f"lorakit train --task {self.task.name}")
+        tmp = plot_history(result.history, self.out / ".training.tmp.png", title=f"lorakit train --task {self.task.name}")
+        os.replace(tmp, self.out / "training.png")
 
     def _summary(self, result: TrainResult) -> None:
         lines = [f"trained {result.steps} steps in {_hms(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
