@@ -99,6 +99,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from PATH (a checkpoint or a run dir), else from the latest checkpoint in --out")
     g.add_argument("--force", action="store_true", help="with --resume: accept options that differ from the checkpoint's")
+    g = p.add_argument_group("distributed (launch with: torchrun --nproc_per_node N -m lorakit train ...)")
+    g.add_argument("--strategy", choices=("ddp", "fsdp"),
+                   help="ddp: a model copy per process; fsdp: FSDP2, base and adapters sharded (torchrun default: ddp)")
+    g.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a process waits for the others before the run fails (default 600)")
     p.set_defaults(func=run)
     return p
 
@@ -185,12 +190,12 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own progress line is the one to read
+    transformers.utils.logging.set_verbosity_error()  # e.g. a fresh classification head is expected, not news
     from ..config import LoraConfig
     from ..train.checkpoint import load_checkpoint, resolve as resolve_checkpoint
     from ..train.loop import TrainConfig, Trainer
 
     ckpt = None
-    transformers.utils.logging.set_verbosity_error()  # e.g. a fresh classification head is expected, not news
     if args.resume is not None:
         # a PATH, else the run in --out, else the default --out of the task
         where = args.resume or args.out or f"lorakit-runs/{args.task or 'code-search'}"
@@ -214,8 +219,17 @@ def run(args: argparse.Namespace) -> int:
     )
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}
-    trainer = Trainer(task, lora, config, out, extra=extra)
-    trainer.fit(ckpt, force=args.force)
+    from ..train import distributed
+
+    if args.strategy or distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        trainer = distributed.DistributedTrainer(task, lora, config, out, extra=extra, strategy=args.strategy or "ddp",
+                                                 timeout=args.dist_timeout)
+    else:
+        trainer = Trainer(task, lora, config, out, extra=extra)
+    try:
+        trainer.fit(ckpt, force=args.force)
+    finally:
+        distributed.shutdown()
     if trainer.is_main:
         saved = "adapter/, metrics.json, training.png" + (", checkpoints/" if config.save_every else "")
         print(f"done: {saved} in {out}")
