@@ -25,6 +25,7 @@ from .adapters import (
     trainable_parameters,
     unmerge,
 )
+from .combine import CombineReport, combine
 from .config import LoraConfig
 from .errors import (
     AdapterFileError,
@@ -39,6 +40,7 @@ from .errors import (
 from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .multi import batch_adapters, hot_swap
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterMismatchError",
     "AdapterNameError",
+    "CombineReport",
     "ConfigError",
     "LoraConfig",
     "LoraConv2d",
@@ -61,8 +64,11 @@ __all__ = [
     "__version__",
     "active_adapters",
     "adapter_names",
+    "batch_adapters",
+    "combine",
     "delete_adapter",
     "disable_adapters",
+    "hot_swap",
     "inject",
     "load_adapter",
     "lora_layers",

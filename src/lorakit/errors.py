@@ -40,3 +40,7 @@ class AdapterMismatchError(LorakitError, ValueError):
 
 class UnsupportedModuleError(LorakitError, TypeError):
     """A targeted module is of a type lorakit cannot adapt."""
+
+
+class SegmentError(LorakitError, ValueError):
+    """The tensors handed to a segmented (mixed-adapter) LoRA op do not fit together."""

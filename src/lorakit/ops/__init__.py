@@ -2,5 +2,6 @@
 
 from .dropout import dropped_positions
 from .lora_linear import lora_linear
+from .segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
 
-__all__ = ["dropped_positions", "lora_linear"]
+__all__ = ["SegmentPlan", "dropped_positions", "lora_linear", "plan_segments", "segmented_lora", "segmented_lora_embedding"]

@@ -33,16 +33,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import LorakitError
+from ..errors import SegmentError
 
 # What the grouped strategy's gather of x and scatter of h cost per element, in multiply-adds: measured
 # on 2 CPU cores (benchmarks/multi_adapter_cpu.py: 8 adapters, N = 512, k = d = 1024, the grouped op
 # took ≈ 8× the dense one), so grouped wins only with many adapters of large rank (m·R ≳ 512 + R).
 _MOVE_COST = 512.0
-
-
-class SegmentError(LorakitError, ValueError):
-    """The tensors handed to :func:`segmented_lora` do not fit together."""
 
 
 @dataclasses.dataclass
