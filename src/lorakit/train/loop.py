@@ -531,12 +531,15 @@ class Trainer:
 
     def _summary(self, result: TrainResult) -> None:
         lines = [f"trained {result.steps} steps in {_hms(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
-                 + (f"; {result.skipped} skipped (non-finite)" if result.skipped else "")]
+                 + (f"; {result.skipped} skipped (non-finite)" if result.skipped else ""),
+                 f"  trainable parameters: {result.trainable:,} of {result.total:,} "
+                 f"({100.0 * result.trainable / max(result.total, 1):.3f}%)",
+                 "  held-out metrics, before → after:" if len(result.before) > 1 else "  (no held-out examples to evaluate)"]
         for key, b in result.before.items():
             if key == "step" or key not in result.after:
                 continue
             a = result.after[key]
-            lines.append(f"  {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
+            lines.append(f"    {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             lines.append(f"  {result.tokens_per_s:,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
