@@ -169,7 +169,7 @@ def test_base_model_of_another_shape_is_refused(tmp_path):
         analyze_adapter(write_adapter(tmp_path / "a", factors, r=8), base=tmp_path / "base")
 
 
-def _nested_pair(tmp_path, seed=7):
+def _nested_pair(tmp_path, seed=7, sigma=(10.0, 8.0, 0.5, 0.4, 0.3, 0.2)):
     """A rank-2 adapter and a rank-6 one whose top two directions are the rank-2 adapter's."""
     g = torch.Generator().manual_seed(seed)
     small, large = {}, {}
@@ -177,7 +177,7 @@ def _nested_pair(tmp_path, seed=7):
         d, k = SHAPES[name.split(".", 3)[3]]
         U = torch.linalg.qr(torch.randn(d, 6, generator=g, dtype=torch.float64))[0]
         V = torch.linalg.qr(torch.randn(k, 6, generator=g, dtype=torch.float64))[0]
-        sig = torch.tensor([10.0, 8.0, 0.5, 0.4, 0.3, 0.2], dtype=torch.float64)
+        sig = torch.tensor(sigma, dtype=torch.float64)
         large[name] = (V.T, U * sig)              # ΔW = U diag(σ) Vᵀ (s = 1: α = r)
         small[name] = (V[:, :2].T, U[:, :2] * sig[:2])
     a = write_adapter(tmp_path / "r2", small, r=2, alpha=2.0)
@@ -206,8 +206,18 @@ def test_compare_unrelated_adapters(tmp_path):
     a = write_adapter(tmp_path / "a", random_factors(2, 11), r=2)
     b = write_adapter(tmp_path / "b", random_factors(8, 12), r=8)
     comparison = compare_adapters(a, b)
-    assert all(t.verdict in ("needs more rank", "different directions") for t in comparison.types)
-    assert all(m.captured < 0.9 for m in comparison.modules)
+    assert all(t.verdict == "different directions" for t in comparison.types)
+    assert all(m.captured < 0.5 * m.best for m in comparison.modules)
+    assert "learned different directions" in comparison.conclusions()[0]
+
+
+def test_compare_same_top_directions_but_large_rank_spreads_further(tmp_path):
+    a, b = _nested_pair(tmp_path, sigma=(1.0,) * 6)
+    comparison = compare_adapters(a, b)
+    assert all(t.verdict == "needs more rank" for t in comparison.types)
+    assert all(m.best == pytest.approx(2 / 6) and m.captured == pytest.approx(2 / 6) for m in comparison.modules)
+    assert comparison.conclusions() == ["down_proj/q_proj/v_proj need more than rank 2: the rank-6 update keeps only "
+                                        "33.3% of its energy in its top 2 directions."]
 
 
 def test_mismatched_adapters_are_refused(tmp_path):

@@ -103,3 +103,9 @@ def test_cli_sweep_needs_ranks_and_train_args(tmp_path, capsys):
     assert "needs --ranks and --out" in capsys.readouterr().err
     assert main(["sweep", "--ranks", "2", "--metric", "eval_loss", "--out", str(tmp_path)]) == 2
     assert "after --" in capsys.readouterr().err
+
+
+def test_no_knee_when_the_largest_run_is_clearly_best(tmp_path):
+    dirs = [fake_run(tmp_path / f"r{r}", r, 2.0 * r) for r in (2, 4)]
+    result = collect_runs(dirs, metric="eval_loss")
+    assert result.knee().r == 4 and result.conclusion().startswith("no knee within the sweep")

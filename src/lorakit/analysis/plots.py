@@ -125,11 +125,19 @@ def plot_energy(analysis: AdapterAnalysis, path: str | Path) -> Path:
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Metric against trainable parameters (log x), one line per α, points labelled by r; the knee starred."""
     fig, (ax,) = _figure(1, width=6, height=4.2)
-    alphas: Sequence[float] = sorted({run.alpha for run in result.runs}, key=lambda a: (a is None, a or 0))
-    for alpha in alphas:
-        runs = sorted((r for r in result.runs if r.alpha == alpha), key=lambda r: r.trainable_parameters)
-        xs, ys = [r.trainable_parameters for r in runs], [r.value for r in runs]
-        ax.plot(xs, ys, marker="o", label=f"α={alpha:g}" if alpha is not None else "α default")
+    from matplotlib.ticker import NullFormatter
+
+    # One line per α, or per α/r when α was scaled with r (--alpha-ratio): whichever gives fewer lines.
+    by_alpha = {run.alpha for run in result.runs}
+    by_ratio = {None if run.alpha is None else round(run.alpha / run.r, 6) for run in result.runs}
+    use_ratio = len(by_ratio) < len(by_alpha)
+    keys: Sequence[float | None] = sorted(by_ratio if use_ratio else by_alpha, key=lambda a: (a is None, a or 0))
+    for key in keys:
+        runs = sorted((run for run in result.runs
+                       if (None if run.alpha is None else round(run.alpha / run.r, 6) if use_ratio else run.alpha) == key),
+                      key=lambda run: run.trainable_parameters)
+        label = "α default" if key is None else f"α={key:g}·r" if use_ratio else f"α={key:g}"
+        ax.plot([run.trainable_parameters for run in runs], [run.value for run in runs], marker="o", label=label)
         for run in runs:
             ax.annotate(f"r={run.r}", (run.trainable_parameters, run.value), textcoords="offset points", xytext=(4, 4), fontsize=8)
     knee = result.knee()
@@ -137,6 +145,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         ax.scatter([knee.trainable_parameters], [knee.value], marker="*", s=250, color="tab:red", zorder=5,
                    label=f"knee: r={knee.r}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(result.metric)
     ax.set_title(f"{result.metric} vs trainable parameters ({'lower' if result.lower_is_better else 'higher'} is better)", fontsize=10)

@@ -101,11 +101,12 @@ def format_comparison(comparison: Comparison) -> str:
     """Per-type overlap table and the plain-words conclusions."""
     rows = [[t.label, len(t.modules), "/".join(sorted({f"{m.r_a}:{m.r_b}" for m in t.modules})),
              statistics.fmean(m.top_direction for m in t.modules), t.captured, t.best,
-             statistics.fmean(m.random_level for m in t.modules), t.verdict] for t in comparison.types]
+             statistics.fmean(m.chance for m in t.modules), t.verdict] for t in comparison.types]
     lines = [f"subspace similarity, {comparison.side} side: a = {comparison.source_a}, b = {comparison.source_b}",
-             table(["type", "modules", "r a:b", "φ(1,1)", "captured", "best possible", "random φ", "verdict"], rows),
+             table(["type", "modules", "r a:b", "φ(1,1)", "captured", "best possible", "by chance", "verdict"], rows),
              "(captured: share of the larger-rank update's energy inside the smaller one's directions; best possible: "
-             "inside its own top directions of that count; random φ: φ expected for unrelated subspaces)",
+             "inside its own top directions of that many; by chance: inside a random subspace of that size; "
+             "φ(1,1): cos² between the two top directions)",
              "", "conclusions:", *(f"- {c}" for c in comparison.conclusions())]
     if comparison.notes:
         lines += ["", *(f"note: {n}" for n in comparison.notes)]

@@ -68,9 +68,13 @@ class SweepResult:
         knee, best = self.knee(), self.best()
         if knee is None:
             return f"no run produced a finite {self.metric}"
+        if knee is best and best.trainable_parameters == max(run.trainable_parameters for run in self.runs):
+            return (f"no knee within the sweep: {self.metric} kept improving up to the largest run, r={best.r}"
+                    f"{_alpha_words(best)} ({best.value:.4g}, {best.trainable_parameters:,} trainable parameters); "
+                    "try larger ranks.")
         if knee is best:
-            return (f"the best {self.metric} ({best.value:.4g}) comes from the cheapest run that reaches it: r={best.r}"
-                    f"{_alpha_words(best)}, {best.trainable_parameters:,} trainable parameters.")
+            return (f"the best {self.metric} ({best.value:.4g}) comes from r={best.r}{_alpha_words(best)} "
+                    f"({best.trainable_parameters:,} trainable parameters); no cheaper run is within {self.tolerance:.0%}.")
         ratio = best.trainable_parameters / knee.trainable_parameters
         return (f"r={knee.r}{_alpha_words(knee)} reaches {self.metric} {knee.value:.4g}, within {self.tolerance:.0%} of the best "
                 f"({best.value:.4g} at r={best.r}{_alpha_words(best)}) with {ratio:.1f}× fewer trainable parameters "
