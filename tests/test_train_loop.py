@@ -178,3 +178,34 @@ def test_non_finite_gradient_with_a_finite_loss_is_caught(tmp_path: Path) -> Non
     with pytest.raises(TrainingError, match="stopped at step 2"):
         Trainer(task, lora, TrainConfig(max_steps=4, batch_size=4, max_bad_steps=2), tmp_path, log=log).fit()
     assert "skipped step 1: non-finite gradient" in log.getvalue()
+
+
+class InterruptAt(ToyTask):
+    """Sends this process SIGINT (a Ctrl-C) during the loss of the ``at``-th micro-batch."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().loss(model, batch)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path: Path) -> None:
+    task = InterruptAt(at=5)  # during step 3 (grad_accum 2)
+    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=task.default_targets)
+    log = io.StringIO()
+    trainer = Trainer(task, lora, TrainConfig(max_steps=8, lr=1e-2, batch_size=2, grad_accum=2), tmp_path / "run", log=log)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert "stopped after step 3" in log.getvalue() and "lorakit train --resume --out" in log.getvalue()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000003"]
+    train_toy(str(tmp_path / "run"), 8, resume=True, save_every=0, batch_size=2, grad_accum=2)
+    train_toy(str(tmp_path / "straight"), 8, save_every=0, batch_size=2, grad_accum=2)
+    assert_identical(adapter(tmp_path / "run"), adapter(tmp_path / "straight"))

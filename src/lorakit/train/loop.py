@@ -5,7 +5,8 @@ examples of the current epoch's permutation (a permutation of the training set s
 ``seed + epoch``, independent of every other random generator), split into ``grad_accum``
 micro-batches whose losses are weighted by their share of the step's examples.  The last step of an
 epoch may be short; the next step starts the next epoch.  So the whole data position is the pair
-(epoch, index), which is what a checkpoint stores, and resuming is exact.
+(epoch, index), which is what a checkpoint stores, and resuming is exact.  A first Ctrl-C lets the
+current step finish, saves a checkpoint and stops, so an interrupted run loses nothing either.
 
 For distributed training (added later on top of this class) the seams are: :meth:`Trainer.wrap`
 (the one place the model is wrapped), :meth:`Trainer.step_indices` (the one place data indices are
@@ -25,8 +26,11 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -251,6 +255,7 @@ class Trainer:
         self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
         self._perm_cache: tuple[int, list[int]] | None = None
         self._progress: Progress | None = None  # the live bar, erased before other lines are printed
+        self._interrupted = False  # set by the first Ctrl-C (see _catch_interrupt)
 
     # -- seams for distributed training (distributed.DistributedTrainer overrides them) -------------
     #: processes training together; a step takes batch_size × grad_accum × world_size examples
@@ -417,54 +422,64 @@ class Trainer:
         tokens, examples, t_start = 0, 0, time.monotonic()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        while step < self.total:
-            micro, next_epoch, next_index = self.step_indices(epoch, index)
-            lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            n_step = self.step_examples(micro)
-            examples += n_step
-            loss_sum = 0.0
-            for k, ids in enumerate(micro):
-                batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
-                tokens += _count_tokens(batch)
-                # each micro-batch counts by its share of the step's examples (a short last one counts less);
-                # × world_size because DDP/FSDP average the processes' gradients
-                weight = self.examples_in(ids) * self.world_size / n_step
-                with self.grad_sync(last=k == len(micro) - 1):
-                    with self._autocast():
-                        loss = self.task.loss(self.model, batch)
-                    (loss * weight).backward()
-                loss_sum += float(loss.detach()) * weight
-            loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for _, p in self.params], cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
-            )
-            note = ""
-            if math.isfinite(loss_sum) and bool(torch.isfinite(norm)):
-                self.optimizer.step()
-                bad_run = 0
-            else:
-                skipped += 1
-                bad_run += 1
-                what = "loss" if not math.isfinite(loss_sum) else "gradient"
-                note = f"skipped step {step + 1}: non-finite {what} ({skipped} skipped so far)"
-            self.optimizer.zero_grad(set_to_none=True)
-            step, epoch, index = step + 1, next_epoch, next_index
-            history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
-            if progress is not None:
-                progress.update(step, loss_sum, lr, n_step, note)
-            if bad_run >= cfg.max_bad_steps:
-                raise TrainingError(
-                    f"stopped at step {step}: the last {bad_run} steps had a NaN/inf loss or gradient "
-                    f"({skipped} skipped in all); lower --lr, check the data, or resume from the last checkpoint "
-                    f"in {ckpt_dir}"
+        restore_sigint = self._catch_interrupt()
+        try:
+            while step < self.total:
+                micro, next_epoch, next_index = self.step_indices(epoch, index)
+                lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                n_step = self.step_examples(micro)
+                examples += n_step
+                loss_sum = 0.0
+                for k, ids in enumerate(micro):
+                    batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
+                    tokens += _count_tokens(batch)
+                    # each micro-batch counts by its share of the step's examples (a short last one counts less);
+                    # × world_size because DDP/FSDP average the processes' gradients
+                    weight = self.examples_in(ids) * self.world_size / n_step
+                    with self.grad_sync(last=k == len(micro) - 1):
+                        with self._autocast():
+                            loss = self.task.loss(self.model, batch)
+                        (loss * weight).backward()
+                    loss_sum += float(loss.detach()) * weight
+                loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for _, p in self.params], cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
                 )
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
-                history["eval"].append({"step": step, **self.evaluate()})
-                self._print(f"step {step}: " + _fmt(history["eval"][-1]))
-            if cfg.save_every and (step % cfg.save_every == 0 or step == self.total) and bad_run == 0:
-                self.save(ckpt_dir, step, epoch, index, skipped, history)
+                note = ""
+                if math.isfinite(loss_sum) and bool(torch.isfinite(norm)):
+                    self.optimizer.step()
+                    bad_run = 0
+                else:
+                    skipped += 1
+                    bad_run += 1
+                    what = "loss" if not math.isfinite(loss_sum) else "gradient"
+                    note = f"skipped step {step + 1}: non-finite {what} ({skipped} skipped so far)"
+                self.optimizer.zero_grad(set_to_none=True)
+                step, epoch, index = step + 1, next_epoch, next_index
+                history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
+                if progress is not None:
+                    progress.update(step, loss_sum, lr, n_step, note)
+                if bad_run >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"stopped at step {step}: the last {bad_run} steps had a NaN/inf loss or gradient "
+                        f"({skipped} skipped in all); lower --lr, check the data, or resume from the last checkpoint "
+                        f"in {ckpt_dir}"
+                    )
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total:
+                    history["eval"].append({"step": step, **self.evaluate()})
+                    self._print(f"step {step}: " + _fmt(history["eval"][-1]))
+                due = cfg.save_every and (step % cfg.save_every == 0 or step == self.total) and bad_run == 0
+                stop = self.mean_over_processes(float(self._interrupted)) > 0  # every process stops at this step
+                if due or stop:
+                    self.save(ckpt_dir, step, epoch, index, skipped, history)
+                if stop:
+                    self._print(f"stopped after step {step}; checkpoint {ckpt_dir / f'step-{step:08d}'}; "
+                                f"continue with: lorakit train --resume --out {self.out}")
+                    raise KeyboardInterrupt
+        finally:
+            restore_sigint()
         if progress is not None:
             progress.close()
         self._progress = None
@@ -478,6 +493,23 @@ class Trainer:
         if self.is_main:
             self._summary(result)
         return result
+
+    def _catch_interrupt(self) -> Callable[[], None]:
+        """First Ctrl-C: finish the current step, save a checkpoint and stop (resumable exactly);
+        a second Ctrl-C stops at once.  Returns the function that puts the old handler back."""
+        self._interrupted = False
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # signal handlers can only be set from the main thread
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            self._print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
 
     def _check_later_checkpoints(self, ckpt_dir: Path, resume: Checkpoint | None, force: bool) -> None:
         """Checkpoints in ``ckpt_dir`` past the starting step belong to another run (or an abandoned
