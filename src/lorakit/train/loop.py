@@ -2,15 +2,16 @@
 
 A run is a sequence of optimizer steps.  Step ``t`` consumes the next ``batch_size · grad_accum``
 examples of the current epoch's permutation (a permutation of the training set seeded by
-``seed + epoch``, independent of every other random generator), split into ``grad_accum``
+(seed, epoch) alone, independent of every other random generator), split into ``grad_accum``
 micro-batches whose losses are weighted by their share of the step's examples.  The last step of an
 epoch may be short; the next step starts the next epoch.  So the whole data position is the pair
 (epoch, index), which is what a checkpoint stores, and resuming is exact.  A first Ctrl-C lets the
 current step finish, saves a checkpoint and stops, so an interrupted run loses nothing either.
 
-For distributed training (added later on top of this class) the seams are: :meth:`Trainer.wrap`
+Distributed training (``distributed.DistributedTrainer``) overrides only the seams: :meth:`Trainer.wrap`
 (the one place the model is wrapped), :meth:`Trainer.step_indices` (the one place data indices are
-chosen) and :attr:`Trainer.is_main` (who saves and logs).
+chosen), :attr:`Trainer.is_main` (who saves and logs), and the small hooks next to them (gradient
+sync per micro-batch, averaging a number over processes, what a checkpoint gathers).
 
 Learning rate, with W warmup steps and T total steps, at step t (0-based):
 
