@@ -52,6 +52,12 @@ def test_empty_and_missing_files(tmp_path: Path) -> None:
         read_jsonl(write(tmp_path / "b.jsonl", "{", "[}"), text_label, skip_bad_lines=True)
 
 
+def test_bom_and_crlf_are_fine(tmp_path: Path) -> None:
+    f = tmp_path / "w.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "a", "label": 1}\r\n{"text": "b", "label": 2}\r\n')
+    assert read_jsonl(f, text_label).examples == [("a", 1), ("b", 2)]
+
+
 def test_skip_bad_lines_counts_and_keeps_line_numbers(tmp_path: Path) -> None:
     f = write(tmp_path / "d.jsonl", {"text": "a", "label": 1}, "{oops", {"label": 2}, "", {"text": "d", "label": 3})
     loaded = read_jsonl(f, text_label, skip_bad_lines=True)

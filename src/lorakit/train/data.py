@@ -72,7 +72,7 @@ def read_jsonl(
     examples: list[Any] = []
     lines: list[int] = []
     skipped = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark (Windows editors write one)
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
