@@ -72,11 +72,17 @@ def read_jsonl(
     examples: list[Any] = []
     lines: list[int] = []
     skipped = 0
-    with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark (Windows editors write one)
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+    with open(path, "rb") as f:  # bytes, so an encoding error names its line like any other
+        for lineno, raw_bytes in enumerate(f, start=1):
+            if lineno == 1 and raw_bytes.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors)
+                raw_bytes = raw_bytes[3:]
+            if not raw_bytes.strip():
                 continue
             try:
+                try:
+                    raw = raw_bytes.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise BadLine(f"not UTF-8 text (byte {err.start + 1} of the line)", "save the file as UTF-8") from None
                 obj = json.loads(raw)
                 if not isinstance(obj, dict):
                     raise BadLine(f"expected a JSON object, got {type(obj).__name__}", f"write one object per line{hint}")
