@@ -3,9 +3,9 @@
     h = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ          x: (N, k)  W: (d, k)  A: (r, k)  B: (d, r)
 
 Where the time goes (N = 8192, d = k = 4096, r = 16, bf16; docs/gpu-notes.md has the counts): the two
-frozen products x Wᵀ and g W are 275 GFLOP each (≈ 0.35 ms at the measured 790 TFLOP/s); every other
-step is a memory-bound pass over an (N, k) or (N, d) tensor, 64 MiB ≈ 15 µs at ≈ 4.3 TB/s.  So the
-design minimises the number of full-size passes:
+frozen products x Wᵀ and g W are 275 GFLOP each (≈ 0.34 ms at the measured ≈ 700-740 TFLOP/s);
+every other step is a memory-bound pass over an (N, k) or (N, d) tensor, 64 MiB ≈ 16 µs at the
+measured 4.2 TB/s (these kernels reach ≈ 21 µs).  So the design minimises the number of full-size passes:
 
 * no dropout: the low-rank term is folded into the weight, W' = W + s·B A (one (d, k) pass, which is
   cheaper than an (N, d) one whenever N > k), so the forward is ONE GEMM, x W'ᵀ, and the input
@@ -19,9 +19,10 @@ design minimises the number of full-size passes:
   branch's input gradient m⊙(v A), into which g W then accumulates.
 * ∂L/∂B = s·c·gᵀu is the same kind of product (long axis N reduced, float32 atomics across row
   slices), so it too is one Triton pass over g, straight into a float32 (d, r) result.
-* few launches: on the benchmark host every eager op costs 20-40 µs of CPU, as much as a low-rank
-  pass costs the GPU, so scales ride on the r-sized factors and the kernels cast the (float32)
-  adapters themselves.
+* few launches: on the benchmark host every eager op or Triton launch costs ≈ 50-70 µs of CPU, more
+  than a low-rank pass costs the GPU, so scales ride on the r-sized factors and the kernels cast
+  the (float32) adapters themselves.
+* Philox with 7 rounds (see ``_PHILOX_ROUNDS``); p is rounded to a multiple of 2⁻¹⁶ (0.05 → 3277/65536).
 
 Masks: each Philox call gives 4×32 random bits, used as eight 16-bit numbers for eight consecutive
 columns of one row; an element is dropped when its number is < round(p·2¹⁶).  The mask is a function
@@ -308,7 +309,8 @@ def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
 
 
 # The host side below is kept to few launches on purpose: on the benchmark machine each eager torch op
-# costs ≈ 20-40 µs of host time, as much as the GPU work of a low-rank pass (docs/gpu-notes.md).
+# or Triton launch costs ≈ 50-70 µs of host time, more than the GPU work of a low-rank pass
+# (docs/gpu-notes.md).
 
 
 def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
@@ -376,5 +378,8 @@ def _backward_by_cublas(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, 
         if need_A:
             grad_A = _scaled(torch.mm(v.t(), x), 1.0, A.dtype)  # (r, k)
         if need_x:
-            grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype)) if weight is not None else v @ A.to(x.dtype)
+            if weight is not None:
+                grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype))
+            else:
+                grad_x = torch.mm(v, A.to(x.dtype))
     return grad_x, grad_A, grad_B
