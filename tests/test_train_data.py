@@ -39,7 +39,7 @@ def test_errors_name_file_line_and_fix(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r":1: field 'label' should be a str or int, got list"):
         read_jsonl(f, text_label)
     f.write_bytes(b'{"text": "a", "label": 1}\n{"text": "caf\xe9", "label": 2}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 13 of the line\); save the file as UTF-8"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 14 of the line\); save the file as UTF-8"):
         read_jsonl(f, text_label)
     write(f, ["not", "an", "object"])
     with pytest.raises(DataError, match=r":1: expected a JSON object, got list"):
