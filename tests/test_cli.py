@@ -69,7 +69,7 @@ def test_causal_lm_train_inspect_merge(files: dict[str, Path], tmp_path: Path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["before"]) == {"step", "loss", "perplexity"} and metrics["steps"] == 3
 
-    assert main(["inspect", str(out / "adapter")]) == 0
+    assert main(["inspect", str(out)]) == 0  # a run directory stands for its adapter/
     report = capsys.readouterr().out
     assert "r: 4" in report and "scale α/r = 4" in report and "PEFT: yes" in report and "vLLM: yes" in report
     assert "adapted modules: 4 (q_proj×2, v_proj×2)" in report

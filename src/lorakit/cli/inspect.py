@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Describe a LoRA adapter directory (lorakit's or PEFT's) without loading any model.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (or a lorakit train --out / checkpoint dir)")
     p.set_defaults(func=run)
     return p
 
@@ -43,11 +43,20 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def adapter_dir(path: str | Path) -> Path:
+    """``path``, or the adapter inside it when it is a ``lorakit train`` output or checkpoint directory."""
+    path = Path(path)
+    inner = path / "adapter"
+    if not (path / "adapter_config.json").exists() and (inner / "adapter_config.json").exists():
+        return inner
+    return path
+
+
 def describe(path: str | Path) -> list[str]:
     """The report's lines (the CLI prints them)."""
     from ..io import read_adapter
 
-    af = read_adapter(path)
+    af = read_adapter(adapter_dir(path))
     cfg, raw = af.config, af.raw_config
     modules: dict[str, dict[str, Any]] = {}
     saved_params, lora_params = 0, 0

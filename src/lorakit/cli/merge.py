@@ -28,7 +28,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("base", metavar="BASE", help="the base model directory the adapter was trained on")
-    p.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("adapter", metavar="ADAPTER",
+                   help="adapter directory (adapter_config.json + adapter_model.safetensors), or a lorakit train --out dir")
     p.add_argument("out", metavar="OUT", help="where to write the merged model")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="merge even if BASE differs from the model the adapter was trained on")
@@ -79,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     import lorakit
 
     from ..train.models import load_tokenizer, model_dir
+    from .inspect import adapter_dir
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # a head missing from BASE is expected: the adapter brings it
-    base, adapter, out = model_dir(args.base), Path(args.adapter), Path(args.out)
+    base, adapter, out = model_dir(args.base), adapter_dir(args.adapter), Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
     cls, kwargs = _model_class(base, adapter)
