@@ -331,3 +331,19 @@ def test_gpt2_conv1d_with_base_checkpoint(tmp_path):
         U, _, Vh = torch.linalg.svd(delta)
         # orientation matters for the square attn.c_proj: UᵀWV uses W as (d, k), not as stored
         assert m.amplification == pytest.approx(float(delta.norm() / torch.linalg.matrix_norm(U[:, :4].T @ W @ Vh[:4].T)), rel=1e-4)
+
+
+def test_base_model_without_the_adapted_weight_is_named(tmp_path):
+    factors = factors_of_rank(2, 4, 8)
+    (tmp_path / "base").mkdir()
+    save_file({"unrelated.weight": torch.zeros(2, 2)}, str(tmp_path / "base" / "model.safetensors"))
+    with pytest.raises(AnalysisError, match="no weight for adapted module model.layers.0.mlp.down_proj"):
+        analyze_adapter(write_adapter(tmp_path / "a", factors, r=4), base=tmp_path / "base")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnalysisError, match="no \\*.safetensors"):
+        analyze_adapter(tmp_path / "a", base=tmp_path / "empty")
+
+
+def test_energy_must_be_a_share(tmp_path):
+    with pytest.raises(AnalysisError, match=r"energy must be in \(0, 1\]"):
+        suggest_ranks(write_adapter(tmp_path / "a", factors_of_rank(2, 4, 8), r=4), energy=95)
