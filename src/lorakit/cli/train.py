@@ -37,9 +37,9 @@ matching whole names (.*attn\\.(q|v)_proj), or all-linear.
 # Per-task defaults for options the user did not give (code-search's come from codesearch.py).
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "causal-lm": dict(r=8, alpha=16.0, dropout=0.05, lr=2e-4, batch_size=8, max_length=512, epochs=1, warmup=0.05,
-                      schedule="cosine"),
+                      schedule="cosine", targets="all-linear"),
     "classification": dict(r=8, alpha=16.0, dropout=0.1, lr=5e-4, batch_size=16, max_length=256, epochs=3,
-                           warmup=0.05, schedule="cosine"),
+                           warmup=0.05, schedule="cosine", targets="all-linear"),
     "embedding": dict(r=8, alpha=16.0, dropout=0.0, lr=1e-3, batch_size=32, max_length=128, epochs=1, warmup=0.05,
                       schedule="linear"),
 }
@@ -64,7 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="LoRA-tune a model (default: the offline code-search demo)",
         description="LoRA-tune a local model on a task. With no arguments: adapt all-MiniLM-L6-v2 to code "
         "search over Python's standard library, offline, and report held-out recall@1 / MRR before and after.",
-        epilog=EPILOG,
+        epilog=EPILOG + _defaults_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("what to train")
@@ -106,6 +106,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="how long a process waits for the others before the run fails (default 600)")
     p.set_defaults(func=run)
     return p
+
+
+def _defaults_help() -> str:
+    """The per-task defaults, as a table for --help."""
+    lines = ["\ndefaults per task (what you type wins; with --resume, the checkpoint's settings come next):"]
+    for task in TASKS:
+        d = {**_COMMON, **_task_defaults(task)}
+        length = f"{d['max_steps']} steps" if d.get("max_steps") else f"{d['epochs']} epoch(s)"
+        targets = d.get("targets") or "the encoder's attention and MLP linears"
+        targets = targets if isinstance(targets, str) else ",".join(targets)
+        lines.append(f"  {task:<15} -r {d['r']} --alpha {d['alpha']:g} --dropout {d['dropout']:g} --lr {d['lr']:g} "
+                     f"--batch-size {d['batch_size']} --max-length {d['max_length']}, {length}, "
+                     f"warmup {d['warmup']:g}, {d['schedule']}; targets {targets}")
+    return "\n".join(lines) + "\n"
 
 
 def parse_targets(text: str | list[str] | None) -> tuple[str, ...] | str | None:
