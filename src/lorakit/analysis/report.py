@@ -93,7 +93,8 @@ def format_suggestion(suggestion: RankSuggestion) -> str:
                      "train one and compare with `lorakit analyze SMALL LARGE`.")
     dropped = [t.label for t in suggestion.types if t.suggested_r is None]
     if dropped:
-        lines.append(f"no update at all in {'/'.join(dropped)}: untrained or unused; consider removing them from target_modules.")
+        lines.append(f"no update at all in {'/'.join(dropped)}: untrained or unused (e.g. not on the loss's path); remove "
+                     "them from target_modules (the parameter count above assumes you do).")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ..config import LoraConfig
 from .analyze import AdapterAnalysis, GroupSummary, analyze_adapter
+from .factors import AnalysisError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +100,6 @@ def suggest_ranks(
         energy: share of the update's energy to keep, in (0, 1].
     """
     if not 0 < energy <= 1:
-        from .factors import AnalysisError
-
         raise AnalysisError(f"energy must be in (0, 1], e.g. 0.95; got {energy!r}")
     analysis = source if isinstance(source, AdapterAnalysis) else analyze_adapter(source, base)
     use_rslora = bool(analysis.config.use_rslora) if analysis.config is not None else False
