@@ -396,7 +396,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in clean_stale(ckpt_dir):
                 self._print(f"removed an incomplete checkpoint left by a crash: {stale}")
-            self._check_later_checkpoints(ckpt_dir, resume, force)
+        problem = self._later_checkpoints(ckpt_dir, resume, force) if self.is_main else ""
+        if self.mean_over_processes(float(bool(problem))) > 0:  # every process stops, not only the main one
+            raise CheckpointError(problem or "the main process refused the output directory (see its error)")
         report = lorakit.trainable_parameters(self.base)
         self._print(
             f"task {self.task.name}: {len(self.task.train_examples)} training examples, "
@@ -512,16 +514,17 @@ class Trainer:
         signal.signal(signal.SIGINT, handler)
         return lambda: signal.signal(signal.SIGINT, previous)
 
-    def _check_later_checkpoints(self, ckpt_dir: Path, resume: Checkpoint | None, force: bool) -> None:
+    def _later_checkpoints(self, ckpt_dir: Path, resume: Checkpoint | None, force: bool) -> str:
         """Checkpoints in ``ckpt_dir`` past the starting step belong to another run (or an abandoned
-        future of this one); mixing them in would make "latest" and keep-K pruning pick the wrong ones."""
+        future of this one); mixing them in would make "latest" and keep-K pruning pick the wrong ones.
+        Returns why the run cannot start ("" if it can); with ``force`` deletes them instead."""
         start = resume.step if resume is not None else 0
         later = [p for p in list_checkpoints(ckpt_dir) if (checkpoint_step(p) or 0) > start]
         if not later:
-            return
+            return ""
         if not force:
             what = f"newer than {resume.path.name}" if resume is not None else "of an earlier run"
-            raise CheckpointError(
+            return (
                 f"{ckpt_dir} holds {len(later)} checkpoint(s) {what} (latest {later[-1].name}); "
                 + ("continue it with --resume, " if resume is None else "")
                 + "choose another --out, or pass --force to delete them"
@@ -529,6 +532,7 @@ class Trainer:
         for path in later:
             discard(path, ckpt_dir)
         self._print(f"--force: deleted {len(later)} checkpoint(s) in {ckpt_dir} past step {start}")
+        return ""
 
     def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
         """Write checkpoint ``step`` (position: the next step starts at example ``index`` of ``epoch``)."""
