@@ -347,3 +347,9 @@ def test_base_model_without_the_adapted_weight_is_named(tmp_path):
 def test_energy_must_be_a_share(tmp_path):
     with pytest.raises(AnalysisError, match=r"energy must be in \(0, 1\]"):
         suggest_ranks(write_adapter(tmp_path / "a", factors_of_rank(2, 4, 8), r=4), energy=95)
+
+
+def test_cli_analyze_takes_a_train_output_directory(tmp_path, capsys):
+    write_adapter(tmp_path / "run" / "adapter", factors_of_rank(3, 8, 0), r=8)
+    assert main(["analyze", str(tmp_path / "run"), "--brief"]) == 0
+    assert '"r": 3' in capsys.readouterr().out

@@ -29,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "φ(i, j) between them.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directory; give two to compare them")
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                        help="adapter directory (or a `lorakit train` output directory holding adapter/); give two to compare them")
     parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory (*.safetensors) for ‖ΔW‖/‖W‖")
     parser.add_argument("--energy", type=float, default=0.95, help="energy share the rank suggestion keeps (default 0.95)")
     parser.add_argument("--side", choices=("input", "output"), default="input",
@@ -45,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import AnalysisError, analyze_adapter, compare_adapters, suggest_ranks
     from ..analysis.report import format_analysis, format_comparison, format_suggestion
 
+    from .inspect import adapter_dir
+
     if len(args.adapters) > 2:
         raise AnalysisError(f"give one adapter to analyse or two to compare, not {len(args.adapters)}")
-    analyses = [analyze_adapter(path, args.base) for path in args.adapters]
+    paths = [adapter_dir(path) for path in args.adapters]
+    analyses = [analyze_adapter(path, args.base) for path in paths]
     suggestions = [suggest_ranks(a, energy=args.energy) for a in analyses]
     out: dict = {"adapters": []}
     for analysis, suggestion in zip(analyses, suggestions):
@@ -55,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_suggestion(suggestion))
         print()
+        trained_on = analysis.config.base_model_name_or_path if analysis.config is not None else None
+        if args.base is None and trained_on and Path(trained_on).is_dir():
+            print(f"hint: add --base {trained_on} for ‖ΔW‖/‖W‖ and the amplification factor\n")
         out["adapters"].append({**analysis.to_dict(), "suggestion": suggestion.to_dict()})
-    comparison = compare_adapters(*args.adapters, side=args.side) if len(args.adapters) == 2 else None
+    comparison = compare_adapters(*paths, side=args.side) if len(paths) == 2 else None
     if comparison is not None:
         print(format_comparison(comparison))
         out["comparison"] = comparison.to_dict()
