@@ -12,6 +12,7 @@ Quick start::
     lorakit.save_adapter(model, "out/adapter")     # PEFT / vLLM layout
 """
 
+from . import analysis
 from .adapters import (
     ParameterCount,
     active_adapters,
