@@ -78,6 +78,17 @@ def test_refuses_non_finite_state(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
 
 
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    _save(tmp_path, 2)
+
+    def full_disk(path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 4, trainable={"w": torch.ones(2)}, optimizer={}, state={"step": 4}, write_adapter=full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+
+
 def test_missing_checkpoint_names_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         load_checkpoint(tmp_path)

@@ -200,20 +200,24 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _fault("start", step)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    _fault("trainable", step)
-    torch.save(optimizer, tmp / "optimizer.pt")
-    _fault("optimizer", step)
-    torch.save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
-    _fault("rng", step)
-    if write_adapter is not None:
-        write_adapter(tmp / "adapter")
-    _fault("adapter", step)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    _fault("state", step)
-    _fsync_tree(tmp)
-    _fault("fsynced", step)
+    try:
+        _fault("start", step)
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        _fault("trainable", step)
+        torch.save(optimizer, tmp / "optimizer.pt")
+        _fault("optimizer", step)
+        torch.save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
+        _fault("rng", step)
+        if write_adapter is not None:
+            write_adapter(tmp / "adapter")
+        _fault("adapter", step)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+        _fault("state", step)
+        _fsync_tree(tmp)
+        _fault("fsynced", step)
+    except BaseException:  # e.g. a full disk: leave nothing half-written (a crash leaves tmp for clean_stale)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():  # re-saving a step after resuming from an older checkpoint
         discard(final, root)
