@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,8 +54,6 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 from torch import nn
-
-import lorakit
 
 from ..config import LoraConfig
 from ..errors import ConfigError, LorakitError
@@ -453,8 +450,3 @@ def _reseed(seed: int, rank: int) -> None:
     torch.manual_seed(derived)
     random.seed(derived)
 
-
-def report_failure(err: BaseException, stream: TextIO | None = None) -> None:
-    """One line naming the rank that failed (the launcher then ends the others)."""
-    print(f"lorakit train: rank {rank()} of {world_size()} failed: {type(err).__name__}: {err}", file=stream or sys.stderr,
-          flush=True)

@@ -487,6 +487,7 @@ class Trainer:
             progress.close()
         self._progress = None
         elapsed = time.monotonic() - t_start
+        tokens = round(self.mean_over_processes(tokens) * self.world_size)  # every process's tokens, like examples
         after = {"step": step, **self.evaluate()}
         if history["eval"][-1].get("step") != step:
             history["eval"].append(after)
