@@ -42,7 +42,7 @@ class CodeSearchDefaults:
     """
 
     #: optimizer steps; one epoch of the train split is far more than the time budget allows
-    max_steps: int = 150
+    max_steps: int = 100
     #: pairs per step; every other pair in the batch is a negative of the in-batch contrastive loss
     batch_size: int = 64
     #: AdamW learning rate of the LoRA factors (linear warm-up then linear decay)
