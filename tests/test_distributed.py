@@ -48,7 +48,7 @@ class CheckpointedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(x))  # (B, 16); requires grad through inp's adapter, so reentrant checkpointing works
-        if self.reentrant is None:
+        if self.reentrant is None or not torch.is_grad_enabled():  # evaluation: nothing to recompute
             h = torch.tanh(self.block(h))
         else:
             h = checkpoint(lambda t: torch.tanh(self.block(t)), h, use_reentrant=self.reentrant)
@@ -65,7 +65,7 @@ class CheckpointedTask(ToyTask):
 
 
 def make_task(kind: str, n: int) -> ToyTask:
-    if kind == "toy":
+    if kind in ("toy", "head"):
         return ToyTask(n)
     return CheckpointedTask(n, {"ac-none": None, "ac-reentrant": True, "ac-plain": False}[kind])
 
@@ -74,7 +74,9 @@ def train(kind: str, out: Path, *, strategy: str | None, batch_size: int, resume
           n: int = N, **config) -> object:
     """One run; ``strategy`` None is the single-process Trainer."""
     task = make_task(kind, n)
-    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=config.pop("dropout", 0.0), target_modules=task.default_targets)
+    # "head": LoRA on the first linear, the last one trained whole (modules_to_save, as a classifier head)
+    targets, whole = (("0",), ("2",)) if kind == "head" else (task.default_targets, ())
+    lora = lorakit.LoraConfig(r=4, alpha=8, dropout=config.pop("dropout", 0.0), target_modules=targets, modules_to_save=whole)
     cfg = TrainConfig(**{"max_steps": 10, "lr": 1e-2, "grad_accum": 2, "batch_size": batch_size, **config})
     if strategy is None:
         trainer = Trainer(task, lora, cfg, out, log=io.StringIO(), device="cpu")
@@ -98,7 +100,7 @@ def worker(mode: str, out: Path) -> None:
     if mode == "train":
         # same adapter as one process: per-rank batch 2 × 2 ranks × accum 2 == batch 4 × accum 2
         for strategy in ("ddp", "fsdp"):
-            for kind in ("toy", "ac-none", "ac-reentrant", "ac-plain"):
+            for kind in ("toy", "head", "ac-none", "ac-reentrant", "ac-plain"):
                 train(kind, out / f"{strategy}-{kind}", strategy=strategy, batch_size=2)
         # resume: straight 10 steps == 3 steps + a new trainer resuming (dropout on, so every rank's RNG matters)
         for strategy in ("ddp", "fsdp"):
@@ -208,7 +210,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     proc = torchrun("train", out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for kind in ("toy", "ac-none", "ac-reentrant", "ac-plain"):
+    for kind in ("toy", "head", "ac-none", "ac-reentrant", "ac-plain"):
         train(kind, out / f"single-{kind}", strategy=None, batch_size=4)
     return out
 
@@ -219,6 +221,13 @@ def test_two_processes_give_the_one_process_adapter(trained: Path, strategy: str
     assert_same_adapter(trained / "single-toy", trained / f"{strategy}-toy")
     assert losses(trained / f"{strategy}-toy") == pytest.approx(losses(trained / "single-toy"), rel=1e-6)
     assert not torch.equal(adapter(trained / "single-toy")["base_model.model.2.lora_B.weight"], torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_modules_to_save_are_gathered_whole(trained: Path, strategy: str) -> None:
+    assert_same_adapter(trained / "single-head", trained / f"{strategy}-head")
+    tensors = adapter(trained / f"{strategy}-head")
+    assert tensors["base_model.model.2.weight"].shape == (1, 16) and tensors["base_model.model.2.bias"].shape == (1,)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
