@@ -131,29 +131,26 @@ def encode_packed(
     """
     n = lengths.shape[0]
     device = next(model.parameters()).device
-    starts = torch.cumsum(lengths, 0) - lengths
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    lens = lengths.tolist()
+    ids, lengths = ids.to(device), lengths.to(device)
+    starts = torch.cumsum(lengths, 0) - lengths  # (N,) offset of each text in ids
+    order = torch.argsort(lengths.cpu(), descending=True, stable=True)  # the chunking plan is made on the host
+    lens = lengths.cpu()[order].tolist()
+    order = order.to(device)
     pieces: list[Tensor] = []
     i = 0
     while i < n:
-        width = lens[order[i]]  # the longest text of this chunk comes first
+        width = lens[i]  # the longest text of this chunk comes first
         count = max(1, min(n - i, chunk_tokens // max(width, 1)))
-        rows = order[i : i + count]
-        batch = torch.full((count, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((count, width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            s, L = int(starts[r]), lens[r]
-            batch[j, :L] = ids[s : s + L]
-            mask[j, :L] = 1
-        batch, mask = batch.to(device), mask.to(device)
+        rows = order[i : i + count]  # (count,)
+        cols = torch.arange(width, device=device)  # (width,)
+        mask = (cols < lengths[rows, None]).long()  # (count, width)
+        positions = (starts[rows, None] + cols).clamp_max(max(ids.numel() - 1, 0))  # (count, width)
+        batch = torch.where(mask.bool(), ids[positions], pad_id)  # gathered on ids' device: no per-row copies
         hidden = model(input_ids=batch, attention_mask=mask).last_hidden_state  # (count, width, H)
         pieces.append(mean_pool(hidden, mask))
         i += count
     sorted_emb = torch.cat(pieces)  # (N, H) in `order`
-    inverse = torch.empty(n, dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(n)
-    return sorted_emb[inverse.to(sorted_emb.device)]
+    return torch.empty_like(sorted_emb).index_copy_(0, order, sorted_emb)
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -261,8 +258,8 @@ class EmbeddingTask:
         model.eval()
         try:
             with torch.inference_mode():
-                q = self.encode(model, *pack(self._eval_queries))
-                c = self.encode(model, *pack(self._eval_corpus))
+                emb = self.encode(model, *pack(self._eval_queries + self._eval_corpus))  # one pass, one sort
+                q, c = emb[: len(self._eval_queries)], emb[len(self._eval_queries) :]
         finally:
             model.train(was_training)
         return retrieval_metrics(q, c, self._eval_answers.to(q.device))
