@@ -184,8 +184,23 @@ def test_jsonl_task(tiny_dir: Path, tmp_path: Path) -> None:
 def test_code_search_task_on_tiny_model(tiny_dir: Path) -> None:
     task = emb.build_code_search_task(None, max_length=16, seed=0, model_dir=tiny_dir, eval_pairs=50)
     assert task.name == "code-search" and len(task.eval_pairs) == 50 and len(task.train_examples) > 2000
+    assert task.default_targets == emb.encoder_targets(task.model, 2 / 3)  # 2 layers: the top one
     assert max(len(e.positive) for e in task.train_examples) <= 16
     assert task.loss(task.model, task.collate(task.train_examples[:8])).isfinite()
+
+
+@pytest.mark.parametrize(("layers", "top", "adapted"), [(6, 2 / 3, [2, 3, 4, 5]), (6, 1.0, list(range(6))), (2, 2 / 3, [1]), (3, 0.01, [2])])
+def test_encoder_targets_pick_the_top_layers(layers: int, top: float, adapted: list[int]) -> None:
+    import lorakit
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=16)
+    targets = emb.encoder_targets(transformers.BertModel(config), top)
+    model = lorakit.inject(transformers.BertModel(config), lorakit.LoraConfig(target_modules=targets))
+    names = {name for name, _ in lorakit.lora_layers(model)}
+    linears = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+               "intermediate.dense", "output.dense")
+    assert names == {f"encoder.layer.{i}.{m}" for i in adapted for m in linears}  # never pooler.dense
+    assert emb.encoder_targets(torch.nn.Sequential(torch.nn.Linear(2, 2))) == "all-linear"
 
 
 def test_model_dir_errors(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,27 @@ def encode_packed(
 
 # -- the task ---------------------------------------------------------------------------------
 
+#: a BERT-style layer's linears: attention query/key/value and output, MLP in and out
+_BERT_LINEARS = r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+def encoder_targets(model: nn.Module, top_layers: float = 1.0) -> str:
+    """A target_modules regex: the attention and MLP linears of the top ``top_layers`` share of a
+    BERT-style encoder's layers (at least one layer), or ``"all-linear"`` for other architectures.
+
+    Adapting only top layers is cheaper: backpropagation stops at the lowest adapted layer.
+    The pooler is never a target (mean pooling does not use it).
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layer_names = re.compile(rf"(?:.*\.)?layer\.(\d+)\.{_BERT_LINEARS}")
+    found = {int(m.group(1)) for name, _ in model.named_modules() if (m := layer_names.fullmatch(name))}
+    if not isinstance(n, int) or not found or max(found) >= n:
+        return "all-linear"
+    keep = max(1, min(n, round(top_layers * n)))
+    layers = "|".join(str(i) for i in range(n - keep, n))
+    return rf"(?:.*\.)?layer\.(?:{layers})\.{_BERT_LINEARS}"
+
+
 
 class EmbeddingTask:
     """Contrastive LoRA training of a sentence encoder (implements :class:`lorakit.train.task.Task`).
@@ -169,10 +191,10 @@ class EmbeddingTask:
         data_id: identifies the data in :meth:`fingerprint` (a file hash or a source directory).
         source: where the data came from, for :meth:`info`.
         chunk_tokens: padded positions per encoder call (see :func:`encode_packed`).
+        top_layers: share of the layers (the top ones) in :attr:`default_targets`, see
+            :func:`encoder_targets`.
     """
 
-    #: BERT-style attention and MLP linears (not pooler.dense: mean pooling never uses it)
-    default_targets: Sequence[str] | str = ("query", "key", "value", "output.dense", "intermediate.dense")
     modules_to_save: tuple[str, ...] = ()
 
     def __init__(
@@ -188,6 +210,7 @@ class EmbeddingTask:
         data_id: str = "",
         source: str = "",
         chunk_tokens: int = 1024,
+        top_layers: float = 1.0,
     ) -> None:
         if temperature <= 0:
             raise EmbeddingTaskError(f"temperature must be > 0, got {temperature}")
@@ -195,6 +218,8 @@ class EmbeddingTask:
             raise EmbeddingTaskError(f"max_length must be ≥ 3 (two special tokens and a word), got {max_length}")
         self.name = name
         self.model = model
+        #: LoRA targets when the user names none (see :func:`encoder_targets`)
+        self.default_targets: Sequence[str] | str = encoder_targets(model, top_layers)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.temperature = temperature
@@ -391,6 +416,7 @@ def build_code_search_task(
         max_length=D.max_length if max_length is None else max_length,
         temperature=D.temperature if temperature is None else temperature,
         name="code-search",
+        top_layers=D.top_layers,
         data_id=split.fingerprint(),
         source=split.source,
     )
