@@ -208,3 +208,23 @@ def test_model_dir_errors(tmp_path: Path) -> None:
         emb.load_encoder("sentence-transformers/all-MiniLM-L6-v2")
     with pytest.raises(LorakitError, match="temperature"):
         emb.EmbeddingTask(torch.nn.Linear(1, 1), None, [], temperature=0.0)
+
+
+def test_default_demo_path_runs_end_to_end(tmp_path: Path) -> None:
+    """The default run (real all-MiniLM-L6-v2, stdlib pairs) through the training loop with a tiny budget."""
+    import io
+
+    import lorakit
+    from lorakit.train.codesearch import CODE_SEARCH_DEFAULTS as D
+    from lorakit.train.loop import TrainConfig, Trainer
+
+    task = emb.build_code_search_task(None, D.max_length, D.seed, eval_pairs=24)
+    lora = lorakit.LoraConfig(r=D.r, alpha=D.alpha, dropout=D.dropout, target_modules=D.targets or task.default_targets)
+    config = TrainConfig(lr=D.lr, max_steps=2, batch_size=8, warmup=1, schedule="linear", seed=D.seed)
+    result = Trainer(task, lora, config, tmp_path, log=io.StringIO()).fit()
+    assert result.steps == 2 and set(result.after) >= {"recall@1", "mrr"}
+    assert result.before["recall@1"] > 0.2  # the pretrained encoder already finds many
+    adapter = lorakit.io.read_adapter(tmp_path / "adapter")
+    layers = {key.split(".layer.")[1].split(".")[0] for key in adapter.tensors}
+    assert layers == {"2", "3", "4", "5"} and len(adapter.tensors) == 2 * 4 * 6
+    assert (tmp_path / "metrics.json").is_file()
