@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -64,9 +66,19 @@ class CheckpointedTask(ToyTask):
         self.model = CheckpointedNet(reentrant)
 
 
+class InferenceEvalTask(ToyTask):
+    """Evaluates under torch.inference_mode, as the embedding task does (FSDP2 must not keep inference tensors)."""
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        with torch.inference_mode():
+            return super().evaluate(model)
+
+
 def make_task(kind: str, n: int) -> ToyTask:
-    if kind in ("toy", "head"):
+    if kind == "toy":
         return ToyTask(n)
+    if kind == "head":
+        return InferenceEvalTask(n)
     return CheckpointedTask(n, {"ac-none": None, "ac-reentrant": True, "ac-plain": False}[kind])
 
 
@@ -74,7 +86,8 @@ def train(kind: str, out: Path, *, strategy: str | None, batch_size: int, resume
           n: int = N, **config) -> object:
     """One run; ``strategy`` None is the single-process Trainer."""
     task = make_task(kind, n)
-    # "head": LoRA on the first linear, the last one trained whole (modules_to_save, as a classifier head)
+    # "head": LoRA on the first linear, the last one trained whole (modules_to_save, as a classifier head);
+    # evaluated under inference_mode
     targets, whole = (("0",), ("2",)) if kind == "head" else (task.default_targets, ())
     lora = lorakit.LoraConfig(r=4, alpha=8, dropout=config.pop("dropout", 0.0), target_modules=targets, modules_to_save=whole)
     cfg = TrainConfig(**{"max_steps": 10, "lr": 1e-2, "grad_accum": 2, "batch_size": batch_size, **config})
@@ -112,6 +125,19 @@ def worker(mode: str, out: Path) -> None:
                 first.rename(part / "checkpoints" / first.name)
             dist.barrier()
             train("toy", part, strategy=strategy, batch_size=2, save_every=3, keep=0, dropout=0.1, resume=True)
+        # the embedding task calls the model once per length chunk: a different number of times per rank
+        from lorakit.train import embedding as emb
+
+        words = "open read join sort parse compute sleep write close seek list dict set map filter reduce".split()
+        pairs = [emb.EmbeddingPair(" ".join(words[i % 16 : i % 16 + 1 + i % 5]) + f" {i}", f"fn_{i}(x, y)") for i in range(24)]
+        model, tokenizer = emb.load_encoder(out / "tiny-bert")
+        task = emb.EmbeddingTask(model, tokenizer, pairs, pairs[:4], max_length=12, chunk_tokens=24)
+        trainer = D.DistributedTrainer(task, lorakit.LoraConfig(r=4, alpha=8, target_modules=task.default_targets),
+                                       TrainConfig(max_steps=4, lr=1e-3, batch_size=4), out / "ddp-embedding", timeout=60,
+                                       log=io.StringIO())
+        result = trainer.fit()
+        total = sum(float(p.double().sum()) for _, p in trainer.params)
+        (out / f"embedding-rank{rank}.json").write_text(json.dumps({"params": total, "loss": result.history["train"][-1]["loss"]}))
     elif mode == "errors":  # each scenario must stop every rank at the same point; the message goes to a file
         scenarios = {
             # rank 1 has one more training example than rank 0
@@ -139,6 +165,20 @@ def worker(mode: str, out: Path) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+def make_tiny_bert(path: Path) -> None:
+    """A random 2-layer BERT with the installed MiniLM tokenizer (as tests/test_embedding.py builds it)."""
+    import transformers
+
+    from lorakit.train import embedding as emb
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(emb.default_model_dir())
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def torchrun(mode: str, out: Path, *args: str, module: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -208,6 +248,7 @@ def test_shard_step_is_one_process_micro_batches_split(n: int, batch: int, world
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained")
+    make_tiny_bert(out / "tiny-bert")
     proc = torchrun("train", out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for kind in ("toy", "head", "ac-none", "ac-reentrant", "ac-plain"):
@@ -263,6 +304,21 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_force(trained: Pat
         train("toy", tmp_path, strategy=None, batch_size=4, resume=True, dropout=0.1, save_every=3, keep=0)
     result = train("toy", tmp_path, strategy=None, batch_size=4, resume=True, force=True, dropout=0.1, save_every=3, keep=0)
     assert result.steps == 10
+
+
+def test_ddp_trains_the_embedding_task(trained: Path) -> None:
+    """A varying number of model calls per rank (length chunks): DDP keeps the ranks' adapters equal."""
+    a, b = (json.loads((trained / f"embedding-rank{r}.json").read_text()) for r in (0, 1))
+    assert a == b and all(map(math.isfinite, a.values()))
+    assert (trained / "ddp-embedding" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp_refuses_the_embedding_tasks() -> None:
+    from lorakit.train.distributed import DistributedTrainer
+
+    with pytest.raises(lorakit.ConfigError, match="--strategy fsdp cannot train --task code-search yet.*--strategy ddp"):
+        DistributedTrainer(types.SimpleNamespace(name="code-search"), lorakit.LoraConfig(r=4), TrainConfig(), "unused",
+                           strategy="fsdp")
 
 
 def test_fsdp_cli_on_a_llama_matches_one_process(tmp_path: Path) -> None:

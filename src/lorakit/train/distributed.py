@@ -62,6 +62,8 @@ from .loop import TrainConfig, Trainer
 from .task import Task
 
 STRATEGIES = ("ddp", "fsdp")
+#: tasks whose loss calls the model a data-dependent number of times (length-chunked encoding)
+_VARIABLE_CALLS = ("embedding", "code-search")
 #: seconds a collective (or the start-up rendezvous) may wait for the other ranks
 DEFAULT_TIMEOUT = 600.0
 
@@ -202,11 +204,15 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     ``static_graph=True`` records in the first step which parameters the loss reaches and in what
     order, so adapters the loss never uses (PEFT's "unused parameters" failure) and reentrant
     activation checkpointing ("marked ready twice") both work without ``find_unused_parameters``.
+    ``broadcast_buffers=False``: buffers (position ids, rotary frequencies) are equal on every rank
+    already, and broadcasting them at every forward would hang a task that calls the model a
+    different number of times on different ranks (the embedding tasks encode in length chunks).
     """
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(
-        model.to(device), device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+        model.to(device), device_ids=[device.index] if device.type == "cuda" else None, static_graph=True,
+        broadcast_buffers=False
     )
 
 
@@ -223,9 +229,16 @@ def wrap_fsdp(model: nn.Module, device: torch.device, *, param_dtype: torch.dtyp
 
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    for unit in _fsdp_units(model):
+    units = _fsdp_units(model)
+    for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # moves every shard to the mesh's device
+    # FSDP2 creates each block's gathered parameters at its first gather and reuses them after; created
+    # inside torch.inference_mode (an evaluation before training) they would be inference tensors that
+    # training cannot refill.  So gather once now, in normal mode.
+    for unit in (*units, model):
+        unit.unshard()
+        unit.reshard()
     return model
 
 
@@ -276,6 +289,11 @@ class DistributedTrainer(Trainer):
     ) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "fsdp" and task.name in _VARIABLE_CALLS:
+            raise ConfigError(
+                f"--strategy fsdp cannot train --task {task.name} yet: it encodes each batch in a number of model calls "
+                "that differs between processes, and FSDP needs the same gathers on every process; use --strategy ddp"
+            )
         init_process_group(timeout)
         self.strategy, self.rank, self.world_size = strategy, rank(), world_size()
         self._gathered: dict[str, Any] | None = None
