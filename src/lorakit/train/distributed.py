@@ -22,9 +22,11 @@ Every process builds the same task and model, then :class:`DistributedTrainer` (
   collectives.  Only adapter parameters (and ``modules_to_save``) require gradients, so only they are
   reduced and only they have optimizer state.
 * **wrapping** — DDP with ``static_graph=True``: adapters on modules the loss never reaches and
-  activation checkpointing (reentrant or not) work without ``find_unused_parameters``.  FSDP2
+  activation checkpointing (reentrant or not) work without ``find_unused_parameters``; buffers are
+  not re-broadcast, so a task may call the model a different number of times on each rank.  FSDP2
   (``fully_shard``) shards every transformer block (the model's ``_no_split_modules``; every LoRA
-  layer for other models) and then the root: frozen base weights and adapters alike.
+  layer for other models) and then the root: frozen base weights and adapters alike.  FSDP needs
+  the same model calls on every rank, which the embedding tasks do not make (refused with a reason).
 * **saving** — only rank 0 writes and prints.  Under FSDP every rank gathers the adapter's full
   tensors (``DTensor.full_tensor``) and rank 0 writes them with :func:`lorakit.save_adapter`, so
   the files are exactly a single-process run's format.  Checkpoints hold full trainable tensors, the
