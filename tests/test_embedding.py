@@ -130,7 +130,9 @@ def test_chunked_encoding_equals_padded_batch(task: emb.EmbeddingTask) -> None:
         want = emb.mean_pool(model(**padded).last_hidden_state, padded["attention_mask"])
         ids = [tuple(t for t, m in zip(row, mask) if m) for row, mask in zip(padded["input_ids"].tolist(), padded["attention_mask"].tolist())]
         got = task.encode(model, *emb.pack(ids))  # chunk_tokens=24: several chunks of 2-4 texts
+        one_call = emb.encode_packed(model, *emb.pack(ids), chunk_tokens=None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_call, want, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_matches_reference_and_trains(task: emb.EmbeddingTask) -> None:

@@ -118,14 +118,15 @@ def pack(sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
 
 
 def encode_packed(
-    model: nn.Module, ids: Tensor, lengths: Tensor, *, pad_id: int = 0, chunk_tokens: int = 2048
+    model: nn.Module, ids: Tensor, lengths: Tensor, *, pad_id: int = 0, chunk_tokens: int | None = 2048
 ) -> Tensor:
     """Embed packed texts: length-sorted chunks, each padded to its own longest text.
 
     Args:
         model: a transformers encoder returning ``last_hidden_state`` (N, T, H).
         ids: (ΣL,) concatenated token ids.  lengths: (N,) tokens per text.
-        chunk_tokens: a chunk holds as many texts as fit in this many padded positions.
+        chunk_tokens: a chunk holds as many texts as fit in this many padded positions; None: one
+            encoder call for all texts (what FSDP needs: the same number of calls on every rank).
 
     Returns:
         (N, H) unit vectors in the order of ``lengths``.
@@ -141,7 +142,7 @@ def encode_packed(
     i = 0
     while i < n:
         width = lens[i]  # the longest text of this chunk comes first
-        count = max(1, min(n - i, chunk_tokens // max(width, 1)))
+        count = n if chunk_tokens is None else max(1, min(n - i, chunk_tokens // max(width, 1)))
         rows = order[i : i + count]  # (count,)
         cols = torch.arange(width, device=device)  # (width,)
         mask = (cols < lengths[rows, None]).long()  # (count, width)
@@ -190,7 +191,8 @@ class EmbeddingTask:
         temperature: τ of the InfoNCE loss.
         data_id: identifies the data in :meth:`fingerprint` (a file hash or a source directory).
         source: where the data came from, for :meth:`info`.
-        chunk_tokens: padded positions per encoder call (see :func:`encode_packed`).
+        chunk_tokens: padded positions per encoder call (see :func:`encode_packed`); None for
+            one call per loss / evaluation.
         top_layers: share of the layers (the top ones) in :attr:`default_targets`, see
             :func:`encoder_targets`.
     """
@@ -209,7 +211,7 @@ class EmbeddingTask:
         name: str = "embedding",
         data_id: str = "",
         source: str = "",
-        chunk_tokens: int = 1024,
+        chunk_tokens: int | None = 1024,
         top_layers: float = 1.0,
     ) -> None:
         if temperature <= 0:
