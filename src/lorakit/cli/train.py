@@ -114,7 +114,7 @@ def _defaults_help() -> str:
     for task in TASKS:
         d = {**_COMMON, **_task_defaults(task)}
         length = f"{d['max_steps']} steps" if d.get("max_steps") else f"{d['epochs']} epoch(s)"
-        targets = d.get("targets") or "the encoder's attention and MLP linears"
+        targets = d.get("targets") or "the attention and MLP linears of the encoder's top 2/3 of layers"
         targets = targets if isinstance(targets, str) else ",".join(targets)
         lines.append(f"  {task:<15} -r {d['r']} --alpha {d['alpha']:g} --dropout {d['dropout']:g} --lr {d['lr']:g} "
                      f"--batch-size {d['batch_size']} --max-length {d['max_length']}, {length}, "
