@@ -80,19 +80,6 @@ def _dropped_input_times(x2: Tensor, pos: Tensor, A: Tensor) -> Tensor:
         return (dropped @ A.t().to(acc)).to(x2.dtype)
 
 
-def _sampled_product(v: Tensor, A: Tensor, pos: Tensor, shape: torch.Size) -> Tensor:
-    """(v A) at the flat positions ``pos`` only (a sampled dense-dense product), as a vector."""
-    N, k = shape
-    rows = pos // k
-    crow = torch.searchsorted(rows, torch.arange(N + 1, device=v.device, dtype=rows.dtype))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        acc = _sparse_dtype(v.dtype)
-        pattern = torch.sparse_csr_tensor(crow, pos - rows * k, torch.zeros(pos.numel(), dtype=acc, device=v.device),
-                                          (N, k), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, v.to(acc), A.to(acc), beta=0.0).values().to(v.dtype)
-
-
 def _sparse_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -103,15 +90,17 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
+        h = None
+        if weight is not None:  # the big GEMM first: the skinny x Aᵀ then reads x while it is still in cache
+            W = weight.to(x.dtype)
+            h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
         u = x2 @ A_.t()  # (N, r)
         if p:  # u = c·(x − x|_D) Aᵀ
             u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
             u.mul_(1.0 / (1.0 - p))
-        if weight is None:
+        if h is None:
             h = (u @ B_.t()).mul_(scale)
         else:
-            W = weight.to(x.dtype)
-            h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
             h.addmm_(u, B_.t(), alpha=scale)  # the update accumulates into the base output
         ctx.save_for_backward(x, weight, A, B, u)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
@@ -126,29 +115,31 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         x2 = x.reshape(-1, k)  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
+        # Without dropout the big GEMM g W goes first, so the skinny products after it find g in cache.
+        base_grad_x = g @ weight.to(x.dtype) if need_x and not p and weight is not None else None
         v = (g @ B_).mul_(s * (1.0 / (1.0 - p)))  # (N, r), with dropout's c folded in
         pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if need_B:
             grad_B = (u.t() @ g).mul_(s).t().to(B.dtype)  # (d, r); uᵀg is the faster GEMM shape
-        # One (N, k) buffer serves two purposes in turn: first drop(x) for ∂L/∂A (only with dropout),
-        # then ∂L/∂x itself — so dropout adds a copy of x, not another allocation.
-        buf = None
-        if need_A:
-            if pos is None:
+        # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
+        # branch's input gradient v A, is zeroed at the dropped inputs, and g W accumulates into it —
+        # so dropout costs a copy of x and two sparse fills, not another allocation.
+        if pos is not None and (need_A or need_x):
+            buf = x2.clone()
+            buf.view(-1)[pos] = 0
+            if need_A:
+                grad_A = (v.t() @ buf).to(A.dtype)  # (r, k)
+            if need_x:
+                torch.mm(v, A_, out=buf)
+                buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
+                grad_x = buf if weight is None else buf.addmm_(g, weight.to(x.dtype))
+        else:
+            if need_A:
                 grad_A = (v.t() @ x2).to(A.dtype)  # (r, k)
-            else:
-                buf = x2.clone()
-                buf.view(-1)[pos] = 0
-                grad_A = (v.t() @ buf).to(A.dtype)
-        if need_x:
-            if weight is None:
-                grad_x = v @ A_
-            else:
-                grad_x = torch.mm(g, weight.to(x.dtype), out=buf) if buf is not None else g @ weight.to(x.dtype)
-                grad_x.addmm_(v, A_)  # + the branch's input gradient, in place
-            if pos is not None:  # dropped inputs get no gradient through the branch: take (v A) back out there
-                grad_x.view(-1)[pos] -= _sampled_product(v, A_, pos, x2.shape)
+            if need_x:
+                grad_x = v @ A_ if weight is None else base_grad_x.addmm_(v, A_)  # + v A in place
+        if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         if need_w:  # only when a caller unfroze the base; LoRA layers never do
             grad_w = (g.t() @ x2).to(weight.dtype)
