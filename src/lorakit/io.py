@@ -182,14 +182,15 @@ def save_adapter(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for child in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME, tmp):
-            _fsync(child)
+            fsync(child)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file or directory to disk (a directory: so a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,7 +218,7 @@ def replace_dir(new: Path, target: Path) -> None:
             os.rename(target, old)
             os.rename(new, target)
             os.rename(old, new)
-    _fsync(target.parent)
+    fsync(target.parent)
 
 
 def load_adapter(

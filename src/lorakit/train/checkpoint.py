@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LorakitError
+from ..io import fsync
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -144,15 +145,7 @@ def _fsync_tree(path: Path) -> None:
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync(Path(dirpath))
 
 
 def _all_finite(obj: Any) -> bool:
@@ -222,7 +215,7 @@ def save_checkpoint(
     if final.exists():  # re-saving a step after resuming from an older checkpoint
         discard(final, root)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync(root)
     _fault("renamed", step)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
@@ -234,7 +227,7 @@ def discard(path: Path, root: Path, step: int | None = None) -> None:
     """Delete a checkpoint without ever leaving a half-deleted ``step-*`` behind."""
     trash = root / f"{TRASH_PREFIX}{path.name}-{os.getpid()}"
     os.rename(path, trash)
-    _fsync_dir(root)
+    fsync(root)
     if step is not None:
         _fault("pruning", step)
     shutil.rmtree(trash, ignore_errors=True)
