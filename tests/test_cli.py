@@ -245,4 +245,4 @@ def test_the_default_command_runs_with_a_tiny_step_budget(tmp_path):
     assert (out / "training.png").stat().st_size > 1000
     import lorakit
 
-    assert lorakit.read_adapter(out / "adapter").config.r == metrics["config"]["r"]
+    assert lorakit.read_adapter(out / "adapter").config.r == metrics["config"]["lora"]["r"]
