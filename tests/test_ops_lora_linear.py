@@ -90,3 +90,18 @@ def test_half_precision_with_dropout_matches_float64_same_mask(dtype, tol):
         grads.append((out.detach(), xs.grad, As.grad, Bs.grad))
     for low, ref in zip(*grads):
         assert ((low.double() - ref).norm() / ref.norm()) < tol
+
+
+def test_under_autocast_computes_in_the_autocast_dtype():
+    x, W, b, A, B = (t.detach().float() for t in _inputs(N=16, k=32, d=24, r=4))
+    x.requires_grad_()
+    A.requires_grad_()
+    ref = x.double() @ W.double().T + b.double() + 0.5 * x.double() @ A.double().T @ B.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, W, b, A, B, 0.5, 0.1, seed=2)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and A.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, W, b, A, B, 0.5)
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-2

@@ -60,6 +60,12 @@ def lora_linear(
     Returns:
         (..., d) in x's dtype.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # Under autocast the LoRA linear computes in the autocast dtype, like F.linear would; the
+        # kernels then run with autocast off so every product inside sees one dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     if x.is_cuda or torch.compiler.is_compiling():  # GPU kernels / no graph break: see ops/lora_op.py
         from .lora_op import lora_linear_op  # imported late: lora_op builds on _LoraLinear below
 
