@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -141,6 +142,10 @@ def init_process_group(timeout: float = DEFAULT_TIMEOUT) -> None:
 def shutdown() -> None:
     """Leave the process group (if joined), so the launcher sees a clean exit."""
     if dist.is_available() and dist.is_initialized():
+        # A trainer that failed may sit in a reference cycle with its DDP wrapper; collect it while the
+        # process group still exists, or its communication thread is torn down at interpreter exit and
+        # the process aborts ("terminate called without an active exception") after a clean error.
+        gc.collect()
         dist.destroy_process_group()
 
 
