@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
@@ -184,7 +185,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         raise
     state.configs[adapter_name] = config
     state.fingerprints[adapter_name] = fingerprint(
-        {name: _unmerged_base(model.get_submodule(name)) for name in targets}
+        {name: unmerged_base_weight(model.get_submodule(name)) for name in targets}
     )
     model.__dict__[STATE_ATTR] = state
     active = next((layer.active_adapters for _, layer in lora_modules(model) if layer.active_adapters), None)
@@ -192,7 +193,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     return model
 
 
-def _unmerged_base(layer: LoraLayer):
+def unmerged_base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The layer's base weight without the updates currently merged into it (for fingerprints)."""
     weight = layer.base_weight()
     for name in layer.merged_adapters:
         weight = weight - layer.delta_weight(name).to(weight.dtype)

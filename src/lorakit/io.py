@@ -36,7 +36,7 @@ from .adapters import active_adapters, adapter_names, delete_adapter
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
 from .fingerprint import describe_mismatch, dumps, fingerprint
-from .inject import _unmerged_base, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
+from .inject import unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
 from .layers import LoraEmbedding, LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
@@ -273,7 +273,7 @@ def load_adapter(
 
         in_tree = {name: module for name, module, _ in candidates(model)}
         current = fingerprint(
-            {n: _unmerged_base(in_tree[n]) if isinstance(in_tree[n], LoraLayer) else in_tree[n].weight for n in targets}
+            {n: unmerged_base_weight(in_tree[n]) if isinstance(in_tree[n], LoraLayer) else in_tree[n].weight for n in targets}
         )
         problem = describe_mismatch(saved_fp, current)
         if problem:
@@ -287,10 +287,10 @@ def load_adapter(
     try:
         with torch.no_grad():
             for name, module in _modules_with(model, adapter_name):
-                for key, param in _layer_params(module, adapter_name).items():
+                for key, param in layer_params(module, adapter_name).items():
                     param.copy_(found[name + "." + key].reshape(param.shape))
                 if not trainable:
-                    for p in _layer_params(module, adapter_name).values():
+                    for p in layer_params(module, adapter_name).values():
                         p.requires_grad_(False)
             for key, param in base_params.items():
                 param.copy_(found[key])
@@ -313,7 +313,7 @@ def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Te
     }
 
 
-def _layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
+def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
     """Relative PEFT key → the live parameter it loads into."""
     if isinstance(module, ModulesToSave):
         copy = module.copies[adapter_name]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .adapters import adapter_names, lora_layers
 from .errors import AdapterMismatchError, AdapterNameError, MergeError, UnsupportedModuleError
 from .inject import lora_modules
-from .io import PREFIX, AdapterFile, _layer_params, read_adapter
+from .io import PREFIX, AdapterFile, layer_params, read_adapter
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .ops.segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
 
@@ -233,7 +233,7 @@ def hot_swap(
         if isinstance(module, ModulesToSave):
             if adapter_name not in module.copies:
                 continue
-            for key, param in _layer_params(module, adapter_name).items():
+            for key, param in layer_params(module, adapter_name).items():
                 full = f"{qualified}.{key}"
                 if full not in found:
                     raise AdapterMismatchError(f"{where}: missing key {PREFIX + full!r} for the slot's module to save")
@@ -242,7 +242,7 @@ def hot_swap(
             continue
         if adapter_name not in module.lora_A:
             continue
-        keys = list(_layer_params(module, adapter_name))
+        keys = list(layer_params(module, adapter_name))
         A_slot, B_slot = module.lora_A[adapter_name], module.lora_B[adapter_name]
         R = A_slot.shape[0]
         newA, newB = (found.get(f"{qualified}.{k}") for k in keys)
