@@ -116,7 +116,7 @@ def test_ties_and_dare():
     # dare at density 1 keeps everything: the weighted sum; below 1 it is a seeded, rescaled drop
     combine(model, W, "dare1", method="dare", density=1.0, rank=32)
     r1 = combine(model, W, "dareA", method="dare", density=0.5, rank=4, seed=3)
-    r2 = combine(model, W, "dareB", method="dare", density=0.5, rank=4, seed=3)
+    combine(model, W, "dareB", method="dare", density=0.5, rank=4, seed=3)
     for q, layer in lorakit.lora_layers(model):
         torch.testing.assert_close(dw(layer, "dare1"), weighted_delta(layer, W), rtol=1e-4, atol=1e-6)
         assert torch.equal(dw(layer, "dareA"), dw(layer, "dareB"))

@@ -65,6 +65,7 @@ __all__ = [
     "__version__",
     "active_adapters",
     "adapter_names",
+    "analysis",
     "batch_adapters",
     "combine",
     "delete_adapter",

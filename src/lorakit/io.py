@@ -23,6 +23,7 @@ import ctypes.util
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +44,18 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# PEFT's LoRA keys; in-memory PEFT state dicts also carry the adapter name ("...lora_A.default.weight").
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>[^.]+))?$"
+)
+
+
+def split_lora_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module path, kind, adapter name or None) of a PEFT LoRA tensor key, where kind is "lora_A",
+    "lora_B", "lora_embedding_A" or "lora_embedding_B"; None for any other key (modules_to_save)."""
+    match = _LORA_KEY.match(key.removesuffix(".weight"))
+    return (match["module"], match["kind"], match["adapter"]) if match else None
 
 
 @dataclasses.dataclass

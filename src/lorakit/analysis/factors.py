@@ -16,7 +16,6 @@ here. Every layer kind becomes the same matrix picture ``ΔW = s · B A`` with
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,12 +24,8 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from ..io import read_adapter
+from ..io import read_adapter, split_lora_key
 
-# PEFT's keys: "base_model.model.<module>.lora_A.weight", in-memory state dicts add an adapter name
-# ("...lora_A.default.weight"); embeddings have no ".weight" ("...lora_embedding_A").
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<which>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.(?P<adapter>[^.]+))?$")
 
 Kind = Literal["linear", "embedding", "conv"]
 
@@ -121,13 +116,14 @@ def _pair(tensors: Mapping[str, torch.Tensor], config: LoraConfig | None, label:
     adapters: set[str] = set()
     ignored = 0
     for key, tensor in tensors.items():
-        match = _KEY.match(key.removesuffix(".weight"))
-        if match is None:
+        parts = split_lora_key(key)
+        if parts is None:
             ignored += 1  # modules_to_save copies, heads: not low-rank updates
             continue
-        if match["adapter"]:
-            adapters.add(match["adapter"])
-        found.setdefault(match["module"], {})[match["which"]] = tensor
+        module, kind, adapter = parts
+        if adapter:
+            adapters.add(adapter)
+        found.setdefault(module, {})[kind] = tensor
     if len(adapters) > 1:
         raise AnalysisError(f"{label}: tensors of several adapters ({', '.join(sorted(adapters))}); pass one adapter's tensors")
     if not found:

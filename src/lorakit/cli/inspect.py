@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,6 @@ Shows the targets, r, α and the scale s = α/r (α/√r with rsLoRA), parameter
 of the base weights it was trained on, file sizes, and whether HF PEFT and vLLM can load it (and why not).
 """
 
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
-)
 # ranks vLLM accepts for --max-lora-rank; its default is 16
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -54,22 +50,22 @@ def adapter_dir(path: str | Path) -> Path:
 
 def describe(path: str | Path) -> list[str]:
     """The report's lines (the CLI prints them)."""
-    from ..io import read_adapter
+    from ..io import read_adapter, split_lora_key
 
     af = read_adapter(adapter_dir(path))
     cfg, raw = af.config, af.raw_config
     modules: dict[str, dict[str, Any]] = {}
     saved_params, lora_params = 0, 0
     for key, t in af.tensors.items():
-        m = _LORA_KEY.match(key)
-        if m:
-            info = modules.setdefault(m["module"], {})
-            info[m["kind"]] = t
+        parts = split_lora_key(key)
+        if parts:
+            info = modules.setdefault(parts[0], {})
+            info[parts[1]] = t
             lora_params += t.numel()
         else:
             saved_params += t.numel()
-    ranks = {name: int(info.get("lora_A.weight", info.get("lora_embedding_A")).shape[0]) for name, info in modules.items()
-             if "lora_A.weight" in info or "lora_embedding_A" in info}
+    ranks = {name: int(info.get("lora_A", info.get("lora_embedding_A")).shape[0]) for name, info in modules.items()
+             if "lora_A" in info or "lora_embedding_A" in info}
     leaves = Counter(name.rsplit(".", 1)[-1] for name in modules)
     rank_set = sorted(set(ranks.values()))
     scale = f"α/√r = {cfg.alpha / cfg.r ** 0.5:.4g}" if cfg.use_rslora else f"α/r = {cfg.alpha / cfg.r:.4g}"
