@@ -45,6 +45,7 @@ from .errors import AdapterMismatchError, AdapterNameError, MergeError, Unsuppor
 from .inject import lora_modules
 from .io import PREFIX, AdapterFile, layer_params, read_adapter
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .ops import triton_segmented
 from .ops.segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
 
 
@@ -100,7 +101,7 @@ class _MixedBatch:
             raise AdapterNameError("batch_adapters needs one adapter name (or None) per sample; got an empty list")
         self.unique = list(dict.fromkeys(n for n in names if n is not None))
         self.sample_slot = [-1 if n is None else self.unique.index(n) for n in names]
-        self.layers: dict[LoraLayer, tuple[_Stacks | None, list[int]]] = {}
+        self.layers: dict[LoraLayer, tuple[_Stacks, tuple[int, ...]]] = {}
         self._plans: dict[tuple, SegmentPlan] = {}
         for qualified, layer in lora_layers(model):
             present = [n for n in self.unique if n in layer.lora_A]
@@ -117,13 +118,13 @@ class _MixedBatch:
                     "transformers Conv1D and nn.Embedding layers: leave it out of these adapters' target_modules"
                 )
             # this layer's slot of each batch-wide slot (-1: the adapter does not adapt this layer)
-            local = [present.index(n) if n in present else -1 for n in self.unique]
+            local = tuple(present.index(n) if n in present else -1 for n in self.unique)
             self.layers[layer] = (_Stacks(layer, present), local)
 
-    def token_plan(self, lead: tuple[int, ...], device: torch.device, local: list[int]) -> SegmentPlan:
+    def token_plan(self, lead: tuple[int, ...], device: torch.device, local: tuple[int, ...]) -> SegmentPlan:
         """The adapter slot of each token (a layer input's leading shape ``lead``) for a layer whose
         slots are ``local``; cached, so all layers of one forward share one plan."""
-        key = (lead, tuple(local), device)
+        key = (lead, local, device)
         plan = self._plans.get(key)
         if plan is None:
             if not lead or lead[0] % self.n_samples:
@@ -152,9 +153,16 @@ class _MixedBatch:
                 f"adapters {stacks.names} have different dropout probabilities; a mixed training batch needs one "
                 "(set the same dropout, or train in eval mode)"
             )
+        plan = self.token_plan(tuple(x.shape[:-1]), x.device, local)
+        if (x.is_cuda and not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous()
+                and triton_segmented.available()):
+            # Serving: the plan and stacks were checked when built, so go straight to the kernels and
+            # accumulate into the fresh base output. Host time is what a decode step is made of here.
+            k, d = x.shape[-1], output.shape[-1]
+            triton_segmented.forward_into(output.view(-1, d), x.reshape(-1, k), plan, A, B, stacks.scales, stacks.ranks)
+            return output
         p = stacks.dropout if layer.training else 0.0
         x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
-        plan = self.token_plan(tuple(x.shape[:-1]), x.device, local)
         return segmented_lora(x_low, plan, A, B, stacks.scales, stacks.ranks, base=output, inplace=True)
 
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .launch import cdiv, next_pow2
+
 try:  # Triton is optional: without it CUDA uses the torch path of lora_linear.
     import triton
     import triton.language as tl
@@ -185,7 +187,7 @@ if triton is not None:
 
 
 def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension ≥ 16
+    return max(16, next_pow2(r))  # tl.dot needs every dimension ≥ 16
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -215,7 +217,7 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: tor
     R = A.shape[0]
     dtype = dtype or weight.dtype
     out = torch.empty((D, K), dtype=dtype, device=weight.device)
-    _merge_kernel[(triton.cdiv(D, block_d), triton.cdiv(K, block_k))](
+    _merge_kernel[(cdiv(D, block_d), cdiv(K, block_k))](
         weight, B.contiguous(), A.contiguous(), out, D, K, R, weight.stride(0), weight.stride(1), float(scale),
         R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(dtype), num_warps=num_warps,
     )
@@ -231,7 +233,7 @@ def keep_mask(n: int, k: int, p: float, seed: int, device: torch.device | str) -
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
         BM, BK = 16, 64
-        _mask_kernel[(triton.cdiv(n, BM), triton.cdiv(k, BK))](out, n, k, int(seed), drop_threshold(p), BM=BM, BK=BK)
+        _mask_kernel[(cdiv(n, BM), cdiv(k, BK))](out, n, k, int(seed), drop_threshold(p), BM=BM, BK=BK)
     return out.bool()
 
 
@@ -248,9 +250,9 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, scale: float = 1.0, 
     if N == 0:
         return u
     if block_m is None:  # enough programs to give every SM a couple of row blocks
-        block_m = 64 if triton.cdiv(N, 64) >= 2 * _sm_count(x.device) else 32
-    block_k = max(16, min(block_k, triton.next_power_of_2(K)))
-    _xa_kernel[(triton.cdiv(N, block_m),)](
+        block_m = 64 if cdiv(N, 64) >= 2 * _sm_count(x.device) else 32
+    block_k = max(16, min(block_k, next_pow2(K)))
+    _xa_kernel[(cdiv(N, block_m),)](
         x, A.contiguous(), u, N, K, R, x.stride(0), int(seed), drop_threshold(p), float(scale),
         HAS_DROPOUT=p > 0, R_PAD=_r_pad(R), BM=block_m, BK=block_k, PRECISION=_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -279,8 +281,8 @@ def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed:
         return out, gx, y
     if A is not None and block_c == 64:  # the input-gradient pass does best with narrower column blocks (sweep)
         block_c, num_stages = 32, 4
-    n_cb = triton.cdiv(C, block_c)
-    n_split = max(1, min(triton.cdiv(N, block_m), triton.cdiv(2 * _sm_count(M.device), n_cb)))
+    n_cb = cdiv(C, block_c)
+    n_split = max(1, min(cdiv(N, block_m), cdiv(2 * _sm_count(M.device), n_cb)))
     stride_or, stride_oc = (1, R) if transpose_out else (C, 1)
     _tall_kernel[(n_cb, n_split)](
         M, P.contiguous(), A.contiguous() if A is not None else P, gx if gx is not None else out, out,

@@ -20,6 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .launch import cdiv, next_pow2
 from .segmented import SegmentPlan, column_scales
 
 try:  # Triton is optional: without it CUDA uses the torch path.
@@ -130,7 +131,7 @@ if triton is not None:
 
 
 def _block_r(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
+    return max(16, next_pow2(R))
 
 
 def shrink(x2: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor, deterministic: bool = True) -> Tensor:
@@ -143,10 +144,10 @@ def shrink(x2: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor, deterministi
     n, R, _ = W.shape
     BR = _block_r(R)
     order, blk_a, blk_s, blk_e = plan.block_table(BLOCK_M)
-    BK = 128 if K >= 128 else max(16, triton.next_power_of_2(K))
+    BK = 128 if K >= 128 else max(16, next_pow2(K))
     grid = blk_a.numel()
     # one program streams all of A_a (R·K) alone: with few programs the GPU idles, so split K
-    split_k = 1 if deterministic or grid >= 256 else max(1, min(triton.cdiv(K, BK * 2), triton.cdiv(512, grid)))
+    split_k = 1 if deterministic or grid >= 256 else max(1, min(cdiv(K, BK * 2), cdiv(512, grid)))
     alloc = torch.zeros if split_k > 1 else torch.empty  # blocks write every row they own; others are never read
     u = alloc(N, BR, device=x2.device, dtype=torch.float32)
     _shrink_kernel[(grid, split_k)](
@@ -163,8 +164,8 @@ def expand_(out: Tensor, u: Tensor, plan: SegmentPlan, W: Tensor, ranks: Tensor,
     N, D = out.shape
     BR = u.shape[1]
     order, blk_a, blk_s, blk_e = plan.block_table(BLOCK_M)
-    BN = 128 if D >= 128 else max(16, triton.next_power_of_2(D))
-    grid = (blk_a.numel(), triton.cdiv(D, BN))
+    BN = 128 if D >= 128 else max(16, next_pow2(D))
+    grid = (blk_a.numel(), cdiv(D, BN))
     _expand_kernel[grid](
         u, W, out, order, blk_a, blk_s, blk_e, ranks, scales,
         D,
@@ -199,14 +200,20 @@ def segmented_lora_triton(
     if base2 is None:
         base2 = x2.new_zeros(x2.shape[0], B.shape[1])
     if inplace:  # serving: no autograd, so the faster non-deterministic split-K shrink is fine
-        return _forward_into(base2, x2, plan, A, B, scales, ranks, deterministic=False)
+        return forward_into(base2, x2, plan, A, B, scales, ranks, deterministic=False)
     return _SegmentedTriton.apply(x2, A, B, base2, scales, ranks, plan)
 
 
-def _forward_into(
+def forward_into(
     out: Tensor, x2: Tensor, plan: SegmentPlan, A: Tensor, B: Tensor, scales: Tensor, ranks: Tensor,
-    deterministic: bool = True,
+    deterministic: bool = False,
 ) -> Tensor:
+    """out += segmented update, in place, no autograd: the serving path, two launches.
+
+    out: (N, d) contiguous; x2: (N, k); A: (n, R, k), B: (n, d, R); scales (n,) float32 and ranks (n,)
+    int32 on x2's device. The caller has validated the plan against the stacks (``segmented_lora``
+    does). deterministic=False allows the split-K shrink (its float32 atomics add in varying order).
+    """
     u = shrink(x2, plan, A.to(x2.dtype), ranks, deterministic)  # (N, BR) fp32, sorted order
     return expand_(out, u, plan, B.to(x2.dtype), ranks, scales)
 
@@ -215,7 +222,7 @@ class _SegmentedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A, B, base2, scales, ranks, plan):  # type: ignore[override]
         out = base2.to(x2.dtype).clone(memory_format=torch.contiguous_format)  # autograd must see base unchanged
-        _forward_into(out, x2, plan, A, B, scales, ranks)
+        forward_into(out, x2, plan, A, B, scales, ranks, deterministic=True)
         ctx.save_for_backward(x2, A, B, scales, ranks)
         ctx.plan = plan
         return out
