@@ -38,6 +38,7 @@ from .errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from .fuse import fuse_mlps, unfuse_mlps
 from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
@@ -70,6 +71,7 @@ __all__ = [
     "combine",
     "delete_adapter",
     "disable_adapters",
+    "fuse_mlps",
     "hot_swap",
     "inject",
     "load_adapter",
@@ -81,5 +83,6 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "trainable_parameters",
+    "unfuse_mlps",
     "unmerge",
 ]
