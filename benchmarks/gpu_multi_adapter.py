@@ -120,6 +120,18 @@ def graphed(fn):
     return lambda: (graph.replay(), out)[1]
 
 
+def host_us_per_layer(fn) -> float:
+    """Median host time of one call, µs per layer: what the CPU spends issuing the work (the GPU queue
+    is drained first, so the call never waits on it)."""
+    times = []
+    for _ in range(25):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e6 / LAYERS
+
+
 def kernel_check() -> dict:
     """The Triton forward and backward on this GPU, fp32 (IEEE dots) and bf16, against float64 on the CPU."""
     from lorakit.ops.segmented import segmented_lora
@@ -183,6 +195,8 @@ def main() -> None:
             with batch_adapters(ours, names):
                 row["rel_err_lorakit"] = rel(ours(x), ref)
                 row["ms_lorakit"] = bench(lambda: ours(x))
+                if DEV == "cuda":
+                    row["host_us_per_layer_lorakit"] = host_us_per_layer(lambda: ours(x))
                 try:
                     row["ms_lorakit_graph"] = bench(graphed(lambda: ours(x)))
                 except Exception as err:  # noqa: BLE001 - record and go on
@@ -190,6 +204,8 @@ def main() -> None:
             row["rel_err_peft"] = rel(theirs(x, adapter_names=names), ref)
             row["ms_peft"] = bench(lambda: theirs(x, adapter_names=names))
             row["ms_base"] = bench(lambda: base(x))
+            if DEV == "cuda":
+                row["host_us_per_layer_base"] = host_us_per_layer(lambda: base(x))
             try:
                 row["ms_base_graph"] = bench(graphed(lambda: base(x)))
             except Exception as err:  # noqa: BLE001
