@@ -440,10 +440,12 @@ def e2e() -> None:
             return m, [q for q in m.parameters() if q.requires_grad]
         return build
 
-    def ours(p: float):
+    def ours(p: float, fused_mlp: bool = False):
         def build():
             m = lorakit.inject(llama(), lorakit.LoraConfig(r=16, alpha=32, dropout=p, target_modules=TARGETS))
             m.train()
+            if fused_mlp:  # down_proj keeps gate/up instead of silu(gate)·up (docs/gpu-notes.md, Memory)
+                say(f"  fused MLPs: {lorakit.fuse_mlps(m)}")
             return m, [q for q in m.parameters() if q.requires_grad]
         return build
 
@@ -453,6 +455,7 @@ def e2e() -> None:
         e2e_case("peft_fp32_adapters", peft(True))
     e2e_case("peft_bf16_adapters", peft(False))
     e2e_case("lorakit", ours(0.0))
+    e2e_case("lorakit_fused_mlp", ours(0.0, fused_mlp=True))
     triton_lora.SKINNY_BY_CUBLAS = True
     e2e_case("lorakit_skinny_by_cublas", ours(0.0))
     triton_lora.SKINNY_BY_CUBLAS = False
