@@ -19,7 +19,8 @@ The LoRA arithmetic is not repeated here: on CUDA with Triton it is ``triton_lor
 plain namespace as ctx, as ``lora_op`` does), so the result and the dropout mask are the ones
 ``lora_linear`` gives for the same seed and device.  SiLU's derivative is ``aten.silu_backward``, the
 kernel the unfused module's autograd runs, so fused and unfused gradients agree to the last bit
-wherever the products do.
+wherever the products do.  On CUDA with Triton the elementwise part is one pass each way instead
+(``triton_swiglu``: h in forward, ∂gate and ∂up together in backward), rounded the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_lora
+from . import triton_lora, triton_swiglu
 from .lora_linear import _LoraLinear
 
 
@@ -84,15 +85,23 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda and triton_lora.available()
 
 
-def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu(gate: Tensor, up: Tensor, triton: bool = False) -> Tensor:
     """h = silu(gate) ⊙ up, rounded as the unfused module rounds it (silu first, then the product)."""
-    return F.silu(gate).mul_(up)
+    return triton_swiglu.swiglu_forward(gate, up) if triton else F.silu(gate).mul_(up)
+
+
+def _swiglu_backward(grad_h: Tensor, gate: Tensor, up: Tensor, triton: bool) -> tuple[Tensor, Tensor]:
+    """(∂gate, ∂up) from ∂L/∂h; grad_h is ours (fresh from the LoRA backward) and is reused for ∂gate."""
+    if triton:
+        return triton_swiglu.swiglu_backward(grad_h, gate, up)
+    grad_up = grad_h * F.silu(gate)
+    return torch.ops.aten.silu_backward(grad_h.mul_(up), gate), grad_up  # the kernel unfused autograd runs
 
 
 def _forward(gate: Tensor, up: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor,
              scale: float, p: float, seed: int, need_u: bool, triton: bool) -> tuple[Tensor, Tensor]:
     """(y, u) for gate, up: (N, k); u = drop(h) Aᵀ as the LoRA route returns it ((0, r) if not need_u)."""
-    h = _swiglu(gate, up)
+    h = _swiglu(gate, up, triton)
     if triton:
         return triton_lora.lora_forward(h, weight, bias, A, B, scale, p, seed, need_u)
     ctx = SimpleNamespace()  # the reference forward, called as autograd would, to reuse its arithmetic
@@ -105,7 +114,7 @@ def _backward(g: Tensor, gate: Tensor, up: Tensor, weight: Tensor | None, A: Ten
               scale: float, p: float, seed: int, need_in: bool, need_w: bool, need_A: bool, need_B: bool,
               triton: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(∂gate, ∂up, ∂W, ∂A, ∂B) for g = ∂L/∂y: (N, d); None where not needed. h is recomputed here."""
-    h = _swiglu(gate, up)
+    h = _swiglu(gate, up, triton)
     if triton:
         grad_h, grad_A, grad_B = triton_lora.lora_backward(g, h, weight, A, B, u, scale, p, seed, need_in, need_A,
                                                            need_B)
@@ -117,8 +126,7 @@ def _backward(g: Tensor, gate: Tensor, up: Tensor, weight: Tensor | None, A: Ten
     del h  # before the (N, k) gradients below are allocated
     grad_gate = grad_up = None
     if need_in:
-        grad_up = grad_h * F.silu(gate)
-        grad_gate = torch.ops.aten.silu_backward(grad_h.mul_(up), gate)  # grad_h is ours: reused in place
+        grad_gate, grad_up = _swiglu_backward(grad_h, gate, up, triton)
     return grad_gate, grad_up, grad_w, grad_A, grad_B
 
 
