@@ -43,6 +43,7 @@ from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .multi import batch_adapters, hot_swap
+from .share import share_inputs, unshare_inputs
 
 __version__ = "0.1.0"
 
@@ -82,7 +83,9 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "set_adapter",
+    "share_inputs",
     "trainable_parameters",
     "unfuse_mlps",
     "unmerge",
+    "unshare_inputs",
 ]

@@ -140,7 +140,13 @@ class LoraLayer(nn.Module):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored (k, d))."""
+    """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored (k, d)).
+
+    ``input_group``: set by :func:`lorakit.share_inputs` when sibling layers read the same input;
+    the group may then supply this layer's output (same values, work shared).
+    """
+
+    input_group = None  # a lorakit.share.InputGroup, or None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -157,6 +163,10 @@ class LoraLinear(LoraLayer):
         return w.shape[1] if self.layout == "transposed" else w.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_group is not None and not torch.compiler.is_compiling():
+            out = self.input_group.output(self, x)
+            if out is not None:
+                return out
         names = self._unmerged_active()
         if not names:
             return self.base_layer(x)

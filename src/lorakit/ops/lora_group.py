@@ -1,0 +1,146 @@
+"""Several LoRA linears that read the same input, computed as one autograd node.
+
+    h_i = x W_iᵀ + b_i + s_i · x A_iᵀ B_iᵀ        i = 1 … m   (q, k, v of attention; gate, up of an MLP)
+
+Computed one layer at a time, every member reads x for its own u_i = x A_iᵀ, again for its own
+∂L/∂A_i = v_iᵀ x, and autograd then adds the m input gradients with m − 1 full-size additions.  As one
+node, with the members' A stacked into A_cat (Σr, k):
+
+* forward: one pass over x, u_cat = x A_catᵀ (N, Σr); each h_i is one GEMM (on CUDA against the
+  merged weight W_i + s_i B_i A_i, as ``triton_lora`` does for a single layer);
+* backward: ∂L/∂B_i and v_i = s_i g_i B_i per member (each reads its own g_i), one pass over x for all
+  ∂L/∂A_i at once (v_catᵀ x), and the input gradient accumulates member by member into one buffer
+  inside the GEMMs (``addmm_``) instead of through separate temporaries.
+
+Dropout is not grouped (each member has its own mask): callers use this only when every member's
+dropout is off, which is the case at inference and for the usual LoRA recipes with dropout 0.
+Saved for backward: x, u_cat (N, Σr) and the (frozen) weights and factors, as for a single layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import triton_lora
+
+
+def lora_linear_group(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    scales: Sequence[float],
+) -> tuple[Tensor, ...]:
+    """(h_1, …, h_m), h_i = x W_iᵀ + b_i + s_i · x A_iᵀ B_iᵀ over the last dimension of x (no dropout).
+
+    Args:
+        x: (..., k) input shared by every member.
+        weights: m frozen (d_i, k) weights.   biases: m (d_i,) tensors or None.
+        As: m (r_i, k) factors.   Bs: m (d_i, r_i) factors.   scales: m floats s_i.
+
+    Returns:
+        m tensors (..., d_i) in x's dtype; the same values and gradients as m calls of
+        :func:`lorakit.ops.lora_linear` with dropout 0.
+    """
+    m = len(weights)
+    if not (len(biases) == len(As) == len(Bs) == len(scales) == m) or m == 0:
+        raise ValueError("lora_linear_group needs one weight, bias, A, B and scale per member")
+    if torch.is_autocast_enabled(x.device.type):  # compute in the autocast dtype, as F.linear would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_group(x.to(dtype), weights, biases, As, Bs, scales)
+    lead = x.shape[:-1]
+    outs = _LoraGroup.apply(x.reshape(-1, x.shape[-1]), tuple(float(s) for s in scales),
+                            *weights, *biases, *As, *Bs)
+    return tuple(h.view(*lead, h.shape[-1]) for h in outs)
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.is_cuda and triton_lora.available()
+
+
+class _LoraGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, scales, *params):  # type: ignore[override]
+        m = len(scales)
+        Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
+        dt = x2.dtype
+        A_cat = torch.cat([A.to(dt) for A in As])  # (Σr, k): one pass over x for every member
+        triton = _use_triton(x2)
+        u = triton_lora.xa(x2, A_cat) if triton else x2 @ A_cat.t()  # (N, Σr)
+        outs, start = [], 0
+        for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
+            r = A.shape[0]
+            bias = None if b is None else b.to(dt)
+            if triton:  # h = x W'ᵀ + b with W' = W + s·B A: one GEMM (see triton_lora)
+                h = F.linear(x2, triton_lora.merged_weight(W, B, A, s, dt), bias)
+            else:
+                h = torch.addmm(bias, x2, W.to(dt).t()) if bias is not None else x2 @ W.to(dt).t()
+                h.addmm_(u[:, start:start + r], B.to(dt).t(), alpha=s)
+            outs.append(h)
+            start += r
+        ctx.save_for_backward(x2, u, *Ws, *As, *Bs)
+        ctx.scales, ctx.has_bias = scales, [b is not None for b in bs]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        x2, u, *params = ctx.saved_tensors
+        scales = ctx.scales
+        m = len(scales)
+        Ws, As, Bs = (params[i * m:(i + 1) * m] for i in range(3))
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_W, need_b, need_A, need_B = (needs[2 + i * m:2 + (i + 1) * m] for i in range(4))
+        dt = x2.dtype
+        N = x2.shape[0]
+        triton = _use_triton(x2)
+        grad_x = None
+        grad_W: list[Tensor | None] = [None] * m
+        grad_b: list[Tensor | None] = [None] * m
+        grad_B: list[Tensor | None] = [None] * m
+        vs, start = [], 0
+        for i, (g, W, A, B, s) in enumerate(zip(grads, Ws, As, Bs, scales)):
+            r = A.shape[0]
+            u_i = u[:, start:start + r]
+            start += r
+            if g is None:  # this member's output did not reach the loss
+                vs.append(x2.new_zeros(N, r))
+                continue
+            g = g.reshape(N, -1).contiguous()
+            if need_B[i]:
+                if triton:
+                    grad_B[i] = triton_lora.tall_product(g, u_i, s, transpose_out=True)[0].to(B.dtype)
+                else:
+                    grad_B[i] = (u_i.t() @ g).mul_(s).t().to(B.dtype)
+            v = g @ (B.to(dt) * s)  # (N, r) = s·g B
+            vs.append(v)
+            if need_x:
+                if triton:  # ∂x += g W'ᵀ… as one GEMM against the merged weight, accumulated in place
+                    Wm = triton_lora.merged_weight(W, B, A, s, dt)
+                    grad_x = torch.mm(g, Wm) if grad_x is None else grad_x.addmm_(g, Wm)
+                else:
+                    grad_x = g @ W.to(dt) if grad_x is None else grad_x.addmm_(g, W.to(dt))
+                    grad_x.addmm_(v, A.to(dt))
+            if need_W[i]:  # only when a caller unfroze a base weight
+                grad_W[i] = (g.t() @ x2).to(W.dtype)
+            if need_b[i] and ctx.has_bias[i]:
+                grad_b[i] = g.sum(0)
+        grad_A: list[Tensor | None] = [None] * m
+        if any(need_A):
+            v_cat = torch.cat(vs, dim=1)  # (N, Σr): one pass over x gives every member's ∂A
+            ga = triton_lora.tall_product(x2, v_cat, 1.0)[0] if triton else v_cat.t() @ x2  # (Σr, k)
+            start = 0
+            for i, A in enumerate(As):
+                r = A.shape[0]
+                if need_A[i]:
+                    grad_A[i] = ga[start:start + r].to(A.dtype)
+                start += r
+        if need_x and grad_x is None:
+            grad_x = torch.zeros_like(x2)
+        return (grad_x, None, *grad_W, *grad_b, *grad_A, *grad_B)
