@@ -118,6 +118,37 @@ def check(N, k, d, r, dtype, p, adapter_dtype=torch.float32, bias=True, seed=123
         f"{str(adapter_dtype)[6:]}: " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
 
 
+def check_group(N, k, ds, r, dtype) -> None:
+    """lora_linear_group (lorakit.share_inputs' op: q/k/v on one input) against float64 math."""
+    from lorakit.ops.lora_group import lora_linear_group
+
+    x = torch.randn(N, k, device=DEV, dtype=dtype).requires_grad_()
+    Ws = [torch.randn(d, k, device=DEV, dtype=dtype) / k**0.5 for d in ds]
+    bs = [None] * len(ds)
+    As = [(torch.randn(r, k, device=DEV) / k**0.5).requires_grad_() for _ in ds]
+    Bs = [torch.randn(d, r, device=DEV).requires_grad_() for d in ds]
+    gs = [torch.randn(N, d, device=DEV, dtype=dtype) for d in ds]
+    scales = [2.0, 0.5, 1.0][:len(ds)]
+    outs = lora_linear_group(x, Ws, bs, As, Bs, scales)
+    torch.autograd.backward(outs, gs)
+    x64 = x.detach().double().requires_grad_()
+    A64 = [A.detach().double().requires_grad_() for A in As]
+    B64 = [B.detach().double().requires_grad_() for B in Bs]
+    refs = [x64 @ W.double().t() + s * (x64 @ A.t()) @ B.t() for W, A, B, s in zip(Ws, A64, B64, scales)]
+    torch.autograd.backward(refs, [g.double() for g in gs])
+    errs = {"dx": rel(x.grad, x64.grad)}
+    for i in range(len(ds)):
+        errs[f"h{i}"] = rel(outs[i], refs[i])
+        errs[f"dA{i}"] = rel(As[i].grad, A64[i].grad)
+        errs[f"dB{i}"] = rel(Bs[i].grad, B64[i].grad)
+    tol = TOL[dtype]
+    ok = all(e <= tol for e in errs.values())
+    results["checks"].append({"group": True, "N": N, "k": k, "ds": ds, "r": r, "dtype": str(dtype), "errors": errs,
+                              "tol": tol, "ok": ok})
+    say(f"  {'ok  ' if ok else 'FAIL'} group N={N} k={k} d={ds} r={r} {str(dtype)[6:]}: max rel err "
+        f"{max(errs.values()):.1e}")
+
+
 def check_compile_and_checkpoint() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 100, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
@@ -174,6 +205,9 @@ def correctness() -> bool:
         check(777, 1030, 260, 5, torch.float32, 0.0)
         check(8192, 4096, 4096, 16, torch.bfloat16, 0.0, bias=False)
         setattr(triton_lora, flag, False)
+    for dtype in (torch.bfloat16, torch.float32):
+        check_group(1013, 520, [392, 128, 128], 16, dtype)
+    check_group(16384, 2048, [2048, 1024, 1024], 16, torch.bfloat16)
     check_compile_and_checkpoint()
     return all(c["ok"] for c in results["checks"])
 
@@ -440,12 +474,14 @@ def e2e() -> None:
             return m, [q for q in m.parameters() if q.requires_grad]
         return build
 
-    def ours(p: float, fused_mlp: bool = False):
+    def ours(p: float, fused_mlp: bool = False, shared: bool = False):
         def build():
             m = lorakit.inject(llama(), lorakit.LoraConfig(r=16, alpha=32, dropout=p, target_modules=TARGETS))
             m.train()
             if fused_mlp:  # down_proj keeps gate/up instead of silu(gate)·up (docs/gpu-notes.md, Memory)
                 say(f"  fused MLPs: {lorakit.fuse_mlps(m)}")
+            if shared:  # q/k/v and gate/up: one pass over their input (lorakit.share_inputs)
+                say(f"  shared-input groups: {lorakit.share_inputs(m)}")
             return m, [q for q in m.parameters() if q.requires_grad]
         return build
 
@@ -456,9 +492,12 @@ def e2e() -> None:
     e2e_case("peft_bf16_adapters", peft(False))
     e2e_case("lorakit", ours(0.0))
     e2e_case("lorakit_fused_mlp", ours(0.0, fused_mlp=True))
-    triton_lora.SKINNY_BY_CUBLAS = True
-    e2e_case("lorakit_skinny_by_cublas", ours(0.0))
-    triton_lora.SKINNY_BY_CUBLAS = False
+    e2e_case("lorakit_shared_inputs", ours(0.0, shared=True))
+    e2e_case("lorakit_shared_fused", ours(0.0, fused_mlp=True, shared=True))
+    if "quick" not in sys.argv:
+        triton_lora.SKINNY_BY_CUBLAS = True
+        e2e_case("lorakit_skinny_by_cublas", ours(0.0))
+        triton_lora.SKINNY_BY_CUBLAS = False
     e2e_case("lorakit_dropout0.05", ours(0.05))
 
 
