@@ -91,6 +91,20 @@ def test_same_loss_and_gradients_as_unfused(dropout: float, calls) -> None:
         assert not torch.allclose(other[-1], grads[-1])
 
 
+def test_fused_with_shared_inputs_same_loss_and_gradients(calls) -> None:
+    """share_inputs groups gate_proj/up_proj; the fused forward calls them with one x, as the original does."""
+    model = _llama()
+    model.train()
+    ids = _ids()
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    assert lorakit.share_inputs(model) == 4 and lorakit.fuse_mlps(model) == 2
+    loss, grads = _loss_and_grads(model, ids)
+    assert calls[0] == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, ref_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
 def _outputs(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
