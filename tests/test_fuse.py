@@ -161,7 +161,6 @@ def test_merge_and_unload_gives_the_same_model() -> None:
     torch.testing.assert_close(_outputs(plain, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs `unfuse_mlps(model)` in adapters.merge_and_unload (lead's file)")
 def test_merge_and_unload_leaves_no_fused_forward() -> None:
     model = _llama()
     lorakit.fuse_mlps(model)

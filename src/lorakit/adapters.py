@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .errors import AdapterNameError
+from .fuse import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
 from .layers import LoraLayer, ModulesToSave
 
@@ -117,6 +118,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_child(model, name, module.base_layer)
         else:
             _set_child(model, name, module.current())
+    unfuse_mlps(model)  # plain modules again: no MLP keeps lorakit's fused forward
     model.__dict__.pop(STATE_ATTR, None)
     return model
 
