@@ -134,6 +134,16 @@ def test_outputs_are_only_handed_out_for_the_tensor_they_came_from(count_group_c
     assert count_group_calls == [2, 2, 2, 2]
 
 
+def test_inference_mode_tensors_are_computed_alone(count_group_calls):
+    model = tiny_llama().eval()
+    reference = copy.deepcopy(model)
+    lorakit.share_inputs(model)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert count_group_calls == []
+
+
 def test_cross_attention_is_not_grouped():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -17,6 +17,7 @@ Safety rules, so a group can only ever save work, never change a result:
   computation for its own input — results stay exact, only work is wasted, so groups are formed
   only for projections of one input: cross-attention modules (``encoder_attn``, ``crossattention``,
   …), whose k and v read the encoder's states, are left alone;
+* tensors made under ``torch.inference_mode`` carry no version counter, so they are never grouped;
 * the group computes only when every member is in the plain state: one active adapter, not merged,
   not disabled, dropout off (or eval mode), and not under ``torch.compile`` tracing or a mixed batch
   (``batch_adapters`` disables the layers' own branch);
@@ -55,6 +56,8 @@ class InputGroup:
 
     def output(self, layer: LoraLinear, x: Tensor) -> Tensor | None:
         """``layer``'s output for ``x`` if the group provides it, else None (compute it alone)."""
+        if x.is_inference():  # no version counter to prove x unchanged between the members' calls
+            return None
         i = self.members.index(layer)
         if self._pending:
             if i in self._pending and self._is_source(x):

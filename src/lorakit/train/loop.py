@@ -245,6 +245,10 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         random.seed(config.seed)
         model = lorakit.inject(task.model, self.lora)
+        # Exact rewrites that only save work and memory: q/k/v and gate/up share one pass over their
+        # input, and SwiGLU MLPs keep gate/up instead of their product for backward (docs/gpu-notes.md).
+        lorakit.share_inputs(model)
+        lorakit.fuse_mlps(model)
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
