@@ -420,7 +420,7 @@ def llama():
     return model
 
 
-def e2e_case(name: str, build, steps: int = 8, warm: int = 3) -> None:
+def e2e_case(name: str, build, steps: int = 20, warm: int = 4) -> None:
     gc.collect()
     torch.cuda.empty_cache()
     model, params = build()
