@@ -23,6 +23,10 @@ The dense products are arranged so the big GEMMs accumulate into one output (``a
 than allocating an (N, d) or (N, k) temporary per term.  Dropout is applied sparsely: only the
 ≈ p·N·k dropped positions are generated and touched (a sparse product corrects u; the input
 gradient is zeroed there), so it costs far less than materialising a mask.
+
+The skinny products (u = x Aᵀ; v and ∂L/∂B from g; ∂L/∂A from x) go through ``ops.native``: on
+the CPU, for contiguous float32/float64, C kernels that read the big operand once each (v and
+∂L/∂B share one read of g); elsewhere, or when they cannot be built, the same products in torch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import native
 from .dropout import dropped_positions
 
 
@@ -100,7 +105,7 @@ class _LoraLinear(torch.autograd.Function):
         if weight is not None:  # the big GEMM first: the skinny x Aᵀ then reads x while it is still in cache
             W = weight.to(x.dtype)
             h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
-        u = x2 @ A_.t()  # (N, r)
+        u = native.xat(x2, A_)  # (N, r)
         if p:  # u = c·(x − x|_D) Aᵀ
             u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
             u.mul_(1.0 / (1.0 - p))
@@ -123,11 +128,15 @@ class _LoraLinear(torch.autograd.Function):
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
         # Without dropout the big GEMM g W goes first, so the skinny products after it find g in cache.
         base_grad_x = g @ weight.to(x.dtype) if need_x and not p and weight is not None else None
-        v = (g @ B_).mul_(s * (1.0 / (1.0 - p)))  # (N, r), with dropout's c folded in
-        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
+        # v = s·c · g B (N, r), with dropout's c folded in; ∂L/∂B = s · gᵀ u from the same read of g.
+        s_v = s * (1.0 / (1.0 - p))
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if need_B:
-            grad_B = (u.t() @ g).mul_(s).t().to(B.dtype)  # (d, r); uᵀg is the faster GEMM shape
+            v, grad_Bt = native.g_pass(g, B_, u, s_v, s)
+            grad_B = grad_Bt.to(B.dtype)  # (d, r)
+        else:
+            v = native.xat(g, B_.t().contiguous()).mul_(s_v)  # g (Bᵀ)ᵀ = g B
+        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
         # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
         # branch's input gradient v A, is zeroed at the dropped inputs, and g W accumulates into it —
         # so dropout costs a copy of x and two sparse fills, not another allocation.
@@ -135,14 +144,14 @@ class _LoraLinear(torch.autograd.Function):
             buf = x2.clone()
             buf.view(-1)[pos] = 0
             if need_A:
-                grad_A = (v.t() @ buf).to(A.dtype)  # (r, k)
+                grad_A = native.xt_pass(buf, v).to(A.dtype)  # (r, k) = vᵀ drop(x)
             if need_x:
                 torch.mm(v, A_, out=buf)
                 buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
                 grad_x = buf if weight is None else buf.addmm_(g, weight.to(x.dtype))
         else:
             if need_A:
-                grad_A = (v.t() @ x2).to(A.dtype)  # (r, k)
+                grad_A = native.xt_pass(x2, v).to(A.dtype)  # (r, k) = vᵀ x
             if need_x:
                 grad_x = v @ A_ if weight is None else base_grad_x.addmm_(v, A_)  # + v A in place
         if grad_x is not None:

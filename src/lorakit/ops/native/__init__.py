@@ -1,0 +1,212 @@
+"""Native CPU kernels for the skinny LoRA products, each one pass over its big operand.
+
+    xat(x, A)            u = x Aᵀ                          x: (N, k)  A: (r, k)  → (N, r)
+    g_pass(g, B, u, s)   v = s · g B,  ∂B = s · gᵀ u       g: (N, d)  B: (d, r)  u: (N, r)  → (N, r), (d, r)
+    xt_pass(x, v)        ∂A = vᵀ x                         x: (N, k)  v: (N, r)  → (r, k)
+
+MKL runs these (N × k by k × r) shapes far below memory speed; ``lora_cpu.c`` streams the big
+operand once per call, and ``g_pass`` gets v and ∂B from the same read of g.
+
+The C file is compiled on first use with the system C compiler into a per-user cache
+(``$LORAKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``), under a name
+that hashes the source, the flags and the platform, and is loaded with ctypes.  It is linked
+against the OpenMP runtime torch has already loaded, so both share one thread pool (two runtimes on
+a small machine spin against each other).  ``LORAKIT_NATIVE=0`` disables it; when no compiler is
+found or the build or load fails, one warning says why and every function computes the same
+product with torch instead.  Each function also falls back to torch for inputs the kernels do not
+take (not CPU, not float32/float64, not contiguous).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("lora_cpu.c")
+_ABI_VERSION = 2
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+# Flag sets tried in order: the first is fastest on x86 (gcc keeps AVX-512 code at 256-bit lanes
+# unless told), the second builds with any gcc or clang on any CPU.
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math"],
+    ["-O3", "-fno-math-errno", "-fno-trapping-math"],
+)
+
+calls = 0  # how many products the native kernels computed (tests check that the native path ran)
+
+_lib: ctypes.CDLL | None = None
+_state: str | None = None  # None: not tried yet; "ok"; or the reason it is unavailable
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """True when the native kernels are built and loaded (builds them on the first call)."""
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _load()
+    return _state == "ok"
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels are not used (None when they are, or have not been tried yet)."""
+    return None if _state in (None, "ok") else _state
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $LORAKIT_CACHE_DIR, else $XDG_CACHE_HOME/lorakit, else ~/.cache/lorakit."""
+    if os.environ.get("LORAKIT_CACHE_DIR"):
+        return Path(os.environ["LORAKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorakit"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if name:
+            found = shutil.which(name.split()[0])  # sysconfig's CC may carry flags ("gcc -pthread")
+            if found:
+                return found
+    return None
+
+
+def _loaded_openmp() -> str | None:
+    """Path of the libgomp already mapped into this process (torch's), or None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if "libgomp" in os.path.basename(path) and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _fail(reason: str) -> None:
+    global _state
+    _state = reason
+    warnings.warn(f"lorakit: native CPU kernels disabled ({reason}); using torch for the skinny LoRA products",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _load() -> None:
+    global _lib, _state
+    if os.environ.get("LORAKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _state = "LORAKIT_NATIVE=0"  # asked for: no warning
+        return
+    cc = _compiler()
+    if cc is None:
+        _fail("no C compiler found: install gcc or clang, or set CC")
+        return
+    gomp = _loaded_openmp()
+    # With torch's runtime: compile with -fopenmp, link to that very file (not the compiler's own
+    # libgomp, which would be a second runtime).  Without one: SIMD only, one thread.
+    omp_compile = ["-fopenmp"] if gomp else ["-fopenmp-simd"]
+    omp_link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}"] if gomp else []
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags + omp_compile + omp_link).encode(), cc.encode(),
+                        sys.version.encode(), platform.platform().encode(), str(_ABI_VERSION).encode()])
+        ).hexdigest()[:20]
+        target = cache_dir() / f"lora_cpu-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+        try:
+            if not target.is_file():
+                _build(cc, flags + omp_compile, omp_link, target)
+            lib = ctypes.CDLL(str(target))
+            if lib.lk_abi_version() != _ABI_VERSION:
+                raise OSError(f"{target} has ABI {lib.lk_abi_version()}, expected {_ABI_VERSION}")
+        except (OSError, subprocess.SubprocessError, AttributeError) as err:
+            errors.append(f"{' '.join(flags)}: {err}")
+            continue
+        _declare(lib)
+        _lib, _state = lib, "ok"
+        return
+    _fail("; ".join(errors))
+
+
+def _build(cc: str, compile_flags: list[str], link: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        obj, lib = os.path.join(tmp, "lora_cpu.o"), os.path.join(tmp, target.name)
+        # Two steps: a one-step `cc -fopenmp -shared` would also link the compiler's libgomp.
+        for cmd in ([cc, "-std=c11", "-ffp-contract=fast", "-fPIC", *compile_flags, "-c", str(_SOURCE), "-o", obj],
+                    [cc, "-shared", obj, *link, "-o", lib]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode:
+                raise OSError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-400:]}")
+        os.replace(lib, target)  # atomic: a concurrent process sees the old state or the whole file
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, c_int, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    for suf in _DTYPES.values():
+        getattr(lib, f"lk_xat_{suf}").argtypes = [p, p, p, i64, i64, i64, c_int]
+        getattr(lib, f"lk_g_pass_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, dbl, dbl, c_int]
+        getattr(lib, f"lk_xt_pass_{suf}").argtypes = [p, p, p, i64, i64, i64, c_int]
+
+
+def _native_ok(*tensors: Tensor) -> bool:
+    """The kernels take CPU tensors of one dtype (float32/float64), contiguous."""
+    t0 = tensors[0]
+    if t0.dtype not in _DTYPES or t0.device.type != "cpu" or not available():
+        return False
+    return all(t.dtype == t0.dtype and t.device == t0.device and t.is_contiguous() for t in tensors)
+
+
+def _run(name: str, dtype: torch.dtype, *args: int | float) -> None:
+    """Calls lk_<name>_<f32|f64> with data pointers / sizes / scales, then the thread count."""
+    global calls
+    code = getattr(_lib, f"lk_{name}_{_DTYPES[dtype]}")(*args, torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"lorakit native kernel {name} failed with code {code} (out of memory or "
+                           f"fewer OpenMP threads than requested); set LORAKIT_NATIVE=0 to use torch")
+    calls += 1
+
+
+def xat(x: Tensor, A: Tensor) -> Tensor:
+    """u = x Aᵀ: x (N, k), A (r, k) → (N, r), one read of x."""
+    if not _native_ok(x, A):
+        return x @ A.t()
+    (N, k), r = x.shape, A.shape[0]
+    u = torch.empty(N, r, dtype=x.dtype)
+    _run("xat", x.dtype, x.data_ptr(), A.data_ptr(), u.data_ptr(), N, k, r)
+    return u
+
+
+def g_pass(g: Tensor, B: Tensor, u: Tensor, s_v: float, s_b: float) -> tuple[Tensor, Tensor]:
+    """v = s_v · g B (N, r) and ∂B = s_b · gᵀ u (d, r; a transposed (r, d) buffer), one read of g (N, d)."""
+    Bt = B.t().contiguous()  # (r, d): the kernel wants B's columns contiguous; it is tiny
+    if not _native_ok(g, Bt, u):
+        return (g @ B).mul_(s_v), (u.t() @ g).mul_(s_b).t()  # uᵀg is the faster GEMM shape
+    (N, d), r = g.shape, B.shape[1]
+    v, dBt = torch.empty(N, r, dtype=g.dtype), torch.empty(r, d, dtype=g.dtype)
+    _run("g_pass", g.dtype, g.data_ptr(), Bt.data_ptr(), u.data_ptr(), v.data_ptr(), dBt.data_ptr(), N, d, r,
+         float(s_v), float(s_b))
+    return v, dBt.t()
+
+
+def xt_pass(x: Tensor, v: Tensor) -> Tensor:
+    """∂A = vᵀ x: x (N, k), v (N, r) → (r, k), one read of x."""
+    if not _native_ok(x, v):
+        return v.t() @ x
+    (N, k), r = x.shape, v.shape[1]
+    dA = torch.empty(r, k, dtype=x.dtype)
+    _run("xt_pass", x.dtype, x.data_ptr(), v.data_ptr(), dA.data_ptr(), N, k, r)
+    return dA
