@@ -127,18 +127,29 @@ def _load() -> None:
         ).hexdigest()[:20]
         target = cache_dir() / f"lora_cpu-{key}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
         try:
-            if not target.is_file():
+            try:
+                lib = _open(target)
+            except OSError:  # not built yet, or a damaged file left in the cache: (re)build it once
                 _build(cc, flags + omp_compile, omp_link, target)
-            lib = ctypes.CDLL(str(target))
-            if lib.lk_abi_version() != _ABI_VERSION:
-                raise OSError(f"{target} has ABI {lib.lk_abi_version()}, expected {_ABI_VERSION}")
-        except (OSError, subprocess.SubprocessError, AttributeError) as err:
+                lib = _open(target)
+        except (OSError, subprocess.SubprocessError) as err:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
         _declare(lib)
         _lib, _state = lib, "ok"
         return
     _fail("; ".join(errors))
+
+
+def _open(target: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(target))
+    try:
+        version = lib.lk_abi_version()
+    except AttributeError as err:
+        raise OSError(f"{target} is not a lorakit kernel library") from err
+    if version != _ABI_VERSION:
+        raise OSError(f"{target} has ABI {version}, expected {_ABI_VERSION}")
+    return lib
 
 
 def _build(cc: str, compile_flags: list[str], link: list[str], target: Path) -> None:
