@@ -64,8 +64,9 @@ class InputGroup:
                 return self._pending.pop(i)
             self._pending.clear()  # a new input arrived before every member took its output
         params = [_plain_params(m) for m in self.members]
-        if any(p is None for p in params) or any(m.in_features != x.shape[-1] for m in self.members):
-            return None
+        if any(p is None or p[0].device != x.device for p in params) or any(
+                m.in_features != x.shape[-1] for m in self.members):
+            return None  # (members split across devices compute alone)
         Ws, bs, As, Bs, ss = zip(*params)  # type: ignore[misc]
         outs = lora_linear_group(x, Ws, bs, As, Bs, ss)
         self._pending = {j: h for j, h in enumerate(outs) if j != i}
