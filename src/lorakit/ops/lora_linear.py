@@ -20,7 +20,9 @@ Backward, with g = ∂L/∂h (N, d), c = 1/(1-p) and v = s · g B (N, r):
     ∂L/∂b = Σ_rows g                                   (d,)
 
 The dense products are arranged so the big GEMMs accumulate into one output (``addmm_``) rather
-than allocating an (N, d) or (N, k) temporary per term.  Dropout is applied sparsely: only the
+than allocating an (N, d) or (N, k) temporary per term: the rank-r term is written first and the
+big GEMM adds onto it, which costs it nothing (it is compute-bound), where adding the rank-r term
+afterwards would read and write the whole output once more.  Dropout is applied sparsely: only the
 ≈ p·N·k dropped positions are generated and touched (a sparse product corrects u; the input
 gradient is zeroed there), so it costs far less than materialising a mask.
 
@@ -101,18 +103,16 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
-        h = None
-        if weight is not None:  # the big GEMM first: the skinny x Aᵀ then reads x while it is still in cache
-            W = weight.to(x.dtype)
-            h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
         u = native.xat(x2, A_)  # (N, r)
         if p:  # u = c·(x − x|_D) Aᵀ
             u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
             u.mul_(1.0 / (1.0 - p))
-        if h is None:
-            h = (u @ B_.t()).mul_(scale)
-        else:
-            h.addmm_(u, B_.t(), alpha=scale)  # the update accumulates into the base output
+        # The rank-r product writes h first and the big GEMM accumulates into it: accumulating costs the
+        # compute-bound GEMM nothing, while an addmm_ after it would re-read and re-write all of h.
+        sBt = B_.t() * scale  # (r, d), tiny
+        h = torch.addmm(bias.to(x.dtype), u, sBt) if bias is not None and weight is not None else u @ sBt  # (N, d)
+        if weight is not None:
+            h.addmm_(x2, weight.to(x.dtype).t())
         ctx.save_for_backward(x, weight, A, B, u)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
         return h.view(*shape[:-1], h.shape[-1])
@@ -126,8 +126,6 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         x2 = x.reshape(-1, k)  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
-        # Without dropout the big GEMM g W goes first, so the skinny products after it find g in cache.
-        base_grad_x = g @ weight.to(x.dtype) if need_x and not p and weight is not None else None
         # v = s·c · g B (N, r), with dropout's c folded in; ∂L/∂B = s · gᵀ u from the same read of g.
         s_v = s * (1.0 / (1.0 - p))
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
@@ -137,6 +135,7 @@ class _LoraLinear(torch.autograd.Function):
         else:
             v = native.xat(g, B_.t().contiguous()).mul_(s_v)  # g (Bᵀ)ᵀ = g B
         pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
+        # As in forward, the rank-r v A is written first and the big GEMM g W accumulates into it.
         # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
         # branch's input gradient v A, is zeroed at the dropped inputs, and g W accumulates into it —
         # so dropout costs a copy of x and two sparse fills, not another allocation.
@@ -148,12 +147,14 @@ class _LoraLinear(torch.autograd.Function):
             if need_x:
                 torch.mm(v, A_, out=buf)
                 buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
-                grad_x = buf if weight is None else buf.addmm_(g, weight.to(x.dtype))
+                grad_x = buf
         else:
             if need_A:
                 grad_A = native.xt_pass(x2, v).to(A.dtype)  # (r, k) = vᵀ x
             if need_x:
-                grad_x = v @ A_ if weight is None else base_grad_x.addmm_(v, A_)  # + v A in place
+                grad_x = v @ A_
+        if grad_x is not None and weight is not None:
+            grad_x.addmm_(g, weight.to(x.dtype))  # + g W
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         if need_w:  # only when a caller unfroze the base; LoRA layers never do
