@@ -43,16 +43,27 @@ def test_kernels_match_float64(built, dtype, N, r, threads, monkeypatch):
     x, g = _rand(N, k, dtype=dtype, seed=1), _rand(N, d, dtype=dtype, seed=2)
     A, B = _rand(r, k, dtype=dtype, seed=3), _rand(d, r, dtype=dtype, seed=4)
     X, G, A64, B64 = x.double(), g.double(), A.double(), B.double()
+    sBt, bias = _rand(r, d, dtype=dtype, seed=5), _rand(d, dtype=dtype, seed=6)
     before = native.calls
     u = native.xat(x, A)
-    v, dB = native.g_pass(g, B, u, 0.7, -1.3)
+    v, dB, none = native.g_pass(g, B, u, 0.7, -1.3)
     dA = native.xt_pass(x, v)
-    assert native.calls == before + 3
+    h3 = native.expand(u, sBt)
+    u2, h = native.xat_expand(x, A, sBt, bias)
+    v2, dB2, gx = native.g_pass(g, B, u, 0.7, -1.3, A)
+    e = native.expand(u, sBt, bias)
+    assert native.calls == before + 7 and none is None
     _close(u, X @ A64.T)
     _close(v, 0.7 * G @ B64)
     assert dB.shape == (d, r)
     _close(dB, -1.3 * G.T @ u.double())
     _close(dA, v.double().T @ X)
+    # the fused forms: the same u, v, ∂B, plus the rank-r expansions written in the same pass
+    assert torch.equal(v2, v) and torch.equal(dB2, dB) and torch.equal(u2, u)
+    _close(h, bias.double() + u.double() @ sBt.double())
+    _close(h3, u.double() @ sBt.double())
+    _close(gx, v.double() @ A64)
+    _close(e, bias.double() + u.double() @ sBt.double())
     # deterministic for a fixed thread count: the per-thread sums are added in thread order
     assert torch.equal(native.g_pass(g, B, u, 0.7, -1.3)[1], dB) and torch.equal(native.xt_pass(x, v), dA)
 
@@ -66,6 +77,14 @@ def test_unsupported_inputs_fall_back_to_torch(built):
     torch.testing.assert_close(native.xat(xb, Ab), xb @ Ab.T, rtol=0, atol=0)  # bf16: torch
     v = _rand(33, 2, dtype=torch.float64, seed=7)
     torch.testing.assert_close(native.xt_pass(x, v), v.T @ x, rtol=0, atol=0)
+    w = _rand(9, 2, dtype=torch.float64, seed=8).t()  # (2, 9), not contiguous
+    torch.testing.assert_close(native.expand(v, w), v @ w, rtol=0, atol=0)
+    g, B = _rand(5, 9, dtype=torch.float64, seed=9), _rand(9, 2, dtype=torch.float64, seed=10)
+    u = _rand(5, 2, dtype=torch.float64, seed=11)
+    v, _, gx = native.g_pass(g, B, u, 1.0, 1.0, w)  # A (as w) not contiguous
+    torch.testing.assert_close(gx, v @ w, rtol=0, atol=0)
+    u, h = native.xat_expand(x, A, w)  # x not contiguous
+    torch.testing.assert_close(h, (x @ A.T) @ w, rtol=0, atol=0)
     assert native.calls == before
 
 

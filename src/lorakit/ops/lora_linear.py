@@ -103,14 +103,17 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
-        u = native.xat(x2, A_)  # (N, r)
-        if p:  # u = c·(x − x|_D) Aᵀ
-            u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
-            u.mul_(1.0 / (1.0 - p))
         # The rank-r product writes h first and the big GEMM accumulates into it: accumulating costs the
         # compute-bound GEMM nothing, while an addmm_ after it would re-read and re-write all of h.
-        sBt = B_.t() * scale  # (r, d), tiny
-        h = torch.addmm(bias.to(x.dtype), u, sBt) if bias is not None and weight is not None else u @ sBt  # (N, d)
+        sBt = (B_.t() * scale).contiguous()  # (r, d), tiny
+        b_ = bias.to(x.dtype) if bias is not None and weight is not None else None
+        if p:  # u = c·(x − x|_D) Aᵀ, then h = b + u·sBᵀ
+            u = native.xat(x2, A_)  # (N, r)
+            u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
+            u.mul_(1.0 / (1.0 - p))
+            h = native.expand(u, sBt, b_)  # (N, d)
+        else:  # u and h = b + u·sBᵀ in one pass over x
+            u, h = native.xat_expand(x2, A_, sBt, b_)
         if weight is not None:
             h.addmm_(x2, weight.to(x.dtype).t())
         ctx.save_for_backward(x, weight, A, B, u)
@@ -129,30 +132,22 @@ class _LoraLinear(torch.autograd.Function):
         # v = s·c · g B (N, r), with dropout's c folded in; ∂L/∂B = s · gᵀ u from the same read of g.
         s_v = s * (1.0 / (1.0 - p))
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
+        # One read of g gives v, ∂L/∂B and (when ∂x is needed) the branch's input gradient v A; as in
+        # forward, that rank-r term is written first and the big GEMM g W accumulates into it.
+        v, grad_Bt, grad_x = native.g_pass(g, B_, u, s_v, s, A_ if need_x else None)
         if need_B:
-            v, grad_Bt = native.g_pass(g, B_, u, s_v, s)
             grad_B = grad_Bt.to(B.dtype)  # (d, r)
-        else:
-            v = native.xat(g, B_.t().contiguous()).mul_(s_v)  # g (Bᵀ)ᵀ = g B
-        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
-        # As in forward, the rank-r v A is written first and the big GEMM g W accumulates into it.
-        # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
-        # branch's input gradient v A, is zeroed at the dropped inputs, and g W accumulates into it —
-        # so dropout costs a copy of x and two sparse fills, not another allocation.
-        if pos is not None and (need_A or need_x):
-            buf = x2.clone()
-            buf.view(-1)[pos] = 0
-            if need_A:
-                grad_A = native.xt_pass(buf, v).to(A.dtype)  # (r, k) = vᵀ drop(x)
-            if need_x:
-                torch.mm(v, A_, out=buf)
-                buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
-                grad_x = buf
-        else:
-            if need_A:
+        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p and (need_A or need_x) else None
+        if need_A:
+            if pos is not None:  # vᵀ drop(x), over a copy of x with the dropped inputs zeroed
+                drop_x = x2.clone()
+                drop_x.view(-1)[pos] = 0
+                grad_A = native.xt_pass(drop_x, v).to(A.dtype)  # (r, k)
+                del drop_x
+            else:
                 grad_A = native.xt_pass(x2, v).to(A.dtype)  # (r, k) = vᵀ x
-            if need_x:
-                grad_x = v @ A_
+        if grad_x is not None and pos is not None:  # dropped inputs get no gradient through the branch
+            grad_x.view(-1)[pos] = 0
         if grad_x is not None and weight is not None:
             grad_x.addmm_(g, weight.to(x.dtype))  # + g W
         if grad_x is not None:

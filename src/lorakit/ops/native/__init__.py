@@ -3,6 +3,9 @@
     xat(x, A)            u = x Aᵀ                          x: (N, k)  A: (r, k)  → (N, r)
     g_pass(g, B, u, s)   v = s · g B,  ∂B = s · gᵀ u       g: (N, d)  B: (d, r)  u: (N, r)  → (N, r), (d, r)
     xt_pass(x, v)        ∂A = vᵀ x                         x: (N, k)  v: (N, r)  → (r, k)
+    g_pass(..., A=A)     also ∂x_low = v A (N, k), written while v is made
+    xat_expand(x, A, w, b)  u = x Aᵀ and h = b + u w in one pass
+    expand(c, w, b)      b + c w  (N, r) × (r, D): one write of the result
 
 MKL runs these (N × k by k × r) shapes far below memory speed; ``lora_cpu.c`` streams the big
 operand once per call, and ``g_pass`` gets v and ∂B from the same read of g.
@@ -36,7 +39,7 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("lora_cpu.c")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 # Flag sets tried in order: the first is fastest on x86 (gcc keeps AVX-512 code at 256-bit lanes
@@ -169,7 +172,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     for suf in _DTYPES.values():
         getattr(lib, f"lk_xat_{suf}").argtypes = [p, p, p, i64, i64, i64, c_int]
-        getattr(lib, f"lk_g_pass_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, dbl, dbl, c_int]
+        getattr(lib, f"lk_g_pass_{suf}").argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, dbl, dbl, c_int]
+        getattr(lib, f"lk_xat_expand_{suf}").argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int]
+        getattr(lib, f"lk_expand_{suf}").argtypes = [p, p, p, p, i64, i64, i64, c_int]
         getattr(lib, f"lk_xt_pass_{suf}").argtypes = [p, p, p, i64, i64, i64, c_int]
 
 
@@ -201,16 +206,50 @@ def xat(x: Tensor, A: Tensor) -> Tensor:
     return u
 
 
-def g_pass(g: Tensor, B: Tensor, u: Tensor, s_v: float, s_b: float) -> tuple[Tensor, Tensor]:
-    """v = s_v · g B (N, r) and ∂B = s_b · gᵀ u (d, r; a transposed (r, d) buffer), one read of g (N, d)."""
+def xat_expand(x: Tensor, A: Tensor, sBt: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """u = x Aᵀ (N, r) and h = bias + u sBt (N, d): x (N, k), A (r, k), sBt (r, d), bias (d,) or None.
+
+    One read of x; each block of h is written while its rows of u are hot.
+    """
+    tensors = (x, A, sBt) if bias is None else (x, A, sBt, bias)
+    if not _native_ok(*tensors):
+        u = x @ A.t()
+        return u, (torch.addmm(bias, u, sBt) if bias is not None else u @ sBt)
+    (N, k), r, d = x.shape, A.shape[0], sBt.shape[1]
+    u, h = torch.empty(N, r, dtype=x.dtype), torch.empty(N, d, dtype=x.dtype)
+    _run("xat_expand", x.dtype, x.data_ptr(), A.data_ptr(), sBt.data_ptr(),
+         bias.data_ptr() if bias is not None else None, u.data_ptr(), h.data_ptr(), N, k, d, r)
+    return u, h
+
+
+def expand(coef: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """bias + coef w: coef (N, r), w (r, D), bias (D,) or None → (N, D), one write of the result."""
+    tensors = (coef, w) if bias is None else (coef, w, bias)
+    if not _native_ok(*tensors):
+        return torch.addmm(bias, coef, w) if bias is not None else coef @ w
+    (N, r), D = coef.shape, w.shape[1]
+    out = torch.empty(N, D, dtype=coef.dtype)
+    _run("expand", coef.dtype, coef.data_ptr(), w.data_ptr(), bias.data_ptr() if bias is not None else None,
+         out.data_ptr(), N, D, r)
+    return out
+
+
+def g_pass(g: Tensor, B: Tensor, u: Tensor, s_v: float, s_b: float,
+           A: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """v = s_v · g B (N, r), ∂B = s_b · gᵀ u (d, r; a transposed (r, d) buffer) and, if A (r, k) is
+    given, v A (N, k) — all from one read of g (N, d)."""
     Bt = B.t().contiguous()  # (r, d): the kernel wants B's columns contiguous; it is tiny
-    if not _native_ok(g, Bt, u):
-        return (g @ B).mul_(s_v), (u.t() @ g).mul_(s_b).t()  # uᵀg is the faster GEMM shape
+    tensors = (g, Bt, u) if A is None else (g, Bt, u, A)
+    if not _native_ok(*tensors):
+        v = (g @ B).mul_(s_v)
+        return v, (u.t() @ g).mul_(s_b).t(), (v @ A if A is not None else None)  # uᵀg: the faster GEMM shape
     (N, d), r = g.shape, B.shape[1]
+    k = A.shape[1] if A is not None else 0
     v, dBt = torch.empty(N, r, dtype=g.dtype), torch.empty(r, d, dtype=g.dtype)
-    _run("g_pass", g.dtype, g.data_ptr(), Bt.data_ptr(), u.data_ptr(), v.data_ptr(), dBt.data_ptr(), N, d, r,
-         float(s_v), float(s_b))
-    return v, dBt.t()
+    gx = torch.empty(N, k, dtype=g.dtype) if A is not None else None
+    _run("g_pass", g.dtype, g.data_ptr(), Bt.data_ptr(), u.data_ptr(), A.data_ptr() if A is not None else None,
+         v.data_ptr(), dBt.data_ptr(), gx.data_ptr() if gx is not None else None, N, d, k, r, float(s_v), float(s_b))
+    return v, dBt.t(), gx
 
 
 def xt_pass(x: Tensor, v: Tensor) -> Tensor:
