@@ -20,15 +20,9 @@ Backward, with g = ∂L/∂h (N, d), c = 1/(1-p) and v = s · g B (N, r):
     ∂L/∂b = Σ_rows g                                   (d,)
 
 The dense products are arranged so the big GEMMs accumulate into one output (``addmm_``) rather
-than allocating an (N, d) or (N, k) temporary per term: the rank-r term is written first and the
-big GEMM adds onto it, which costs it nothing (it is compute-bound), where adding the rank-r term
-afterwards would read and write the whole output once more.  Dropout is applied sparsely: only the
+than allocating an (N, d) or (N, k) temporary per term.  Dropout is applied sparsely: only the
 ≈ p·N·k dropped positions are generated and touched (a sparse product corrects u; the input
 gradient is zeroed there), so it costs far less than materialising a mask.
-
-The skinny products (u = x Aᵀ; v and ∂L/∂B from g; ∂L/∂A from x) go through ``ops.native``: on
-the CPU, for contiguous float32/float64, C kernels that read the big operand once each (v and
-∂L/∂B share one read of g); elsewhere, or when they cannot be built, the same products in torch.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import native
 from .dropout import dropped_positions
 
 
@@ -103,19 +96,18 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
-        # The rank-r product writes h first and the big GEMM accumulates into it: accumulating costs the
-        # compute-bound GEMM nothing, while an addmm_ after it would re-read and re-write all of h.
-        sBt = (B_.t() * scale).contiguous()  # (r, d), tiny
-        b_ = bias.to(x.dtype) if bias is not None and weight is not None else None
-        if p:  # u = c·(x − x|_D) Aᵀ, then h = b + u·sBᵀ
-            u = native.xat(x2, A_)  # (N, r)
+        h = None
+        if weight is not None:  # the big GEMM first: the skinny x Aᵀ then reads x while it is still in cache
+            W = weight.to(x.dtype)
+            h = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()  # (N, d)
+        u = x2 @ A_.t()  # (N, r)
+        if p:  # u = c·(x − x|_D) Aᵀ
             u.sub_(_dropped_input_times(x2, dropped_positions(x2.numel(), p, seed, x2.device), A_))
             u.mul_(1.0 / (1.0 - p))
-            h = native.expand(u, sBt, b_)  # (N, d)
-        else:  # u and h = b + u·sBᵀ in one pass over x
-            u, h = native.xat_expand(x2, A_, sBt, b_)
-        if weight is not None:
-            h.addmm_(x2, weight.to(x.dtype).t())
+        if h is None:
+            h = (u @ B_.t()).mul_(scale)
+        else:
+            h.addmm_(u, B_.t(), alpha=scale)  # the update accumulates into the base output
         ctx.save_for_backward(x, weight, A, B, u)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
         return h.view(*shape[:-1], h.shape[-1])
@@ -129,27 +121,30 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         x2 = x.reshape(-1, k)  # (N, k)
         A_, B_ = A.to(x.dtype), B.to(x.dtype)
-        # v = s·c · g B (N, r), with dropout's c folded in; ∂L/∂B = s · gᵀ u from the same read of g.
-        s_v = s * (1.0 / (1.0 - p))
+        # Without dropout the big GEMM g W goes first, so the skinny products after it find g in cache.
+        base_grad_x = g @ weight.to(x.dtype) if need_x and not p and weight is not None else None
+        v = (g @ B_).mul_(s * (1.0 / (1.0 - p)))  # (N, r), with dropout's c folded in
+        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p else None
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
-        # One read of g gives v, ∂L/∂B and (when ∂x is needed) the branch's input gradient v A; as in
-        # forward, that rank-r term is written first and the big GEMM g W accumulates into it.
-        v, grad_Bt, grad_x = native.g_pass(g, B_, u, s_v, s, A_ if need_x else None)
         if need_B:
-            grad_B = grad_Bt.to(B.dtype)  # (d, r)
-        pos = dropped_positions(x2.numel(), p, ctx.seed, x2.device) if p and (need_A or need_x) else None
-        if need_A:
-            if pos is not None:  # vᵀ drop(x), over a copy of x with the dropped inputs zeroed
-                drop_x = x2.clone()
-                drop_x.view(-1)[pos] = 0
-                grad_A = native.xt_pass(drop_x, v).to(A.dtype)  # (r, k)
-                del drop_x
-            else:
-                grad_A = native.xt_pass(x2, v).to(A.dtype)  # (r, k) = vᵀ x
-        if grad_x is not None and pos is not None:  # dropped inputs get no gradient through the branch
-            grad_x.view(-1)[pos] = 0
-        if grad_x is not None and weight is not None:
-            grad_x.addmm_(g, weight.to(x.dtype))  # + g W
+            grad_B = (u.t() @ g).mul_(s).t().to(B.dtype)  # (d, r); uᵀg is the faster GEMM shape
+        # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
+        # branch's input gradient v A, is zeroed at the dropped inputs, and g W accumulates into it —
+        # so dropout costs a copy of x and two sparse fills, not another allocation.
+        if pos is not None and (need_A or need_x):
+            buf = x2.clone()
+            buf.view(-1)[pos] = 0
+            if need_A:
+                grad_A = (v.t() @ buf).to(A.dtype)  # (r, k)
+            if need_x:
+                torch.mm(v, A_, out=buf)
+                buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
+                grad_x = buf if weight is None else buf.addmm_(g, weight.to(x.dtype))
+        else:
+            if need_A:
+                grad_A = (v.t() @ x2).to(A.dtype)  # (r, k)
+            if need_x:
+                grad_x = v @ A_ if weight is None else base_grad_x.addmm_(v, A_)  # + v A in place
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         if need_w:  # only when a caller unfroze the base; LoRA layers never do
