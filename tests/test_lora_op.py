@@ -88,3 +88,24 @@ def test_checkpointing_recomputes_the_same_dropout_mask() -> None:
     y = net(x)
     y.square().sum().backward()
     assert not torch.equal(x.grad, grads[0][0])
+
+
+def test_eager_cuda_route_skips_u_under_no_grad(monkeypatch):
+    """Inputs that require grad still report needs_input_grad under torch.no_grad(); the forward
+    must not compute u = x Aᵀ (a full pass over x) for a backward that cannot come."""
+    from lorakit.ops import lora_op, triton_lora
+
+    asked = []
+
+    def fake_forward(x, weight, bias, A, B, scale, p, seed, need_u):  # torch arithmetic, records need_u
+        asked.append(need_u)
+        u = x @ A.t()
+        return torch.addmm(bias, x, weight.t()).addmm_(u, B.t(), alpha=scale), u
+
+    monkeypatch.setattr(lora_op, "_use_triton", lambda x: True)
+    monkeypatch.setattr(triton_lora, "lora_forward", fake_forward)
+    x, W, b, A, B = _inputs()
+    with torch.no_grad():
+        lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
+    lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
+    assert asked == [False, True]

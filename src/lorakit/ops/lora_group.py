@@ -55,7 +55,7 @@ def lora_linear_group(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear_group(x.to(dtype), weights, biases, As, Bs, scales)
     lead = x.shape[:-1]
-    outs = _LoraGroup.apply(x.reshape(-1, x.shape[-1]), tuple(float(s) for s in scales),
+    outs = _LoraGroup.apply(x.reshape(-1, x.shape[-1]), tuple(float(s) for s in scales), torch.is_grad_enabled(),
                             *weights, *biases, *As, *Bs)
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
 
@@ -66,13 +66,18 @@ def _use_triton(x: Tensor) -> bool:
 
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, scales, *params):  # type: ignore[override]
+    def forward(ctx, x2, scales, grad_enabled, *params):  # type: ignore[override]
         m = len(scales)
         Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
         dt = x2.dtype
         A_cat = torch.cat([A.to(dt) for A in As])  # (Σr, k): one pass over x for every member
         triton = _use_triton(x2)
-        u = triton_lora.xa(x2, A_cat) if triton else x2 @ A_cat.t()  # (N, Σr)
+        if not triton:
+            u = x2 @ A_cat.t()  # (N, Σr): the CPU route's h needs it
+        elif grad_enabled and any(ctx.needs_input_grad):  # (needs_input_grad ignores torch.no_grad)
+            u = triton_lora.xa(x2, A_cat)  # only backward needs it: h uses the merged weights
+        else:
+            u = x2.new_empty((0, A_cat.shape[0]))
         outs, start = [], 0
         for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
             r = A.shape[0]
@@ -96,7 +101,7 @@ class _LoraGroup(torch.autograd.Function):
         Ws, As, Bs = (params[i * m:(i + 1) * m] for i in range(3))
         needs = ctx.needs_input_grad
         need_x = needs[0]
-        need_W, need_b, need_A, need_B = (needs[2 + i * m:2 + (i + 1) * m] for i in range(4))
+        need_W, need_b, need_A, need_B = (needs[3 + i * m:3 + (i + 1) * m] for i in range(4))
         dt = x2.dtype
         N = x2.shape[0]
         triton = _use_triton(x2)
@@ -143,4 +148,4 @@ class _LoraGroup(torch.autograd.Function):
                 start += r
         if need_x and grad_x is None:
             grad_x = torch.zeros_like(x2)
-        return (grad_x, None, *grad_W, *grad_b, *grad_A, *grad_B)
+        return (grad_x, None, None, *grad_W, *grad_b, *grad_A, *grad_B)

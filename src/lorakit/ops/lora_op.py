@@ -91,8 +91,10 @@ class _TritonLoraLinear(torch.autograd.Function):
     low-rank branch)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, p, seed):  # type: ignore[override]
-        need_u = any(ctx.needs_input_grad[:5])
+    def forward(ctx, x, weight, bias, A, B, scale, p, seed, grad_enabled):  # type: ignore[override]
+        # needs_input_grad is True for inputs that require grad even under torch.no_grad(); only the
+        # caller's grad mode (forward itself always runs without grad) says whether backward can come.
+        need_u = grad_enabled and any(ctx.needs_input_grad[:5])
         h, u = triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)
         ctx.save_for_backward(x, weight, A, B, u)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
@@ -107,7 +109,7 @@ class _TritonLoraLinear(torch.autograd.Function):
                                                need_x, need_A, need_B)
         grad_w = (g.t() @ x).to(weight.dtype) if need_w else None
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
-        return gx, grad_w, grad_b, gA, gB, None, None, None
+        return gx, grad_w, grad_b, gA, gB, None, None, None, None
 
 
 def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -121,7 +123,7 @@ def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A
     x2 = x.reshape(-1, k)  # (N, k)
     scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
     if not torch.compiler.is_compiling() and _use_triton(x):
-        h = _TritonLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        h = _TritonLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, torch.is_grad_enabled())
     else:
         need_u = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))

@@ -77,7 +77,7 @@ def swiglu_lora_down(
                                                      seed, need_u)
     else:  # eager: an autograd.Function, without the custom ops' per-call dispatch cost (see lora_op)
         y = _SwigluLoraDown.apply(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
-                                  _use_triton(gate2))
+                                  _use_triton(gate2), torch.is_grad_enabled())
     return y.view(*gate.shape[:-1], y.shape[-1])
 
 
@@ -134,8 +134,8 @@ class _SwigluLoraDown(torch.autograd.Function):
     """The eager route (CPU reference arithmetic, or Triton on CUDA); saves gate, up, W, A, B and u."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, A, B, scale, p, seed, triton):  # type: ignore[override]
-        need_u = any(ctx.needs_input_grad[:6])
+    def forward(ctx, gate, up, weight, bias, A, B, scale, p, seed, triton, grad_enabled):  # type: ignore[override]
+        need_u = grad_enabled and any(ctx.needs_input_grad[:6])  # (see lora_op._TritonLoraLinear)
         y, u = _forward(gate, up, weight, bias, A, B, scale, p, seed, need_u, triton)
         ctx.save_for_backward(gate, up, weight, A, B, u)
         ctx.scale, ctx.p, ctx.seed, ctx.triton, ctx.has_bias = scale, p, seed, triton, bias is not None
@@ -150,7 +150,7 @@ class _SwigluLoraDown(torch.autograd.Function):
             g, gate, up, weight, A, B, u, ctx.scale, ctx.p, ctx.seed, need_gate or need_up, need_w, need_A, need_B,
             ctx.triton)
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
-        return grad_gate, grad_up, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+        return grad_gate, grad_up, grad_w, grad_b, grad_A, grad_B, None, None, None, None, None
 
 
 # --- torch.compile: the same functions as custom ops (see lora_op.py for why ops and not the Function) -----
