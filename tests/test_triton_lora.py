@@ -10,12 +10,8 @@ wrong (triton 3.9), so half precision is covered by fp16 here and bf16 by benchm
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from triton_interpret import interpreted, report  # tests/ is on the path (pytest; the script's own dir)
 
 pytest.importorskip("triton")
 
@@ -133,13 +129,7 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, str]:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -148,10 +138,4 @@ def test_triton_kernels_match_float64(results: dict[str, str], name: str) -> Non
 
 
 if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is already in the environment
-    out = {}
-    for check in CHECKS:
-        try:
-            out[check] = _check(check)
-        except Exception as e:  # report, so the failing check is named in the test output
-            out[check] = f"{type(e).__name__}: {e}"
-    print(json.dumps(out))
+    report(CHECKS, _check)

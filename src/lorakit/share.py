@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 from torch import Tensor, nn
 
 from .layers import LoraLinear
