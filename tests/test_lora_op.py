@@ -61,7 +61,8 @@ def test_compiles_whole_on_cpu(p: float) -> None:
 def test_opcheck() -> None:
     x, W, b, A, B = _inputs(3)
     result = torch.library.opcheck(torch.ops.lorakit.lora_linear_fwd.default,
-                                   (x.detach().reshape(10, 16).requires_grad_(), W, b, A, B, 0.5, 0.3, 7, True))
+                                   (x.detach().reshape(10, 16).requires_grad_(), W, b, A, B, 0.5, 0.3,
+                                    torch.tensor(7), True))
     assert set(result.values()) == {"SUCCESS"}, result
 
 
@@ -109,3 +110,27 @@ def test_eager_cuda_route_skips_u_under_no_grad(monkeypatch):
         lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
     lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
     assert asked == [False, True]
+
+
+def test_layers_with_dropout_compile_without_graph_breaks() -> None:
+    """The layer draws its dropout seed as a tensor under torch.compile (int() would break the graph)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    net = lorakit.inject(net, lorakit.LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["0", "2"]))
+    for _, layer in lorakit.lora_layers(net):
+        for name in layer.lora_B:
+            torch.nn.init.normal_(layer.lora_B[name])
+    net.train()
+    x = torch.randn(32, 16)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(net)(x).graph_break_count == 0
+    compiled = torch.compile(net, fullgraph=True)
+    y1, y2 = compiled(x), compiled(x)
+    with torch.no_grad():
+        net.eval()
+        y_eval = net(x)
+        net.train()
+    assert not torch.allclose(y1, y2) and not torch.allclose(y1, y_eval)  # fresh masks each call
+    y1.square().sum().backward()
+    grads = [q.grad for q in net.parameters() if q.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

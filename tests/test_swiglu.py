@@ -124,7 +124,7 @@ def test_opcheck() -> None:
     gate, up, W, b, A, B = _inputs(torch.float32, seed=7, k=16, d=8, r=4)
     gate2, up2 = (t.detach().reshape(6, 16).requires_grad_() for t in (gate, up))
     result = torch.library.opcheck(torch.ops.lorakit.swiglu_lora_down_fwd.default,
-                                   (gate2, up2, W, b, A, B, 0.5, 0.3, 7, True))
+                                   (gate2, up2, W, b, A, B, 0.5, 0.3, torch.tensor(7), True))
     assert set(result.values()) == {"SUCCESS"}, result
 
 

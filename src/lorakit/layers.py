@@ -126,12 +126,15 @@ class LoraLayer(nn.Module):
             return []
         return [a for a in self.active_adapters if a not in self.merged_adapters]
 
-    def _dropout_and_seed(self, name: str) -> tuple[float, int]:
+    def _dropout_and_seed(self, name: str) -> tuple[float, int | Tensor]:
         p = self.dropout_p[name] if self.training else 0.0
         # Seeds come from torch's global CPU generator, so training is reproducible from torch.manual_seed
         # and a checkpoint's RNG state; the mask itself is regenerated from the seed in backward.
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if p else 0
-        return p, seed
+        if not p:
+            return p, 0
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        # Under torch.compile the seed stays a tensor (the custom ops read it): int() would break the graph.
+        return p, seed if torch.compiler.is_compiling() else int(seed)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A) + (

@@ -43,7 +43,7 @@ def lora_linear(
     lora_B: Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | Tensor = 0,
 ) -> Tensor:
     """h = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ over the last dimension of x.
 
@@ -55,7 +55,9 @@ def lora_linear(
         lora_A: (r, k).   lora_B: (d, r).   scale: s.
         dropout_p: dropout probability on the branch's input; the mask is a function of ``seed``
             (and of the device type): the same seed gives the same mask.
-        seed: identifies the dropout mask; pass a fresh one for every training call.
+        seed: identifies the dropout mask; pass a fresh one for every training call (an int, or a
+            0-d integer CPU tensor — what a layer passes under ``torch.compile``, so that drawing it
+            does not break the graph).
 
     Returns:
         (..., d) in x's dtype.

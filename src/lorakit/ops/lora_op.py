@@ -3,6 +3,10 @@
     lorakit::lora_linear_fwd(x, W, b, A, B, s, p, seed, need_u) -> (h, u)
     lorakit::lora_linear_bwd(g, x, W, A, B, u, s, p, seed, need_x, need_A, need_B) -> (∂x, ∂A, ∂B)
 
+The dropout seed is a 0-d int64 CPU tensor in the ops' schema, not an int: a layer under
+``torch.compile`` draws it with ``torch.randint`` (traced, no graph break), and the ops read its value
+inside, where Dynamo does not look.
+
 The ops are opaque to Dynamo (no graph break inside a LoRA layer, whatever the dropout code does on
 the host) and carry their own autograd (``register_autograd``) and shape functions (``register_fake``).
 Each op computes on the device it is given: CUDA with Triton runs ``triton_lora``; anything else runs
@@ -26,9 +30,17 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda and triton_lora.available()
 
 
+def seed_tensor(seed: int | Tensor) -> Tensor:
+    """The dropout seed as the custom ops take it: a 0-d int64 tensor on the CPU."""
+    if isinstance(seed, Tensor):
+        return seed.to(device="cpu", dtype=torch.int64).reshape(())
+    return torch.tensor(int(seed), dtype=torch.int64)
+
+
 @torch.library.custom_op("lorakit::lora_linear_fwd", mutates_args=())
 def _fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float, p: float,
-         seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
+         seed: Tensor, need_u: bool) -> tuple[Tensor, Tensor]:
+    seed = int(seed)
     if _use_triton(x):
         return triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)
     ctx = SimpleNamespace()  # the reference forward, called as autograd would, to reuse its arithmetic
@@ -46,7 +58,8 @@ def _(x, weight, bias, A, B, scale, p, seed, need_u):
 
 @torch.library.custom_op("lorakit::lora_linear_bwd", mutates_args=())
 def _bwd(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float, p: float,
-         seed: int, need_x: bool, need_A: bool, need_B: bool) -> tuple[Tensor, Tensor, Tensor]:
+         seed: Tensor, need_x: bool, need_A: bool, need_B: bool) -> tuple[Tensor, Tensor, Tensor]:
+    seed = int(seed)
     if _use_triton(x):
         gx, gA, gB = triton_lora.lora_backward(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B)
     else:
@@ -66,15 +79,15 @@ def _(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, A, B, scale, p, seed, _need_u = inputs
-    ctx.save_for_backward(x, weight, A, B, output[1])
-    ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+    ctx.save_for_backward(x, weight, A, B, output[1], seed)
+    ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
 
 
 def _backward(ctx, grad_h: Tensor, _grad_u: Tensor):
-    x, weight, A, B, u = ctx.saved_tensors
+    x, weight, A, B, u, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     g = grad_h.contiguous()
-    gx, gA, gB = torch.ops.lorakit.lora_linear_bwd(g, x, weight, A, B, u, ctx.scale, ctx.p, ctx.seed,
+    gx, gA, gB = torch.ops.lorakit.lora_linear_bwd(g, x, weight, A, B, u, ctx.scale, ctx.p, seed,
                                                   need_x, need_A, need_B)
     grad_w = (g.t() @ x).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
     grad_b = g.sum(0) if need_b and ctx.has_bias else None
@@ -113,7 +126,7 @@ class _TritonLoraLinear(torch.autograd.Function):
 
 
 def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                   scale: float, dropout_p: float, seed: int) -> Tensor:
+                   scale: float, dropout_p: float, seed: int | Tensor) -> Tensor:
     """:func:`lorakit.ops.lora_linear` for CUDA tensors and under ``torch.compile`` (same arguments, same result).
 
     Under ``torch.compile`` it goes through the custom ops; in eager mode on CUDA with Triton, through
@@ -121,11 +134,13 @@ def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # (N, k)
-    scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
+    scale, dropout_p = float(scale), float(dropout_p)
     if not torch.compiler.is_compiling() and _use_triton(x):
-        h = _TritonLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, torch.is_grad_enabled())
+        h = _TritonLoraLinear.apply(x2, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed),
+                                    torch.is_grad_enabled())
     else:
         need_u = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
-        h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p, seed, need_u)
+        h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                                 seed_tensor(seed), need_u)
     return h.view(*x.shape[:-1], h.shape[-1])

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import triton_lora, triton_swiglu
 from .lora_linear import _LoraLinear
+from .lora_op import seed_tensor
 
 
 def swiglu_lora_down(
@@ -44,7 +45,7 @@ def swiglu_lora_down(
     lora_B: Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | Tensor = 0,
 ) -> Tensor:
     """y = lora_linear(silu(gate) ⊙ up, W, b, A, B, s, p, seed), keeping gate and up instead of the product.
 
@@ -69,14 +70,14 @@ def swiglu_lora_down(
     dtype = torch.promote_types(gate.dtype, up.dtype)  # the dtype silu(gate) * up would have
     k = gate.shape[-1]
     gate2, up2 = gate.to(dtype).reshape(-1, k), up.to(dtype).reshape(-1, k)  # (N, k)
-    scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
+    scale, dropout_p = float(scale), float(dropout_p)
     if torch.compiler.is_compiling():  # the custom ops: no graph break, whatever the host code does
         need_u = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (gate, up, weight, bias, lora_A, lora_B))
         y, _ = torch.ops.lorakit.swiglu_lora_down_fwd(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                                     seed, need_u)
+                                                     seed_tensor(seed), need_u)
     else:  # eager: an autograd.Function, without the custom ops' per-call dispatch cost (see lora_op)
-        y = _SwigluLoraDown.apply(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
+        y = _SwigluLoraDown.apply(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed),
                                   _use_triton(gate2), torch.is_grad_enabled())
     return y.view(*gate.shape[:-1], y.shape[-1])
 
@@ -156,8 +157,8 @@ class _SwigluLoraDown(torch.autograd.Function):
 # --- torch.compile: the same functions as custom ops (see lora_op.py for why ops and not the Function) -----
 @torch.library.custom_op("lorakit::swiglu_lora_down_fwd", mutates_args=())
 def _fwd_op(gate: Tensor, up: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-            p: float, seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
-    return _forward(gate, up, weight, bias, A, B, scale, p, seed, need_u, _use_triton(gate))
+            p: float, seed: Tensor, need_u: bool) -> tuple[Tensor, Tensor]:
+    return _forward(gate, up, weight, bias, A, B, scale, p, int(seed), need_u, _use_triton(gate))
 
 
 @_fwd_op.register_fake
@@ -168,9 +169,9 @@ def _(gate, up, weight, bias, A, B, scale, p, seed, need_u):
 
 @torch.library.custom_op("lorakit::swiglu_lora_down_bwd", mutates_args=())
 def _bwd_op(g: Tensor, gate: Tensor, up: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor,
-            scale: float, p: float, seed: int, need_in: bool, need_A: bool, need_B: bool,
+            scale: float, p: float, seed: Tensor, need_in: bool, need_A: bool, need_B: bool,
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grad_gate, grad_up, _, grad_A, grad_B = _backward(g, gate, up, weight, A, B, u, scale, p, seed, need_in, False,
+    grad_gate, grad_up, _, grad_A, grad_B = _backward(g, gate, up, weight, A, B, u, scale, p, int(seed), need_in, False,
                                                       need_A, need_B, _use_triton(gate))
     empty = g.new_empty(0)  # a custom op cannot return None; results contiguous, as the fake impl promises
     return tuple(empty if t is None else t.contiguous() for t in (grad_gate, grad_up, grad_A, grad_B))
@@ -185,16 +186,16 @@ def _(g, gate, up, weight, A, B, u, scale, p, seed, need_in, need_A, need_B):
 
 def _setup_context(ctx, inputs, output) -> None:
     gate, up, weight, bias, A, B, scale, p, seed, _need_u = inputs
-    ctx.save_for_backward(gate, up, weight, A, B, output[1])
-    ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+    ctx.save_for_backward(gate, up, weight, A, B, output[1], seed)
+    ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
 
 
 def _op_backward(ctx, grad_y: Tensor, _grad_u: Tensor):
-    gate, up, weight, A, B, u = ctx.saved_tensors
+    gate, up, weight, A, B, u, seed = ctx.saved_tensors
     need_gate, need_up, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
     g = grad_y.contiguous()
     grad_gate, grad_up, grad_A, grad_B = torch.ops.lorakit.swiglu_lora_down_bwd(
-        g, gate, up, weight, A, B, u, ctx.scale, ctx.p, ctx.seed, need_gate or need_up, need_A, need_B)
+        g, gate, up, weight, A, B, u, ctx.scale, ctx.p, seed, need_gate or need_up, need_A, need_B)
     grad_w = (g.t() @ _swiglu(gate, up)).to(weight.dtype) if need_w else None  # only for an unfrozen base
     grad_b = g.sum(0) if need_b and ctx.has_bias else None
     return (grad_gate if need_gate else None, grad_up if need_up else None, grad_w, grad_b,
