@@ -66,14 +66,19 @@ def test_opcheck() -> None:
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-def test_checkpointing_recomputes_the_same_dropout_mask() -> None:
+def _dropout_net(width: int, dropout: float) -> torch.nn.Module:
+    """Linear-GELU-Linear with LoRA (B ≠ 0, so the branches count) on both linears, in training mode."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
-    net = lorakit.inject(net, lorakit.LoraConfig(r=4, alpha=8, dropout=0.3, target_modules=["0", "2"]))
+    net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, 8))
+    net = lorakit.inject(net, lorakit.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=["0", "2"]))
     for _, layer in lorakit.lora_layers(net):
         for name in layer.lora_B:
             torch.nn.init.normal_(layer.lora_B[name])
-    net.train()
+    return net.train()
+
+
+def test_checkpointing_recomputes_the_same_dropout_mask() -> None:
+    net = _dropout_net(32, 0.3)
     x = torch.randn(16, 32, requires_grad=True)
     grads = []
     for use_checkpoint in (False, True):
@@ -114,13 +119,7 @@ def test_eager_cuda_route_skips_u_under_no_grad(monkeypatch):
 
 def test_layers_with_dropout_compile_without_graph_breaks() -> None:
     """The layer draws its dropout seed as a tensor under torch.compile (int() would break the graph)."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
-    net = lorakit.inject(net, lorakit.LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["0", "2"]))
-    for _, layer in lorakit.lora_layers(net):
-        for name in layer.lora_B:
-            torch.nn.init.normal_(layer.lora_B[name])
-    net.train()
+    net = _dropout_net(16, 0.5)
     x = torch.randn(32, 16)
     torch._dynamo.reset()
     assert torch._dynamo.explain(net)(x).graph_break_count == 0
