@@ -154,14 +154,14 @@ class _MixedBatch:
                 "(set the same dropout, or train in eval mode)"
             )
         plan = self.token_plan(tuple(x.shape[:-1]), x.device, local)
-        if (x.is_cuda and not torch.is_grad_enabled() and output.dtype == x.dtype and output.is_contiguous()
-                and triton_segmented.available()):
+        p = stacks.dropout if layer.training else 0.0
+        if (x.is_cuda and not p and not torch.is_grad_enabled() and output.dtype == x.dtype
+                and output.is_contiguous() and triton_segmented.available()):
             # Serving: the plan and stacks were checked when built, so go straight to the kernels and
             # accumulate into the fresh base output. Host time is what a decode step is made of here.
             k, d = x.shape[-1], output.shape[-1]
             triton_segmented.forward_into(output.view(-1, d), x.reshape(-1, k), plan, A, B, stacks.scales, stacks.ranks)
             return output
-        p = stacks.dropout if layer.training else 0.0
         x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
         return segmented_lora(x_low, plan, A, B, stacks.scales, stacks.ranks, base=output, inplace=True)
 
