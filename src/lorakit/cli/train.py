@@ -43,7 +43,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "embedding": dict(r=8, alpha=16.0, dropout=0.0, lr=1e-3, batch_size=32, max_length=128, epochs=1, warmup=0.05,
                       schedule="linear"),
 }
-_COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5)
+_COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5,
+               fuse=True)
 
 # Where each option lives in a checkpoint's state.json "config" (see Trainer.run_config).
 _SAVED = {
@@ -52,7 +53,8 @@ _SAVED = {
     "max_steps": ("train", "max_steps"), "batch_size": ("train", "batch_size"), "grad_accum": ("train", "grad_accum"),
     "warmup": ("train", "warmup"), "schedule": ("train", "schedule"), "eval_every": ("train", "eval_every"),
     "save_every": ("train", "save_every"), "keep": ("train", "keep"), "seed": ("train", "seed"),
-    "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "task": ("task",), "model": ("model",),
+    "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "fuse": ("train", "fuse"),
+    "task": ("task",), "model": ("model",),
     "data": ("data_file",),
     "eval_data": ("eval_data_file",), "source": ("source",), "max_length": ("max_length",),
 }
@@ -90,6 +92,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--schedule", choices=("cosine", "linear", "constant"), help="lr decay after warmup")
     g.add_argument("--seed", type=int, help="seeds data order, LoRA init and dropout")
     g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
+    g.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
+                   help="train the layers one by one: no shared q/k/v (gate/up) input pass, no fused SwiGLU MLPs "
+                        "(both are exact; this is for comparing or debugging)")
     g.add_argument("--max-bad-steps", type=int, help="stop after this many NaN/inf steps in a row (default 5)")
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", metavar="DIR", help="output directory (default: lorakit-runs/<task>)")
@@ -229,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         lr=v["lr"], epochs=v["epochs"], max_steps=v["max_steps"], batch_size=v["batch_size"], grad_accum=v["grad_accum"],
         warmup=v["warmup"], schedule=v["schedule"], eval_every=v["eval_every"], save_every=v["save_every"],
-        keep=v["keep"], seed=v["seed"], bf16=bool(v["bf16"]), max_bad_steps=v["max_bad_steps"],
+        keep=v["keep"], seed=v["seed"], bf16=bool(v["bf16"]), max_bad_steps=v["max_bad_steps"], fuse=bool(v["fuse"]),
     )
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}

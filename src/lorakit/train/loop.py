@@ -91,6 +91,8 @@ class TrainConfig:
     #: stop after this many non-finite steps in a row
     max_bad_steps: int = 5
     bf16: bool = False
+    #: share one pass over q/k/v's (gate/up's) input and fuse SwiGLU MLPs: exact, less work and memory
+    fuse: bool = True
     #: progress line every N steps when stderr is not a terminal
     log_every: int = 10
 
@@ -113,7 +115,7 @@ class TrainConfig:
 
 
 # Fields that may differ from a checkpoint's without changing what is being resumed.
-_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps"}
+_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps", "fuse"}
 # LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
 _STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
 
@@ -245,10 +247,11 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         random.seed(config.seed)
         model = lorakit.inject(task.model, self.lora)
-        # Exact rewrites that only save work and memory: q/k/v and gate/up share one pass over their
-        # input, and SwiGLU MLPs keep gate/up instead of their product for backward (docs/gpu-notes.md).
-        lorakit.share_inputs(model)
-        lorakit.fuse_mlps(model)
+        if config.fuse:
+            # Exact rewrites that only save work and memory: q/k/v and gate/up share one pass over their
+            # input, and SwiGLU MLPs keep gate/up instead of their product for backward (docs/gpu-notes.md).
+            lorakit.share_inputs(model)
+            lorakit.fuse_mlps(model)
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
