@@ -224,3 +224,18 @@ def test_fused_mlp_keeps_less_for_backward() -> None:
     # unfused keeps x, gate, silu(gate), up, h and three (N, r) u; fused: x, gate, up and the u's
     assert unfused - fused >= 2 * h.numel() * h.element_size()
     assert not any(t.shape == h.shape and torch.equal(t, h) for t in saved)
+
+
+def test_fused_model_pickles_and_deep_copies() -> None:
+    import copy
+    import pickle
+
+    model = _llama()
+    lorakit.fuse_mlps(model)
+    ids = _ids()
+    expected = _outputs(model, ids)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        mlp = clone.model.layers[0].mlp
+        assert fuse.is_fused(mlp) and mlp.forward.args[0] is mlp  # bound to the copy, not the original
+        torch.testing.assert_close(_outputs(clone, ids), expected)
+

@@ -144,6 +144,25 @@ def test_inference_mode_tensors_are_computed_alone(count_group_calls):
     assert count_group_calls == []
 
 
+def test_a_shared_model_pickles_and_copies_after_a_forward():
+    import io
+    import pickle
+
+    model = tiny_llama().eval()
+    lorakit.share_inputs(model)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.model.layers[0].self_attn.q_proj(torch.randn(3, 32))  # leaves k's and v's outputs pending
+        for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            group = clone.model.layers[0].self_attn.q_proj.input_group
+            assert group is clone.model.layers[0].self_attn.k_proj.input_group and not group._pending
+            torch.testing.assert_close(clone(input_ids=ids).logits, expected)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # whole-module save, as some users do
+        assert buffer.tell() > 0
+
+
 def test_cross_attention_is_not_grouped():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -17,7 +17,7 @@ set_adapter / batch_adapters keep working on a fused model.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
 def is_fused(module: nn.Module) -> bool:
     """Whether ``module``'s forward is the fused one."""
     forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _fused_forward
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
 
 
 def fuse_mlps(model: nn.Module) -> int:
@@ -94,7 +94,8 @@ def fuse_mlps(model: nn.Module) -> int:
         if is_fused(module):
             count += 1
         elif _fusable(module):
-            module.forward = types.MethodType(_fused_forward, module)
+            # a partial, not a bound method: it pickles (torch.save(model)) and deep-copies with the module
+            module.forward = functools.partial(_fused_forward, module)
             count += 1
     return count
 

@@ -72,6 +72,11 @@ class InputGroup:
         self._source = (weakref.ref(x), x._version)
         return outs[i]
 
+    def __getstate__(self) -> dict:
+        # A copy or a pickled model (torch.save(model)) starts with nothing pending: the weak reference
+        # cannot be pickled, and outputs computed for a tensor of this process mean nothing elsewhere.
+        return {**self.__dict__, "_pending": {}, "_source": None}
+
     def _is_source(self, x: Tensor) -> bool:
         ref, version = self._source  # type: ignore[misc]
         return ref() is x and x._version == version
