@@ -52,6 +52,24 @@ def test_unsupported_module_is_refused():
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(target_modules=["input_layernorm"]))
 
 
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"])
+def test_quantized_base_layers_are_refused(targets):
+    """bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses holding packed integer weights."""
+
+    class PackedLinear(torch.nn.Linear):  # stands in for a quantized linear: an integer weight
+        def __init__(self, inner: torch.nn.Linear):
+            super().__init__(inner.in_features, inner.out_features, bias=False)
+            self.weight = torch.nn.Parameter(torch.zeros(inner.out_features * inner.in_features // 2,
+                                                         dtype=torch.uint8), requires_grad=False)
+
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = PackedLinear(attn.q_proj)
+    with pytest.raises(UnsupportedModuleError, match=r"quantized .*layers\.0\.self_attn\.q_proj \(torch\.uint8\)"):
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=targets))
+    assert not list(lorakit.lora_layers(model))
+
+
 def test_failure_midway_leaves_model_unchanged(monkeypatch):
     model = tiny_llama()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -116,6 +116,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"target_modules matches modules lorakit cannot adapt: {', '.join(unsupported[:5])}; "
             "lorakit adapts nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d — narrow target_modules"
         )
+    bases = {name: base for name, _, base in candidates(model)}
+    quantized = [f"{name} ({bases[name].weight.dtype})" for name in targets if _quantized(bases[name])]
+    if quantized:  # e.g. bitsandbytes' Linear4bit/Linear8bitLt: nn.Linear subclasses with packed integer weights
+        raise UnsupportedModuleError(
+            f"target_modules matches layers with quantized (integer) weights: {', '.join(quantized[:5])}; lorakit "
+            "cannot adapt quantized bases yet — load the base model in bfloat16, float16 or float32"
+        )
     if isinstance(spec, tuple):
         unmatched = [entry for entry in spec if entry not in used_entries]
         if unmatched:
@@ -123,6 +130,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not targets:
         raise TargetError(f"target_modules {spec!r} matches no adaptable module; {_hint(model)}")
     return targets
+
+
+def _quantized(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not (weight.dtype.is_floating_point or weight.dtype.is_complex)
 
 
 def _hint(model: nn.Module) -> str:
