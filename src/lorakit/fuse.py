@@ -50,16 +50,14 @@ def _fusable(module: nn.Module) -> bool:
 
 def _simple_down(down: nn.Module) -> tuple | None:
     """(W, b, A, B, s, p, seed) when ``down`` computes one plain LoRA linear, else None."""
-    if not isinstance(down, LoraLinear) or down.layout != "linear":
+    if not isinstance(down, LoraLinear):
         return None
     if down._forward_hooks or down._forward_pre_hooks:  # e.g. batch_adapters' hook: it must see the call
         return None
-    names = down._unmerged_active()  # [] when disabled
-    if len(names) != 1:
+    name = down.single_adapter()
+    if name is None:
         return None
-    (name,) = names
-    p, seed = down._dropout_and_seed(name)
-    return down.base_weight(), down.base_layer.bias, down.lora_A[name], down.lora_B[name], down.scaling[name], p, seed
+    return (*down.adapter_params(name), *down._dropout_and_seed(name))
 
 
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:

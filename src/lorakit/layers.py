@@ -165,6 +165,17 @@ class LoraLinear(LoraLayer):
         w = self.base_weight()
         return w.shape[1] if self.layout == "transposed" else w.shape[0]
 
+    def single_adapter(self) -> str | None:
+        """The adapter when the layer computes its (d, k) base plus exactly one unmerged adapter, else None
+        (merged, disabled, several active, or a transposed Conv1D weight): the state in which callers
+        that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
+        names = self._unmerged_active()  # [] when disabled
+        return names[0] if len(names) == 1 and self.layout == "linear" else None
+
+    def adapter_params(self, name: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
+        """(W, b, A, B, s) of adapter ``name``: what :func:`lorakit.ops.lora_linear` takes."""
+        return self.base_weight(), self.base_layer.bias, self.lora_A[name], self.lora_B[name], self.scaling[name]
+
     def forward(self, x: Tensor) -> Tensor:
         if self.input_group is not None and not torch.compiler.is_compiling():
             out = self.input_group.output(self, x)

@@ -84,15 +84,10 @@ class InputGroup:
 
 def _plain_params(layer: LoraLinear) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
     """(W, b, A, B, s) when the layer computes base + one unmerged adapter without dropout, else None."""
-    if layer.layout != "linear":
+    name = layer.single_adapter()
+    if name is None or layer.training and layer.dropout_p[name]:
         return None
-    names = layer._unmerged_active()
-    if len(names) != 1:
-        return None
-    name = names[0]
-    if layer.training and layer.dropout_p[name]:
-        return None
-    return layer.base_weight(), layer.base_layer.bias, layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    return layer.adapter_params(name)
 
 
 def share_inputs(model: nn.Module) -> int:

@@ -60,8 +60,7 @@ def lora_linear_group(
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
 
 
-def _use_triton(x: Tensor) -> bool:
-    return x.is_cuda and triton_lora.available()
+_use_triton = triton_lora.use_triton  # module attribute: tests patch it to exercise the route on CPU
 
 
 class _LoraGroup(torch.autograd.Function):

@@ -82,8 +82,7 @@ def swiglu_lora_down(
     return y.view(*gate.shape[:-1], y.shape[-1])
 
 
-def _use_triton(x: Tensor) -> bool:
-    return x.is_cuda and triton_lora.available()
+_use_triton = triton_lora.use_triton  # module attribute: tests patch it to exercise the route on CPU
 
 
 def _swiglu(gate: Tensor, up: Tensor, triton: bool = False) -> Tensor:

@@ -58,6 +58,11 @@ def available() -> bool:
     return triton is not None
 
 
+def use_triton(x: Tensor) -> bool:
+    """Whether the CUDA route runs for ``x``: a CUDA tensor and Triton installed."""
+    return x.is_cuda and triton is not None
+
+
 def drop_threshold(p: float) -> int:
     """The integer t with P(drop) = t / 2¹⁶ that the kernels use for dropout probability p."""
     return int(round(p * (1 << _MASK_BITS)))
