@@ -103,10 +103,10 @@ def test_eager_cuda_route_skips_u_under_no_grad(monkeypatch):
 
     asked = []
 
-    def fake_forward(x, weight, bias, A, B, scale, p, seed, need_u):  # torch arithmetic, records need_u
+    def fake_forward(x, weight, bias, A, B, scale, p, seed, need_u, keep_merged=False):  # records need_u
         asked.append(need_u)
         u = x @ A.t()
-        return torch.addmm(bias, x, weight.t()).addmm_(u, B.t(), alpha=scale), u
+        return torch.addmm(bias, x, weight.t()).addmm_(u, B.t(), alpha=scale), u, None
 
     monkeypatch.setattr(lora_op, "_use_triton", lambda x: True)
     monkeypatch.setattr(triton_lora, "lora_forward", fake_forward)
@@ -115,6 +115,42 @@ def test_eager_cuda_route_skips_u_under_no_grad(monkeypatch):
         lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
     lora_linear_op(x, W, b, A, B, 0.5, 0.0, 0)
     assert asked == [False, True]
+
+
+@pytest.mark.parametrize("flag, p, grad_x, kept", [(True, 0.0, True, True), (False, 0.0, True, False),
+                                                   (True, 0.2, True, False), (True, 0.0, False, False)])
+def test_eager_cuda_route_hands_merged_weight_to_backward(monkeypatch, flag, p, grad_x, kept) -> None:
+    """With triton_lora.KEEP_MERGED_WEIGHT set, forward keeps W' = W + s·B A for backward (no dropout, and
+    only if x needs a gradient); backward then receives that same tensor instead of rebuilding it."""
+    from lorakit.ops import lora_op, triton_lora
+
+    monkeypatch.setattr(triton_lora, "KEEP_MERGED_WEIGHT", flag)
+    rows = 12
+
+    seen = {}
+
+    def fake_forward(x, weight, bias, A, B, scale, p, seed, need_u, keep_merged=False):
+        seen["keep"] = keep_merged
+        merged = weight + scale * B @ A
+        h = x @ merged.t() + bias
+        return h, x @ A.t(), (merged if keep_merged else None)
+
+    def fake_backward(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B, merged=None):
+        seen["merged"] = merged
+        return (g @ (weight + scale * B @ A) if need_x else None, (g @ B).t() @ x * scale, g.t() @ u * scale)
+
+    monkeypatch.setattr(lora_op, "_use_triton", lambda x: True)
+    monkeypatch.setattr(triton_lora, "lora_forward", fake_forward)
+    monkeypatch.setattr(triton_lora, "lora_backward", fake_backward)
+    x = torch.randn(rows, 16).requires_grad_(grad_x)
+    W, b = torch.randn(8, 16), torch.randn(8)
+    A, B = torch.randn(4, 16).requires_grad_(), torch.randn(8, 4).requires_grad_()
+    lora_linear_op(x, W, b, A, B, 0.5, p, 0).sum().backward()
+    assert seen["keep"] is kept
+    if kept:
+        torch.testing.assert_close(seen["merged"], W + 0.5 * B.detach() @ A.detach())
+    else:
+        assert seen["merged"] is None
 
 
 def test_layers_with_dropout_compile_without_graph_breaks() -> None:

@@ -36,7 +36,7 @@ def _reference(x, W, bias, A, B, s, keep, p, g):
     return h.detach(), x64.grad, A64.grad, B64.grad
 
 
-def _case(T, dtype, p, bias, with_weight, r=5, N=70, k=96, d=40, seed=1234):
+def _case(T, dtype, p, bias, with_weight, r=5, N=70, k=96, d=40, seed=1234, keep_merged=False):
     import torch
 
     gen = torch.Generator().manual_seed(seed + int(p * 100) + 7 * bias + 3 * with_weight)
@@ -47,8 +47,10 @@ def _case(T, dtype, p, bias, with_weight, r=5, N=70, k=96, d=40, seed=1234):
     B = torch.randn(d, r, generator=gen)  # ≠ 0, so the branch counts
     g = torch.randn(N, d, generator=gen).to(dtype)
     keep = T.keep_mask(N, k, p, seed, "cpu") if p else torch.ones(N, k, dtype=torch.bool)
-    h, u = T.lora_forward(x, W, b, A, B, 0.7, p, seed, True)
-    gx, gA, gB = T.lora_backward(g, x, W, A, B, u, 0.7, p, seed, True, True, True)
+    h, u, merged = T.lora_forward(x, W, b, A, B, 0.7, p, seed, True, keep_merged)
+    if (merged is not None) != (keep_merged and p == 0 and with_weight):
+        raise AssertionError(f"keep_merged={keep_merged}, p={p}, weight={with_weight}: W' {merged is not None}")
+    gx, gA, gB = T.lora_backward(g, x, W, A, B, u, 0.7, p, seed, True, True, True, merged)
     ref = _reference(x, W, b, A, B, 0.7, keep, p, g)
     return max(_rel(a, e) for a, e in zip((h, gx, gA, gB), ref)), (h, gx, gA, gB)
 
@@ -79,19 +81,20 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
         for p in (0.0, 0.2):
             for bias in (False, True):
                 for with_weight in (True, False):
-                    err, _ = _case(T, dtype, p, bias and with_weight, with_weight)
-                    if not err <= tol:
-                        bad.append(f"p={p} bias={bias} weight={with_weight}: {err:.2e}")
+                    for keep in (False, True):  # W' rebuilt in backward, or handed over by forward
+                        err, _ = _case(T, dtype, p, bias and with_weight, with_weight, keep_merged=keep)
+                        if not err <= tol:
+                            bad.append(f"p={p} bias={bias} weight={with_weight} keep={keep}: {err:.2e}")
         return "; ".join(bad)
     if name == "needs":  # gradients that are not asked for are not computed; the others are unchanged
         _, full = _case(T, torch.float32, 0.2, False, True)
         x, W, A, B = (torch.randn(70, 96), torch.randn(40, 96), torch.randn(5, 96), torch.randn(40, 5))
         for need in ((True, False, False), (False, True, False), (False, False, True), (False, False, False)):
-            h, u = T.lora_forward(x, W, None, A, B, 0.7, 0.2, 1, True)
+            h, u, _ = T.lora_forward(x, W, None, A, B, 0.7, 0.2, 1, True)
             out = T.lora_backward(torch.ones_like(h), x, W, A, B, u, 0.7, 0.2, 1, *need)
             if [o is not None for o in out] != list(need):
                 return f"need {need} gave {[o is not None for o in out]}"
-        h, u = T.lora_forward(x, W, None, A, B, 0.7, 0.0, 0, False)
+        h, u, _ = T.lora_forward(x, W, None, A, B, 0.7, 0.0, 0, False)
         return "" if u.shape == (0, 5) else f"need_u=False still returned u {tuple(u.shape)}"
     if name == "routes":  # the alternative host routes compute the same function
         bad = []

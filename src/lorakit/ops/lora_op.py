@@ -41,7 +41,7 @@ def _fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Te
          seed: Tensor, need_u: bool) -> tuple[Tensor, Tensor]:
     seed = int(seed)
     if _use_triton(x):
-        return triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)
+        return triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)[:2]
     ctx = SimpleNamespace()  # the reference forward, called as autograd would, to reuse its arithmetic
     ctx.save_for_backward = lambda *ts: setattr(ctx, "saved", ts)
     h = _LoraLinear.forward(ctx, x, weight, bias, A, B, scale, p, seed)
@@ -107,18 +107,19 @@ class _TritonLoraLinear(torch.autograd.Function):
         # needs_input_grad is True for inputs that require grad even under torch.no_grad(); only the
         # caller's grad mode (forward itself always runs without grad) says whether backward can come.
         need_u = grad_enabled and any(ctx.needs_input_grad[:5])
-        h, u = triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u)
-        ctx.save_for_backward(x, weight, A, B, u)
+        keep = grad_enabled and ctx.needs_input_grad[0] and triton_lora.keeps_merged(weight, p)
+        h, u, merged = triton_lora.lora_forward(x, weight, bias, A, B, scale, p, seed, need_u, keep)
+        ctx.save_for_backward(x, weight, A, B, u, merged)
         ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
         return h
 
     @staticmethod
     def backward(ctx, grad_h):  # type: ignore[override]
-        x, weight, A, B, u = ctx.saved_tensors
+        x, weight, A, B, u, merged = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         g = grad_h.contiguous()
         gx, gA, gB = triton_lora.lora_backward(g, x, weight, A, B, u, ctx.scale, ctx.p, ctx.seed,
-                                               need_x, need_A, need_B)
+                                               need_x, need_A, need_B, merged)
         grad_w = (g.t() @ x).to(weight.dtype) if need_w else None
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
         return gx, grad_w, grad_b, gA, gB, None, None, None, None

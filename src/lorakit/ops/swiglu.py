@@ -103,7 +103,7 @@ def _forward(gate: Tensor, up: Tensor, weight: Tensor | None, bias: Tensor | Non
     """(y, u) for gate, up: (N, k); u = drop(h) Aᵀ as the LoRA route returns it ((0, r) if not need_u)."""
     h = _swiglu(gate, up, triton)
     if triton:
-        return triton_lora.lora_forward(h, weight, bias, A, B, scale, p, seed, need_u)
+        return triton_lora.lora_forward(h, weight, bias, A, B, scale, p, seed, need_u)[:2]
     ctx = SimpleNamespace()  # the reference forward, called as autograd would, to reuse its arithmetic
     ctx.save_for_backward = lambda *ts: setattr(ctx, "saved", ts)
     y = _LoraLinear.forward(ctx, h, weight, bias, A, B, scale, p, seed)

@@ -9,8 +9,9 @@ measured 4.2 TB/s (these kernels reach ≈ 21 µs).  So the design minimises the
 
 * no dropout: the low-rank term is folded into the weight, W' = W + s·B A (one (d, k) pass, which is
   cheaper than an (N, d) one whenever N > k), so the forward is ONE GEMM, x W'ᵀ, and the input
-  gradient is ONE GEMM, g W' (W' is rebuilt in backward rather than kept: it would cost d·k memory
-  per layer).  In bf16 this rounds W + sBA once, which loses no more of a small update than
+  gradient is ONE GEMM, g W'.  Backward rebuilds W' rather than keeping forward's, unless
+  ``KEEP_MERGED_WEIGHT`` is set: keeping it saves one (d, k) pass but holds d·k more memory per
+  layer from forward to backward (see the flag).  In bf16 this rounds W + sBA once, which loses no more of a small update than
   PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just the same.
 * dropout: u = (x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
   Philox(seed, position) inside the kernel; h = u (s·c·B)ᵀ is written once and x Wᵀ accumulates into
@@ -309,6 +310,14 @@ SKINNY_BY_CUBLAS = False
 FUSED_G_PASS = False
 
 
+# Opt-in: forward keeps W' = W + s·B A for backward instead of backward rebuilding it. Saves one (d, k)
+# pass per step — on the H200, 1.14× → 1.11× the frozen limit for one 4096² layer at N = 8192 tokens —
+# but holds d·k more memory per LoRA linear from forward to backward: on the 1.14B Llama end to end,
+# +1.9 GiB (33.2 → 35.1) for no measurable throughput (the pass is ≈ 0.4 % of the step). Memory is
+# usually the scarcer resource in LoRA training, hence off. (docs/gpu-notes.md, benchmarks/RESULTS.md)
+KEEP_MERGED_WEIGHT = False
+
+
 def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """scale · t in ``dtype`` as one kernel (t is a small adapter factor)."""
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
@@ -320,10 +329,16 @@ def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
 # (docs/gpu-notes.md).
 
 
+def keeps_merged(weight: Tensor | None, p: float) -> bool:
+    """Whether forward hands W' = W + s·B A to backward (``KEEP_MERGED_WEIGHT``, no dropout, a base weight)."""
+    return KEEP_MERGED_WEIGHT and p == 0.0 and weight is not None
+
+
 def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-                 p: float, seed: int, need_u: bool) -> tuple[Tensor, Tensor]:
-    """(h, u) for x: (N, k); u = (x ⊙ m) Aᵀ (N, r), without dropout's 1/(1-p), is what backward needs
-    (empty (0, r) if not need_u)."""
+                 p: float, seed: int, need_u: bool, keep_merged: bool = False,
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(h, u, W') for x: (N, k); u = (x ⊙ m) Aᵀ (N, r), without dropout's 1/(1-p), is what backward needs
+    (empty (0, r) if not need_u); W' = W + s·B A in x's dtype if ``keep_merged`` and it was formed, else None."""
     r = A.shape[0]
     bias_ = None if bias is None else bias.to(x.dtype)
     if p == 0.0 and weight is not None:  # h = x W'ᵀ + b, W' = W + s·B A: one GEMM
@@ -331,24 +346,27 @@ def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tenso
             u = x.new_empty((0, r))
         else:
             u = torch.mm(x, _scaled(A, 1.0, x.dtype).t()) if SKINNY_BY_CUBLAS else xa(x, A)
-        return F.linear(x, merged_weight(weight, B, A, scale, x.dtype), bias_), u
+        merged = merged_weight(weight, B, A, scale, x.dtype)
+        return F.linear(x, merged, bias_), u, (merged if keep_merged else None)
     u = xa(x, A, p, seed)  # (N, r)
     sB = _scaled(B, scale / (1.0 - p), x.dtype)  # (d, r): the scales go on the small factor
     h = torch.addmm(bias_, u, sB.t()) if bias_ is not None else torch.mm(u, sB.t())  # (N, d)
     if weight is not None:
         h.addmm_(x, weight.to(x.dtype).t())  # the big GEMM accumulates into the low-rank term
-    return h, (u if need_u else x.new_empty((0, r)))
+    return h, (u if need_u else x.new_empty((0, r))), None
 
 
 def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
-                  p: float, seed: int, need_x: bool, need_A: bool, need_B: bool,
+                  p: float, seed: int, need_x: bool, need_A: bool, need_B: bool, merged: Tensor | None = None,
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring."""
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring.
+
+    ``merged`` is forward's W' when it kept it (p = 0 only); otherwise it is rebuilt here if needed."""
     sc = scale / (1.0 - p)
     grad_x = grad_A = grad_B = None
     need_v = need_x or need_A
     if SKINNY_BY_CUBLAS and p == 0.0:
-        return _backward_by_cublas(g, x, weight, A, B, u, scale, need_x, need_A, need_B)
+        return _backward_by_cublas(g, x, weight, A, B, u, scale, need_x, need_A, need_B, merged)
     if need_B and (FUSED_G_PASS or not need_v):  # s·c·gᵀu (d, r) and v = s·c·g B (N, r): one pass over g
         gB, _, v = tall_product(g, u, sc, transpose_out=True, F=B if need_v else None)
         grad_B = gB.to(B.dtype)
@@ -365,7 +383,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
         grad_A = ga.to(A.dtype) if need_A else None
     if need_x:
         if merge:
-            grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype))
+            grad_x = torch.mm(g, merged if merged is not None else merged_weight(weight, B, A, scale, x.dtype))
         elif weight is not None:
             grad_x = low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
         else:
@@ -374,7 +392,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
 
 
 def _backward_by_cublas(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
-                        need_x: bool, need_A: bool, need_B: bool,
+                        need_x: bool, need_A: bool, need_B: bool, merged: Tensor | None = None,
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """:func:`lora_backward` for p = 0 with every product in cuBLAS (see ``SKINNY_BY_CUBLAS``)."""
     grad_x = grad_A = grad_B = None
@@ -386,7 +404,7 @@ def _backward_by_cublas(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, 
             grad_A = _scaled(torch.mm(v.t(), x), 1.0, A.dtype)  # (r, k)
         if need_x:
             if weight is not None:
-                grad_x = torch.mm(g, merged_weight(weight, B, A, scale, x.dtype))
+                grad_x = torch.mm(g, merged if merged is not None else merged_weight(weight, B, A, scale, x.dtype))
             else:
                 grad_x = torch.mm(v, A.to(x.dtype))
     return grad_x, grad_A, grad_B
