@@ -199,6 +199,19 @@ def test_inspect_flags_what_vllm_cannot_serve(tmp_path: Path, capsys: pytest.Cap
     assert "vLLM: no: vLLM uses one r and α for all modules" in out and "PEFT: yes" in out
 
 
+def test_inspect_embedding_and_conv_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM serves LoRA on input embeddings (a note, not a refusal) but has no LoRA for convolutions."""
+    emb = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
+    lorakit.save_adapter(lorakit.inject(emb, lorakit.LoraConfig(r=4, alpha=8, target_modules=["0", "1"])), tmp_path / "e")
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM: yes (note: embedding LoRA is served for input embeddings" in out
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    lorakit.save_adapter(lorakit.inject(conv, lorakit.LoraConfig(r=2, alpha=4, target_modules=["0"])), tmp_path / "c")
+    assert main(["inspect", str(tmp_path / "c")]) == 0
+    assert "vLLM: no: vLLM has no LoRA for Conv2d layers" in capsys.readouterr().out
+
+
 def test_inspect_a_peft_adapter(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

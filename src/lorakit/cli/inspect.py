@@ -16,7 +16,10 @@ Shows the targets, r, α and the scale s = α/r (α/√r with rsLoRA), parameter
 of the base weights it was trained on, file sizes, and whether HF PEFT and vLLM can load it (and why not).
 """
 
-# ranks vLLM accepts for --max-lora-rank; its default is 16
+# The vLLM rules below follow vLLM's own loader (vllm/lora/peft_helper.py: modules_to_save and DoRA are
+# refused, r must not exceed --max-lora-rank, one scale α/r or α/√r for the whole adapter) and its LoRA
+# layers (linear and vocab-parallel embedding layers; no convolutions). Ranks vLLM accepts for
+# --max-lora-rank (vllm/config/lora.py, MaxLoRARanks); its default is 16.
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -122,8 +125,9 @@ def _vllm_problems(af: Any, modules: dict[str, dict[str, Any]], ranks: list[int]
                         "(lorakit merge) instead")
     if any(t.dim() == 4 for info in modules.values() for t in info.values()):
         problems.append("vLLM has no LoRA for Conv2d layers")
-    if any("lora_embedding_A" in info for info in modules.values()):
-        problems.append("LoRA on embedding layers is not served by current vLLM")
+    if any("lora_embedding_A" in info for info in modules.values()):  # VocabParallelEmbeddingWithLoRA
+        notes.append("embedding LoRA is served for input embeddings (not the output head) of models whose "
+                     "vLLM implementation lists them as LoRA modules")
     if cfg.rank_pattern or cfg.alpha_pattern:
         problems.append("vLLM uses one r and α for all modules; rank_pattern/alpha_pattern are not honoured")
     top = max(ranks or [cfg.r])
