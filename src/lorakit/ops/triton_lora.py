@@ -11,8 +11,9 @@ measured 4.2 TB/s (these kernels reach ≈ 21 µs).  So the design minimises the
   cheaper than an (N, d) one whenever N > k), so the forward is ONE GEMM, x W'ᵀ, and the input
   gradient is ONE GEMM, g W'.  Backward rebuilds W' rather than keeping forward's, unless
   ``KEEP_MERGED_WEIGHT`` is set: keeping it saves one (d, k) pass but holds d·k more memory per
-  layer from forward to backward (see the flag).  In bf16 this rounds W + sBA once, which loses no more of a small update than
-  PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just the same.
+  layer from forward to backward (see the flag).  In bf16 this rounds W + sBA once, which loses no
+  more of a small update than PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just
+  the same.
 * dropout: u = (x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
   Philox(seed, position) inside the kernel; h = u (s·c·B)ᵀ is written once and x Wᵀ accumulates into
   it (``addmm_``, so no second full-size temporary).  Backward regenerates the same mask from the seed:
