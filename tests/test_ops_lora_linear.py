@@ -1,5 +1,7 @@
 """lora_linear against float64 references, gradcheck, and the seeded dropout mask."""
 
+import math
+
 import pytest
 import torch
 
@@ -72,6 +74,24 @@ def test_dropout_mask_statistics_and_determinism():
     for seed in range(400):
         counts[dropped_positions(50, 0.3, seed).long()] += 1
     assert (counts / 400 - 0.3).abs().max() < 0.1
+
+
+
+@pytest.mark.parametrize("numel, p", [(2**21, 0.05), (1000, 0.3), (77, 0.9), (12345, 0.01)])
+def test_dropout_positions_are_the_documented_gap_formula(numel, p):
+    """A seed's mask is pinned to its definition, written out plainly: drop positions are the partial
+    sums of gaps 1 + floor(log(1 - U) / log(1 - p)), float32 U from torch.rand on a generator seeded
+    with ``seed``. A faster rewrite of dropped_positions must not change which elements a seed drops."""
+    for seed in range(5):
+        mean = numel * p
+        chunk = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 64)
+        u = torch.rand(chunk, generator=torch.Generator().manual_seed(seed))
+        gaps = torch.floor(torch.log1p(-u) * (1.0 / math.log1p(-p))).long() + 1
+        expected = torch.cumsum(gaps, 0) - 1
+        assert int(expected[-1]) >= numel  # one chunk covers these sizes
+        got = dropped_positions(numel, p, seed)
+        assert got.dtype == torch.int32
+        assert torch.equal(got.long(), expected[expected < numel])
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
