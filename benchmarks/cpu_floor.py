@@ -27,7 +27,7 @@ import statistics
 
 import torch
 
-from cpu_lora import CLOCKS, _time
+from cpu_lora import CLOCKS, _time, add_layer_args
 
 
 def _variants(W: torch.Tensor, s: float) -> dict[str, type[torch.autograd.Function]]:
@@ -105,13 +105,7 @@ def _variants(W: torch.Tensor, s: float) -> dict[str, type[torch.autograd.Functi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    add_layer_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -49,8 +49,8 @@ def _time(fn, clock) -> float:
     return clock() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_layer_args(ap: argparse.ArgumentParser) -> None:
+    """The layer shape and timing options, shared with cpu_floor.py."""
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--r", type=int, default=8)
@@ -60,6 +60,11 @@ def main() -> None:
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall: elapsed time (needs a quiet machine); cpu: this process's CPU time "
                          "(use with --threads 1 on a loaded machine, where wall time is noise)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layer_args(ap)
     ap.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
