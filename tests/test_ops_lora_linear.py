@@ -76,7 +76,6 @@ def test_dropout_mask_statistics_and_determinism():
     assert (counts / 400 - 0.3).abs().max() < 0.1
 
 
-
 @pytest.mark.parametrize("numel, p", [(2**21, 0.05), (1000, 0.3), (77, 0.9), (12345, 0.01)])
 def test_dropout_positions_are_the_documented_gap_formula(numel, p):
     """A seed's mask is pinned to its definition, written out plainly: drop positions are the partial
