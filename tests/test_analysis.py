@@ -70,7 +70,7 @@ def test_known_rank_three_adapter(tmp_path):
     assert suggestion.r == 3 and suggestion.rank_pattern == {}
     assert suggestion.alpha == 6.0  # keeps s = 16/8 = 2 at r = 3
     assert suggestion.params_after * 8 == suggestion.params_before * 3
-    assert all(t.energy_kept == pytest.approx(1.0) for t in suggestion.types)
+    assert len(suggestion.types) == 3 and all(t.energy_kept == pytest.approx(1.0) for t in suggestion.types)
 
 
 def test_spectrum_from_file_equals_full_product(tmp_path):
@@ -101,7 +101,7 @@ def test_suggestion_per_type_and_rank_pattern_hits_exactly_those_modules(tmp_pat
 
 def test_at_ceiling_when_every_direction_is_used(tmp_path):
     suggestion = suggest_ranks(write_adapter(tmp_path / "a", factors_of_rank(4, 4, 3), r=4))
-    assert all(t.at_ceiling and t.suggested_r == 4 for t in suggestion.types)
+    assert suggestion.types and all(t.at_ceiling and t.suggested_r == 4 for t in suggestion.types)
 
 
 def test_zero_update_is_reported_not_suggested(tmp_path):
@@ -199,23 +199,23 @@ def test_compare_nested_adapters(tmp_path):
     for m, n in zip(comparison.modules, swapped.modules):
         torch.testing.assert_close(m.grid, n.grid.T)
     output_side = compare_adapters(a, b, side="output")
-    assert all(t.verdict == "captured" for t in output_side.types)
+    assert output_side.types and all(t.verdict == "captured" for t in output_side.types)
 
 
 def test_compare_unrelated_adapters(tmp_path):
     a = write_adapter(tmp_path / "a", random_factors(2, 11), r=2)
     b = write_adapter(tmp_path / "b", random_factors(8, 12), r=8)
     comparison = compare_adapters(a, b)
-    assert all(t.verdict == "different directions" for t in comparison.types)
-    assert all(m.captured < 0.5 * m.best for m in comparison.modules)
+    assert comparison.types and all(t.verdict == "different directions" for t in comparison.types)
+    assert comparison.modules and all(m.captured < 0.5 * m.best for m in comparison.modules)
     assert "learned different directions" in comparison.conclusions()[0]
 
 
 def test_compare_same_top_directions_but_large_rank_spreads_further(tmp_path):
     a, b = _nested_pair(tmp_path, sigma=(1.0,) * 6)
     comparison = compare_adapters(a, b)
-    assert all(t.verdict == "needs more rank" for t in comparison.types)
-    assert all(m.best == pytest.approx(2 / 6) and m.captured == pytest.approx(2 / 6) for m in comparison.modules)
+    assert comparison.types and all(t.verdict == "needs more rank" for t in comparison.types)
+    assert comparison.modules and all(m.best == pytest.approx(2 / 6) and m.captured == pytest.approx(2 / 6) for m in comparison.modules)
     assert comparison.conclusions() == ["down_proj/q_proj/v_proj need more than rank 2: the rank-6 update keeps only "
                                         "33.3% of its energy in its top 2 directions."]
 
@@ -254,7 +254,7 @@ def test_group_labels_are_unique_rank_pattern_keys():
     assert [g.family for g in groups] == ["attention", "attention", "mlp", "mlp"]
     config = LoraConfig(rank_pattern={g.pattern: i + 1 for i, g in enumerate(groups)})
     for i, g in enumerate(groups):
-        assert all(config.rank_for(n) == i + 1 for n in g.names)
+        assert g.names and all(config.rank_for(n) == i + 1 for n in g.names)
     assert module_depth("model.layers.11.mlp.up_proj") == 11 and module_depth("lm_head") is None
 
 

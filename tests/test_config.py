@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -33,7 +34,7 @@ def test_error_names_the_field():
 
 def test_frozen():
     cfg = LoraConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.r = 4  # type: ignore[misc]
 
 

@@ -12,7 +12,6 @@ Quick start::
     lorakit.save_adapter(model, "out/adapter")     # PEFT / vLLM layout
 """
 
-from . import analysis
 from .adapters import (
     ParameterCount,
     active_adapters,
@@ -46,6 +45,17 @@ from .multi import batch_adapters, hot_swap
 from .share import share_inputs, unshare_inputs
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``lorakit.analysis`` is application code (spectra, plots, sweeps): loaded on first use, so that
+    # ``import lorakit`` stays the library core.
+    if name == "analysis":
+        import importlib
+
+        return importlib.import_module(".analysis", __name__)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterFileError",
