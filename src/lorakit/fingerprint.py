@@ -3,7 +3,9 @@
 Stored in the adapter file's metadata so that loading onto a different base model is caught.  It
 records each targeted module's name and weight shape, plus a checksum of a strided sample of every
 targeted weight.  The sample is rounded to bfloat16 before summing, so the same base loaded in
-float32, bfloat16 or float16 — or on another device — gives the same checksum.
+float32 or bfloat16 — or on another device — gives the same checksum.  A float16 copy is a different
+rounding of the weights (float32 → float16 → bfloat16 is not float32 → bfloat16 for about one value in
+a hundred), so it reads as other values; ``load_adapter(..., allow_base_mismatch=True)`` accepts it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _SAMPLES = 512
 
 
 def weight_checksum(weight: Tensor) -> str:
-    """Checksum of up to 512 evenly spaced elements of ``weight`` (dtype- and device-independent)."""
+    """Checksum of up to 512 evenly spaced elements of ``weight`` (the same for float32 and bfloat16, on any device)."""
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLES)
     sample = flat[::step][:_SAMPLES].to("cpu", torch.bfloat16).to(torch.float64)
