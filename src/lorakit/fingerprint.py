@@ -4,8 +4,9 @@ Stored in the adapter file's metadata so that loading onto a different base mode
 records each targeted module's name and weight shape, plus a checksum of a strided sample of every
 targeted weight.  The sample is rounded to bfloat16 before summing, so the same base loaded in
 float32 or bfloat16 — or on another device — gives the same checksum.  A float16 copy is a different
-rounding of the weights (float32 → float16 → bfloat16 is not float32 → bfloat16 for about one value in
-a hundred), so it reads as other values; ``load_adapter(..., allow_base_mismatch=True)`` accepts it.
+rounding of the weights (float32 → float16 → bfloat16 differs from float32 → bfloat16 for about one
+value in sixteen), so it reads as other values; ``load_adapter(..., allow_base_mismatch=True)``
+accepts it.
 """
 
 from __future__ import annotations
