@@ -68,19 +68,6 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
     assert a.steps == b.steps == 4
 
 
-def test_progress_line_on_a_pipe() -> None:
-    from lorakit.train.loop import Progress
-
-    stream = io.StringIO()
-    progress = Progress(total=20, stream=stream, every=10)
-    for step in range(1, 21):
-        progress.update(step, loss=2.0, lr=1e-3, examples=4)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2  # not a terminal: one line every 10 steps
-    assert lines[0].startswith("[############............] 10/20 loss 2.0000 lr 1.00e-03 ")
-    assert " ex/s ETA " in lines[0] and lines[1].endswith("ETA 0:00")
-
-
 def test_base_weights_frozen_and_outputs_written(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, batch_size=4, max_steps=3)
     base = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}

@@ -53,6 +53,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .progress import Progress, format_duration
 from .task import Task
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -163,52 +164,6 @@ def _count_tokens(batch: Any) -> int:
         return int(batch["attention_mask"].sum())
     lengths = sum(int(v.sum()) for k, v in batch.items() if k.endswith("lengths") and isinstance(v, torch.Tensor))
     return lengths + sum(_count_tokens(v) for v in batch.values() if isinstance(v, dict))
-
-
-class Progress:
-    """One status line on stderr: a live bar on a terminal, a line every ``every`` steps otherwise."""
-
-    def __init__(self, total: int, stream: TextIO, every: int, start_step: int = 0) -> None:
-        self.total, self.stream, self.every = total, stream, max(1, every)
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.t0, self.start_step, self.examples = time.monotonic(), start_step, 0
-        self.loss_avg: float | None = None
-
-    def update(self, step: int, loss: float, lr: float, examples: int, note: str = "") -> None:
-        self.examples += examples
-        if math.isfinite(loss):  # smoothed so the bar is readable; metrics.json keeps every value
-            self.loss_avg = loss if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * loss
-        if not (self.tty or step % self.every == 0 or step == self.total or note):
-            return
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done else 0.0
-        width = 24
-        filled = int(width * step / max(1, self.total))
-        loss_s = f"{self.loss_avg:.4f}" if self.loss_avg is not None else "nan"
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss_s} lr {lr:.2e} "
-            f"{self.examples / elapsed:.1f} ex/s ETA {_hms(eta)}{'  ' + note if note else ''}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")  # close() ends the line
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        """Erase the live bar so another line can be printed; the next update redraws it."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 class Trainer:
@@ -575,7 +530,7 @@ class Trainer:
         os.replace(tmp, self.out / "training.png")
 
     def _summary(self, result: TrainResult) -> None:
-        lines = [f"trained {result.steps} steps in {_hms(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
+        lines = [f"trained {result.steps} steps in {format_duration(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
                  + (f"; {result.skipped} skipped (non-finite)" if result.skipped else ""),
                  f"  trainable parameters: {result.trainable:,} of {result.total:,} "
                  f"({100.0 * result.trainable / max(result.total, 1):.3f}%)",
