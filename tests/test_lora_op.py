@@ -169,3 +169,17 @@ def test_layers_with_dropout_compile_without_graph_breaks() -> None:
     y1.square().sum().backward()
     grads = [q.grad for q in net.parameters() if q.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (False, False, True), (False, False, False)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_backward_outputs_never_alias(need, p) -> None:
+    """Gradients that are not needed come back as placeholders: each a fresh tensor, never one shared by
+    two outputs (outputs aliasing each other break CUDA graph trees; opcheck's schema test sees it on CPU)."""
+    gen = torch.Generator().manual_seed(4)
+    g, x = torch.randn(10, 8, generator=gen), torch.randn(10, 16, generator=gen)
+    W, A, B = torch.randn(8, 16, generator=gen), torch.randn(4, 16, generator=gen), torch.randn(8, 4, generator=gen)
+    u = torch.randn(10, 4, generator=gen)
+    result = torch.library.opcheck(torch.ops.lorakit.lora_linear_bwd.default,
+                                   (g, x, W, A, B, u, 0.5, p, torch.tensor(7), *need))
+    assert set(result.values()) == {"SUCCESS"}, result

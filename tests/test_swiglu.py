@@ -143,3 +143,14 @@ def test_saves_gate_and_up_not_the_product() -> None:
     assert not any(t.shape[-1] == 32 and torch.equal(t.reshape(h.shape), h) for t in saved if t.numel() == h.numel())
     big = [t for t in saved if t.numel() == h.numel()]
     assert {t.data_ptr() for t in big} == {gate.data_ptr(), up.data_ptr()}
+
+
+@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (False, False, False)])
+def test_opcheck_backward_outputs_never_alias(need) -> None:
+    """Unneeded gradients are fresh placeholders, never one tensor shared by two outputs (see test_lora_op)."""
+    gate, up, W, b, A, B = (t.detach() if t is not None else t for t in _inputs(torch.float32, seed=9, k=16, d=8, r=4))
+    gate2, up2 = gate.reshape(6, 16), up.reshape(6, 16)
+    g, u = torch.randn(6, 8), torch.randn(6, 4)
+    result = torch.library.opcheck(torch.ops.lorakit.swiglu_lora_down_bwd.default,
+                                   (g, gate2, up2, W, A, B, u, 0.5, 0.3, torch.tensor(7), *need))
+    assert set(result.values()) == {"SUCCESS"}, result

@@ -65,15 +65,17 @@ def _bwd(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: T
         ctx = SimpleNamespace(saved_tensors=(x, weight, A, B, u), scale=scale, p=p, seed=seed, has_bias=False,
                               needs_input_grad=(need_x, False, False, need_A, need_B, False, False, False))
         gx, _, _, gA, gB, *_ = _LoraLinear.backward(ctx, g)
-    empty = g.new_empty(0)  # results contiguous, as the fake impl promises (∂B is a transposed view)
-    return tuple(empty if t is None else t.contiguous() for t in (gx, gA, gB))
+    # Results contiguous, as the fake impl promises (∂B is a transposed view), and each a fresh tensor: a
+    # placeholder shared by two outputs would make them alias each other, which the schema forbids (CUDA
+    # graph trees then lose track of the storage).
+    return tuple(g.new_empty(0) if t is None else t.contiguous() for t in (gx, gA, gB))
 
 
 @_bwd.register_fake
 def _(g, x, weight, A, B, u, scale, p, seed, need_x, need_A, need_B):
-    empty = g.new_empty(0)
-    return (torch.empty_like(x) if need_x else empty, torch.empty_like(A) if need_A else empty,
-            torch.empty_like(B) if need_B else empty)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else g.new_empty(0),
+            torch.empty_like(A, memory_format=torch.contiguous_format) if need_A else g.new_empty(0),
+            torch.empty_like(B, memory_format=torch.contiguous_format) if need_B else g.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -172,15 +172,15 @@ def _bwd_op(g: Tensor, gate: Tensor, up: Tensor, weight: Tensor | None, A: Tenso
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grad_gate, grad_up, _, grad_A, grad_B = _backward(g, gate, up, weight, A, B, u, scale, p, int(seed), need_in, False,
                                                       need_A, need_B, _use_triton(gate))
-    empty = g.new_empty(0)  # a custom op cannot return None; results contiguous, as the fake impl promises
-    return tuple(empty if t is None else t.contiguous() for t in (grad_gate, grad_up, grad_A, grad_B))
+    # A custom op cannot return None: a fresh empty tensor per output (one shared placeholder would make the
+    # outputs alias each other); results contiguous, as the fake impl promises.
+    return tuple(g.new_empty(0) if t is None else t.contiguous() for t in (grad_gate, grad_up, grad_A, grad_B))
 
 
 @_bwd_op.register_fake
 def _(g, gate, up, weight, A, B, u, scale, p, seed, need_in, need_A, need_B):
-    empty = g.new_empty(0)
-    return (torch.empty_like(gate) if need_in else empty, torch.empty_like(up) if need_in else empty,
-            torch.empty_like(A) if need_A else empty, torch.empty_like(B) if need_B else empty)
+    fresh = lambda t, need: torch.empty_like(t, memory_format=torch.contiguous_format) if need else g.new_empty(0)  # noqa: E731
+    return fresh(gate, need_in), fresh(up, need_in), fresh(A, need_A), fresh(B, need_B)
 
 
 def _setup_context(ctx, inputs, output) -> None:
