@@ -1,0 +1,334 @@
+"""lorakit models in transformers' ``Trainer``, TRL's ``SFTTrainer`` and Accelerate loops.
+
+    from lorakit import LoraConfig
+    from lorakit.integrations.hf import get_lora_model
+    model = get_lora_model(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    trainer = Trainer(model=model, args=args, train_dataset=ds)     # or TRL's SFTTrainer(...)
+    trainer.train()                                                 # or train(resume_from_checkpoint=...)
+    trainer.save_model("out/adapter")                               # PEFT layout: lorakit and PEFT load it
+
+Everything goes through extension points the trainers already call; nothing in transformers, TRL or
+Accelerate is patched:
+
+* **saving** — ``Trainer`` saves a ``PreTrainedModel``, at every checkpoint and in ``save_model``, by
+  calling ``model.save_pretrained(dir, state_dict=..., is_main_process=...)``.
+  :func:`enable_peft_checkpoints` gives the model *instance* its own ``save_pretrained`` (the class is
+  untouched), which writes the adapter — ``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's
+  layout with ``modules_to_save``, the same bytes' worth of tensors and config as
+  :func:`lorakit.save_adapter` — instead of the whole model with lorakit's internal keys.  The Trainer
+  then adds its own files (optimizer, scheduler, RNG, ``trainer_state.json``, tokenizer) as usual.
+* **resuming** — for a model that is not a ``peft.PeftModel``, ``Trainer.train(resume_from_checkpoint=...)``
+  (and TRL's trainers, which inherit it) reads weights through a safetensors index,
+  ``model.safetensors.index.json``, and ``model.load_state_dict(file, strict=False)``.  The index written
+  beside the adapter names the adapter file for every key of the model's state dict (so the Trainer
+  reports nothing missing; the frozen base keeps the values the model was built with, exactly as with
+  PEFT), and a ``load_state_dict`` pre-hook on the model maps the file's PEFT keys onto the adapter's
+  parameters — every tensor of the adapter must be there with its shape, or loading raises
+  :class:`lorakit.AdapterMismatchError`.  Optimizer, scheduler, RNG and data position are restored by the
+  Trainer itself.  The checkpoint has no ``config.json``, so nothing mistakes it for a full model.
+* **Accelerate loops** — :func:`register_accelerate_hooks` uses ``Accelerator.register_save_state_pre_hook``
+  / ``register_load_state_pre_hook``: ``accelerator.save_state(dir)`` writes ``dir/lorakit_adapter``
+  (PEFT layout) instead of the whole model, and ``accelerator.load_state(dir)`` copies it back.
+
+The speed paths stay on: :func:`get_lora_model` applies :func:`lorakit.share_inputs` and
+:func:`lorakit.fuse_mlps` (same values and gradients, less work and memory), and the trainers'
+``torch_compile=True`` compiles the model as it is (saving always sees the uncompiled module).
+
+Not covered: ``load_best_model_at_end=True`` (the Trainer loads the best checkpoint through a code path
+that only knows ``PeftModel`` adapters and full weight files — load ``trainer.state.best_model_checkpoint``
+with :func:`load_adapter_weights` after training instead), and DeepSpeed / FSDP checkpoints, which the
+Trainer writes through their own engines (the final ``save_model`` still writes the adapter, from the
+gathered full state dict).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..adapters import active_adapters, adapter_names
+from ..config import LoraConfig
+from ..errors import AdapterMismatchError, AdapterNameError
+from ..fuse import fuse_mlps
+from ..inject import inject
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, fsync, layer_params, read_adapter, save_adapter
+from ..multi import _check_fingerprint
+from ..share import share_inputs
+
+#: transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer resumes a non-PEFT model's sharded weights from.
+INDEX_NAME = "model.safetensors.index.json"
+#: The directory :func:`register_accelerate_hooks` writes inside ``accelerator.save_state``'s directory
+#: (``lorakit_adapter_<i>`` for the i-th prepared model when i > 0, as Accelerate names ``model_<i>``).
+ACCELERATE_DIR = "lorakit_adapter"
+_STATE = "_lorakit_hf"  # model.__dict__ entry: the pre-hook's handle, so enabling twice replaces it
+# Wrapper prefixes that parameter names carry inside FSDP / activation checkpointing / torch.compile
+# wrappers but that the gathered state dicts those wrappers return do not.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def get_lora_model(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, share: bool = True, fuse: bool = True
+) -> nn.Module:
+    """lorakit's counterpart of ``peft.get_peft_model``, for transformers' Trainer and TRL's trainers.
+
+    Injects adapter ``adapter_name`` (:func:`lorakit.inject`), applies the exact speed rewrites
+    (``share``: :func:`lorakit.share_inputs`, ``fuse``: :func:`lorakit.fuse_mlps`) and
+    :func:`enable_peft_checkpoints`.  Returns ``model`` (changed in place).
+    """
+    inject(model, config, adapter_name)
+    if share:
+        share_inputs(model)
+    if fuse:
+        fuse_mlps(model)
+    return enable_peft_checkpoints(model, adapter_name)
+
+
+def enable_peft_checkpoints(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Make ``model.save_pretrained`` write adapter ``adapter_name`` (default: the active one) in PEFT's
+    layout, and ``model.load_state_dict`` accept that file's keys — what transformers' Trainer calls to
+    save checkpoints, ``save_model`` and to resume (see the module docstring).  Idempotent; returns
+    ``model``.  :func:`disable_peft_checkpoints` undoes it.
+
+    Raises:
+        AdapterNameError: the model has no lorakit adapter (inject one first) or no ``adapter_name``.
+    """
+    names = adapter_names(model)
+    if not names:
+        raise AdapterNameError("the model has no lorakit adapter; inject one first (lorakit.inject or get_lora_model)")
+    if adapter_name is not None and adapter_name not in names:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; the model has {names}")
+    disable_peft_checkpoints(model)
+    # A partial, not a closure: the model still pickles and deep-copies with its hook.
+    model.save_pretrained = functools.partial(save_pretrained, model, adapter_name=adapter_name)
+    handle = model.register_load_state_dict_pre_hook(PeftKeyLoader(adapter_name))
+    model.__dict__[_STATE] = handle.id
+    return model
+
+
+def disable_peft_checkpoints(model: nn.Module) -> bool:
+    """Undo :func:`enable_peft_checkpoints`; returns whether it was enabled."""
+    hook_id = model.__dict__.pop(_STATE, None)
+    if hook_id is None:
+        return False
+    model.__dict__.pop("save_pretrained", None)
+    model._load_state_dict_pre_hooks.pop(hook_id, None)
+    return True
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    adapter_name: str | None = None,
+    state_dict: Mapping[str, Tensor] | None = None,
+    is_main_process: bool = True,
+    **_: Any,
+) -> Path:
+    """Write the adapter into ``save_directory`` as ``lorakit.save_adapter`` does, plus the resume index.
+
+    ``save_directory`` may hold other files (a Trainer's output directory): only
+    ``adapter_config.json``, ``adapter_model.safetensors`` and ``model.safetensors.index.json`` are
+    replaced, each with one rename.  ``state_dict`` (what the Trainer passes under FSDP / DeepSpeed:
+    the gathered full state dict) supplies the adapter's values when given.  Options of
+    ``PreTrainedModel.save_pretrained`` that do not apply to an adapter (``safe_serialization``,
+    ``max_shard_size``, ...) are accepted and ignored: lorakit always writes one safetensors file.
+    """
+    directory = Path(save_directory)
+    if not is_main_process:
+        return directory
+    name = _adapter_to_use(model, adapter_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".lorakit-save-", dir=directory))
+    try:
+        saved = save_adapter(model, tmp / "adapter", name)
+        if state_dict is not None:
+            _rewrite_from_state_dict(model, name, saved / WEIGHTS_NAME, state_dict)
+        keys = state_dict.keys() if state_dict is not None else model.state_dict().keys()
+        index = {
+            "metadata": {
+                "format": "lorakit-adapter",
+                "note": f"a LoRA adapter only ({WEIGHTS_NAME}, PEFT layout); this index lets transformers' "
+                "Trainer resume from it through the model's lorakit load_state_dict hook",
+            },
+            "weight_map": {key: WEIGHTS_NAME for key in keys},
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+        fsync(tmp / INDEX_NAME)
+        for src in (saved / WEIGHTS_NAME, saved / CONFIG_NAME, tmp / INDEX_NAME):
+            os.replace(src, directory / src.name)
+        fsync(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_adapter_weights(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None, *, strict: bool = True
+) -> None:
+    """Copy the adapter saved at ``path`` (lorakit or PEFT layout) into adapter ``adapter_name``
+    (default: the active one) of ``model``, in place, bit for bit: to resume, or to go back to a
+    Trainer's best checkpoint.  Unlike :func:`lorakit.load_adapter` nothing is injected.
+
+    Raises:
+        AdapterFileError: the directory or its files are missing or corrupt.
+        AdapterMismatchError: a key missing or extra, a shape that differs, or (with ``strict``) an
+            adapter trained on another base model.  Nothing is changed then.
+    """
+    adapter = read_adapter(path)
+    name = _adapter_to_use(model, adapter_name)
+    if strict:
+        _check_fingerprint(model, name, adapter)
+    found = {}
+    for key, tensor in adapter.tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterMismatchError(f"{adapter.path / WEIGHTS_NAME}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
+        found[key[len(PREFIX):]] = tensor
+    values = _match(model, name, found, str(adapter.path / WEIGHTS_NAME))
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for internal, value in values.items():
+            params[internal].copy_(value)
+
+
+class PeftKeyLoader:
+    """``load_state_dict`` pre-hook: PEFT-layout adapter keys → the adapter's parameters (see the module docstring).
+
+    A state dict without PEFT keys passes through untouched.
+    """
+
+    def __init__(self, adapter_name: str | None) -> None:
+        self.adapter_name = adapter_name
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        head = prefix + PREFIX
+        keys = [k for k in state_dict if k.startswith(head)]
+        if not keys:
+            return
+        found = {k[len(head):]: state_dict[k] for k in keys}
+        values = _match(module, _adapter_to_use(module, self.adapter_name), found, "the state dict being loaded")
+        for k in keys:
+            del state_dict[k]
+        for internal, value in values.items():
+            state_dict[prefix + internal] = value
+
+
+def register_accelerate_hooks(accelerator: Any, adapter_name: str | None = None) -> tuple[Any, Any]:
+    """Make ``accelerator.save_state(dir)`` save each prepared lorakit model as an adapter directory
+    ``dir/lorakit_adapter`` (``lorakit_adapter_<i>`` for the i-th model, i > 0; PEFT layout, only the
+    main process writes) instead of a whole-model weights file, and ``accelerator.load_state(dir)`` copy
+    it back into the model (:func:`load_adapter_weights`).  Optimizers, schedulers, RNG and dataloaders
+    are saved and restored by Accelerate as usual.  Models without a lorakit adapter are left to
+    Accelerate.  Returns the two hooks' removable handles.
+    """
+
+    def lorakit_models(models: list) -> list[tuple[int, nn.Module]]:
+        unwrapped = [(i, accelerator.unwrap_model(m)) for i, m in enumerate(models)]
+        return [(i, m) for i, m in unwrapped if adapter_names(m)]
+
+    def on_save(models: list, weights: list, output_dir: str) -> None:
+        for i, model in reversed(lorakit_models(models)):
+            if accelerator.is_main_process:
+                save_adapter(model, Path(output_dir) / _accelerate_dir(i), _adapter_to_use(model, adapter_name))
+            if i < len(weights):  # empty under FSDP / DeepSpeed, which save through their own engines
+                weights.pop(i)
+
+    def on_load(models: list, input_dir: str) -> None:
+        for i, model in reversed(lorakit_models(models)):
+            load_adapter_weights(model, Path(input_dir) / _accelerate_dir(i), adapter_name)
+            models.pop(i)
+
+    return accelerator.register_save_state_pre_hook(on_save), accelerator.register_load_state_pre_hook(on_load)
+
+
+def _accelerate_dir(i: int) -> str:
+    return ACCELERATE_DIR if i == 0 else f"{ACCELERATE_DIR}_{i}"
+
+
+def _adapter_to_use(model: nn.Module, adapter_name: str | None) -> str:
+    names = adapter_names(model)
+    if adapter_name is None:
+        active = active_adapters(model)
+        adapter_name = active[0] if len(active) == 1 else "default"
+    if adapter_name not in names:
+        raise AdapterNameError(f"no adapter named {adapter_name!r}; the model has {names or 'no lorakit adapters'}")
+    return adapter_name
+
+
+def _plan(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """Relative PEFT key → (the tensor's name in ``model.state_dict()``, its shape in the file, its own shape)."""
+    names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+    names |= {id(t): n for n, t in model.named_buffers(remove_duplicate=False)}
+    plan = {}
+    for qualified, module in _modules_with(model, adapter_name):
+        live = layer_params(module, adapter_name)
+        for key, tensor in _layer_tensors(module, adapter_name).items():
+            plan[f"{qualified}.{key}"] = (names[id(live[key])], tuple(tensor.shape), tuple(live[key].shape))
+    return plan
+
+
+def _match(model: nn.Module, adapter_name: str, found: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
+    """Internal state-dict name → value, for every tensor of the adapter; all of them must be in
+    ``found`` (relative PEFT keys) with their saved shape, and nothing else."""
+    plan = _plan(model, adapter_name)
+    missing, unexpected = sorted(set(plan) - set(found)), sorted(set(found) - set(plan))
+    if missing:
+        raise AdapterMismatchError(
+            f"{where}: missing key {PREFIX + missing[0]!r} ({len(missing)} in all) of adapter {adapter_name!r}; "
+            "was it saved from a model prepared with the same LoraConfig?"
+        )
+    if unexpected:
+        raise AdapterMismatchError(
+            f"{where}: unexpected key {PREFIX + unexpected[0]!r} ({len(unexpected)} in all): adapter {adapter_name!r} "
+            "has no such tensor; was it saved from a model prepared with the same LoraConfig?"
+        )
+    out = {}
+    for key, (internal, shape, live_shape) in plan.items():
+        value = found[key]
+        if tuple(value.shape) != shape:
+            raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(value.shape)}, adapter {adapter_name!r} needs {shape}")
+        out[internal] = value.reshape(live_shape)
+    return out
+
+
+def _rewrite_from_state_dict(model: nn.Module, adapter_name: str, path: Path, state_dict: Mapping[str, Tensor]) -> None:
+    """Replace the tensors of the adapter file at ``path`` by their values in ``state_dict``."""
+    plain = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    tensors = {}
+    for key, (internal, shape, _) in _plan(model, adapter_name).items():
+        value = plain.get(_strip_wrappers(internal))
+        if value is None:
+            raise AdapterMismatchError(f"the state dict handed to save_pretrained has no {internal!r} (adapter {adapter_name!r})")
+        tensors[PREFIX + key] = value.detach().reshape(shape).to("cpu").contiguous()
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _strip_wrappers(name: str) -> str:
+    for wrapper in _WRAPPER_PREFIXES:
+        name = name.replace(wrapper, "")
+    return name
+
+
+__all__ = [
+    "ACCELERATE_DIR",
+    "INDEX_NAME",
+    "PeftKeyLoader",
+    "disable_peft_checkpoints",
+    "enable_peft_checkpoints",
+    "get_lora_model",
+    "load_adapter_weights",
+    "register_accelerate_hooks",
+    "save_pretrained",
+]
