@@ -19,9 +19,9 @@ crash cannot touch the next one's figures):
      (mode, shape); tokens/s of the median step, peak memory, host issue time (the median time until
      the step's Python call returns, before synchronising: when it is close to the step time the step
      is bound by the host); FLOPs and bytes per step and the model FLOPs utilisation they imply;
-  3. per contender, decode: a 1×128 prompt, 128 new tokens, greedy, in each mode (the adapter stays
-     unmerged; the frozen model is the merged adapter's reference, since a merged LoRA model has exactly
-     its cost).
+  3. per contender and mode, after that mode's shapes, decode: a 1×128 prompt, 128 new tokens, greedy
+     (the adapter stays unmerged; the frozen model is the merged adapter's reference, since a merged LoRA
+     model has exactly its cost).
 
 Modes: ``eager``; ``compile`` and ``reduce-overhead`` compile *regionally*: each decoder layer gets
 ``layer.compile(mode=..., dynamic=True)``, the same for every contender, so one compilation serves all
@@ -340,7 +340,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dict[str, Any]:
-    """One contender: build once, then every mode × shape, then decode. Results are written after each cell."""
+    """One contender: build once, then per mode every shape and decode. Results are written after each cell."""
     device, dtype, shape = setup(args)
     res: dict[str, Any] = {"contender": name, "train": {}, "decode": {}, "errors": {}}
 
@@ -360,8 +360,8 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
     res["compiled_layers"] = len(layers)
     opt = torch.optim.AdamW(built.params, lr=1e-5) if built.params else None
     gen = torch.Generator(device="cpu").manual_seed(1)
-    modes = args.modes.split(",")
-    for mode in modes:
+    prompt = torch.randint(0, shape.vocab, (1, args.prompt), generator=gen).to(device)
+    for mode in args.modes.split(","):
         for b, t in parse_shapes(args.shapes):
             key = f"{mode}/{b}x{t}"
             ids = torch.randint(0, shape.vocab, (b, t), generator=gen).to(device)
@@ -381,22 +381,22 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             save()
-    if not args.no_decode:
+        if args.no_decode:
+            continue
+        key = f"{mode}/1x{args.prompt}+{args.new_tokens}"
         built.model.eval()
-        prompt = torch.randint(0, shape.vocab, (1, args.prompt), generator=gen).to(device)
-        for mode in modes:
-            key = f"{mode}/1x{args.prompt}+{args.new_tokens}"
-            try:
-                set_mode(layers, mode, dynamic=not args.static)
-                cell = decode_cell(built.model, prompt, args.new_tokens, mode, device)
-                res["decode"][key] = cell
-                print(f"  {name:10s} decode {key:22s} {cell['tokens_per_s']:8.1f} tok/s (warm-up {cell['warmup_s']:.1f} s)",
-                      flush=True)
-            except Exception as e:
-                res["errors"]["decode/" + key] = f"{type(e).__name__}: {str(e)[:400]}"
-                print(f"  {name:10s} decode {key} FAILED {res['errors']['decode/' + key]}", flush=True)
-                traceback.print_exc(limit=3)
-            save()
+        try:
+            set_mode(layers, mode, dynamic=not args.static)
+            cell = decode_cell(built.model, prompt, args.new_tokens, mode, device)
+            res["decode"][key] = cell
+            print(f"  {name:10s} decode {key:22s} {cell['tokens_per_s']:8.1f} tok/s (warm-up {cell['warmup_s']:.1f} s)",
+                  flush=True)
+        except Exception as e:
+            res["errors"]["decode/" + key] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"  {name:10s} decode {key} FAILED {res['errors']['decode/' + key]}", flush=True)
+            traceback.print_exc(limit=3)
+        built.model.train()
+        save()
     set_mode(layers, "eager", dynamic=False)
     return res
 
@@ -429,44 +429,59 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
               "(read + write)", flush=True)
     ctx = Ctx(shape, device, dtype)
     ours = lorakit_model(ctx)
-    theirs = peft_model(ctx, fp32_adapters=True)  # float32 adapters, as lorakit's: the comparison is of the math
-    theirs.train()
+    # PEFT on the same base in the run's dtype (float32 adapters; bf16 adapters as benchmarked) and — the
+    # reference — on a float32 base.  lorakit passes when its distance to the reference is within twice
+    # PEFT's (a bf16 model's gradients through 16 layers differ from float32 ones by several percent,
+    # whoever computes them; a wrong kernel is off by O(1)).
+    peft_fp32, peft_bf16 = peft_model(ctx, fp32_adapters=True), peft_model(ctx, fp32_adapters=False)
+    reference = peft_model(Ctx(shape, device, torch.float32), fp32_adapters=True)
     g = torch.Generator(device="cpu").manual_seed(7)
-    with torch.no_grad():  # the same nonzero adapters in both, so every gradient path counts
-        ours_layers = dict(lorakit.lora_layers(ours))
+    ours_layers = dict(lorakit.lora_layers(ours))
+    peers = [m.base_model.model for m in (peft_fp32, peft_bf16, reference)]
+    with torch.no_grad():  # the same nonzero adapters everywhere, so every gradient path counts
         for name, layer in ours_layers.items():
-            pl = theirs.base_model.model.get_submodule(name)
             A = layer.lora_A["default"]
             B = torch.randn(layer.lora_B["default"].shape, generator=g) * 0.02
             layer.lora_B["default"].copy_(B)
-            pl.lora_A["default"].weight.copy_(A)
-            pl.lora_B["default"].weight.copy_(B)
+            for peer in peers:
+                peer.get_submodule(name).lora_A["default"].weight.copy_(A)
+                peer.get_submodule(name).lora_B["default"].weight.copy_(B)
     b, t = args.check_shape
     ids = torch.randint(0, shape.vocab, (b, t), generator=g).to(device)
-    loss_ours = ours(input_ids=ids, labels=ids).loss
-    loss_ours.backward()
-    loss_theirs = theirs(input_ids=ids, labels=ids).loss
-    loss_theirs.backward()
-    ga, gb = [], []
+    losses, grads = [], []
+    for model in (ours, peft_fp32, peft_bf16, reference):
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append([])
     for name, layer in ours_layers.items():
-        pl = theirs.base_model.model.get_submodule(name)
-        ga += [layer.lora_A["default"].grad.flatten(), layer.lora_B["default"].grad.flatten()]
-        gb += [pl.lora_A["default"].weight.grad.flatten(), pl.lora_B["default"].weight.grad.flatten()]
-    with torch.no_grad():  # the adapters must change the loss by more than the tolerance, or the check proves nothing
+        grads[0] += [layer.lora_A["default"].grad.flatten(), layer.lora_B["default"].grad.flatten()]
+        for gl, peer in zip(grads[1:], peers):
+            gl += [peer.get_submodule(name).lora_A["default"].weight.grad.flatten(),
+                   peer.get_submodule(name).lora_B["default"].weight.grad.flatten()]
+    with torch.no_grad():  # the adapters must change the loss by more than the errors, or the check proves nothing
         loss_base = float(ctx.base_model()(input_ids=ids, labels=ids).loss)
-    loss_ours, loss_theirs = loss_ours.detach(), loss_theirs.detach()
-    errs = {"loss": abs(float(loss_ours) - float(loss_theirs)) / abs(float(loss_theirs)),
-            "adapter_grads": rel(torch.cat(ga), torch.cat(gb))}
-    worst = max(rel(x, y) for x, y in zip(ga, gb))
-    errs["worst_single_grad"] = worst
-    tol = {"loss": 1e-2, "adapter_grads": 3e-2, "worst_single_grad": 1e-1} if dtype != torch.float32 else \
-        {"loss": 1e-5, "adapter_grads": 1e-4, "worst_single_grad": 1e-3}
-    effect = abs(float(loss_theirs) - loss_base) / abs(loss_base)
-    ok = all(errs[k] <= tol[k] for k in tol) and effect > 10 * max(errs["loss"], 1e-7)
-    res["check"] = {"shape": f"{b}x{t}", "errors": errs, "tol": tol, "ok": ok, "adapters": len(ours_layers),
-                    "adapter_effect_on_loss": effect}
-    print(f"correctness, lorakit vs PEFT on the same weights and inputs ({b}x{t}, {str(dtype)[6:]}, "
-          f"{len(ours_layers)} LoRA linears): " + ", ".join(f"{k} {v:.1e} (≤ {tol[k]:g})" for k, v in errs.items())
+    ref_loss, ref_grads = losses[-1], torch.cat(grads[-1])
+
+    def errors(i: int) -> dict[str, float]:
+        return {"loss": abs(losses[i] - ref_loss) / abs(ref_loss), "adapter_grads": rel(torch.cat(grads[i]), ref_grads),
+                "worst_single_grad": max(rel(x, y) for x, y in zip(grads[i], grads[-1]))}
+
+    errs, peft_fp32_errs, peft_bf16_errs = errors(0), errors(1), errors(2)
+    peft_errs = {k: max(peft_fp32_errs[k], peft_bf16_errs[k]) for k in errs}
+    floor = 1e-4  # float32 against float32 (the CPU run): both are at rounding level
+    ok = all(errs[k] <= max(2 * peft_errs[k], floor) for k in errs)
+    effect = abs(ref_loss - loss_base) / abs(loss_base)
+    ok = ok and effect > 10 * max(errs["loss"], 1e-7)
+    res["check"] = {"shape": f"{b}x{t}", "dtype": str(dtype), "errors": errs, "peft_fp32_adapters_errors": peft_fp32_errs,
+                    "peft_bf16_adapters_errors": peft_bf16_errs, "ok": ok,
+                    "rule": "lorakit's error ≤ max(2 × PEFT's larger, 1e-4), all against PEFT on a float32 base",
+                    "adapters": len(ours_layers), "adapter_effect_on_loss": effect}
+    print(f"correctness against PEFT on a float32 base, same weights and inputs ({b}x{t}, {str(dtype)[6:]}, "
+          f"{len(ours_layers)} LoRA linears), relative errors lorakit / PEFT fp32 adapters / PEFT bf16 adapters "
+          f"({str(dtype)[6:]} base): " + ", ".join(f"{k} {v:.1e} / {peft_fp32_errs[k]:.1e} / {peft_bf16_errs[k]:.1e}"
+                                                   for k, v in errs.items())
           + f"; the adapters move the loss by {effect:.1e}" + ("  ok" if ok else "  FAILED"), flush=True)
     return res
 
