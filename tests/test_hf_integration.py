@@ -21,6 +21,15 @@ transformers = pytest.importorskip("transformers")
 CFG = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared machine extra threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     return make_llama(tmp_path_factory.mktemp("hf") / "llama")
