@@ -108,6 +108,10 @@ def combine(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be an integer ≥ 1, got {rank!r}")
     configs = state_of(model).configs
+    with_dora = [n for n in weights if configs[n].use_dora]
+    if with_dora:
+        raise ConfigError(f"adapter {with_dora[0]!r} is a DoRA adapter; combine works on plain LoRA adapters only "
+                          "(a DoRA update is not the low-rank product s·BA)")
     with_saved = [n for n in weights if configs[n].modules_to_save]
     if with_saved:
         raise ConfigError(f"adapter {with_saved[0]!r} has modules_to_save; combine works on LoRA layers only")

@@ -9,12 +9,21 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian")
+#: Initialisations of A and B; "pissa_niter_<K>" is "pissa" by a K-iteration randomised SVD.
+INITS = ("kaiming", "gaussian", "nonzero", "pissa", "olora")
+#: Inits that move part of W into the adapter (W ← W − s·B₀A₀): the base weight changes.
+MUTATING_INITS = ("pissa", "olora")
+_INIT_TO_PEFT = {"kaiming": True, "nonzero": False}
+
+
+def init_kind(init: str) -> str:
+    """The INITS entry an init string names ("pissa_niter_4" → "pissa")."""
+    return "pissa" if re.fullmatch(r"pissa_niter_[1-9][0-9]*", init) else init
 
 # adapter_config.json keys that PEFT writes and that lorakit understands.
 _PEFT_KEYS = {
@@ -32,7 +41,6 @@ _PEFT_KEYS = {
 }
 # PEFT options that change the math; lorakit refuses them rather than load something different.
 _UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
     "lora_bias": False,
     "layers_to_transform": None,
     "layers_pattern": None,
@@ -64,8 +72,16 @@ class LoraConfig:
             A string: a regular expression that must match the whole name. ``"all-linear"``:
             every Linear / Conv1D except the model's output head.
         exclude_modules: names (list, same rule) or a regex (string) never to adapt.
-        init: "kaiming" (A Kaiming-uniform, B zero; PEFT's default) or "gaussian"
-            (A ~ N(0, 1/r), B zero).
+        init: PEFT's ``init_lora_weights``: "kaiming" (A Kaiming-uniform, B zero; PEFT's default, True),
+            "gaussian" (A ~ N(0, 1/r²), B zero), "nonzero" (A and B both random, so the adapter changes the
+            output from the start — PEFT's False; for tests and debugging), "pissa" / "pissa_niter_K"
+            (A, B from the top-r SVD of W, exact or by K randomised-SVD iterations) or "olora" (from the QR
+            of W). PiSSA and OLoRA move s·B₀A₀ out of the base weight (W ← W − s·B₀A₀), so the output is
+            unchanged; saving then writes the plain rank-2r LoRA [A; A₀], [B, −B₀] against the original W
+            (PEFT's conversion, r and α doubled), which any LoRA loader applies to the unmodified base.
+            Embedding adapters always start as PEFT's do: A = 0, B ~ N(0, 1) ("nonzero": both N(0, 1)).
+        use_dora: DoRA — each adapted weight becomes m ⊙ (W + s·B A) / ‖W + s·B A‖ (row norms) with a
+            trained magnitude m (d,), initialised to the norms (see :mod:`lorakit.ops.dora`).
         use_rslora: rank-stabilised scaling s = α / √r.
         rank_pattern / alpha_pattern: per-module overrides of r / α; keys are matched like PEFT
             does (a module name or dotted suffix, as a regex).
@@ -79,13 +95,14 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] | str | None = None
     exclude_modules: tuple[str, ...] | str | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
     use_rslora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -100,10 +117,11 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             raise ConfigError("modules_to_save must be a list of module names, e.g. ['classifier']")
         set_("modules_to_save", _names_or_regex("modules_to_save", list(self.modules_to_save or ())) or ())
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        if not isinstance(self.init, str) or init_kind(self.init) not in INITS:
+            raise ConfigError(f"init must be one of {INITS} or 'pissa_niter_<K>' (K ≥ 1), got {self.init!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             pattern = getattr(self, field) or {}
             if not isinstance(pattern, Mapping):
@@ -150,8 +168,8 @@ class LoraConfig:
             "fan_in_fan_out": fan_in_fan_out,
             "modules_to_save": list(self.modules_to_save) or None,
             "bias": "none",
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
-            "use_dora": False,
+            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
+            "use_dora": self.use_dora,
             "inference_mode": True,
         }
 
@@ -160,7 +178,7 @@ class LoraConfig:
         """Build from an adapter_config.json written by lorakit or PEFT.
 
         Raises ConfigError naming ``source`` for a non-LoRA peft_type or a PEFT option that would
-        change the math in ways lorakit does not implement (DoRA, LoRA bias, ...).
+        change the math in ways lorakit does not implement (LoRA bias, ...).
         """
         peft_type = data.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
@@ -171,7 +189,16 @@ class LoraConfig:
         if data.get("bias", "none") != "none":
             raise ConfigError(f"{source}: bias={data['bias']!r} is not supported; lorakit adapters train no biases")
         kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
-        kwargs["init"] = "gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming"
+        init = data.get("init_lora_weights", True)
+        if init is True or init is False:
+            kwargs["init"] = "kaiming" if init else "nonzero"
+        elif isinstance(init, str) and init_kind(init) in INITS and init not in _INIT_TO_PEFT:
+            kwargs["init"] = init
+        else:
+            raise ConfigError(f"{source}: init_lora_weights={init!r} is not supported by lorakit; it takes True, False, "
+                              "'gaussian', 'pissa', 'pissa_niter_<K>' and 'olora'")
+        if data.get("use_dora") is not None:
+            kwargs["use_dora"] = data["use_dora"]
         try:
             return cls(**kwargs)
         except ConfigError as err:

@@ -167,6 +167,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     replaced: list[tuple[str, nn.Module]] = []
     added: list[nn.Module] = []
     grad_flags = {p: p.requires_grad for p in model.parameters()}
+    # Taken before any init runs: PiSSA / OLoRA change the base weight, the adapter belongs to the original.
+    base_fingerprint = fingerprint(
+        {name: unmerged_base_weight(modules[name][0]) if isinstance(modules[name][0], LoraLayer)
+         else modules[name][1].weight for name in targets}
+    )
     try:
         for name in targets:
             module, base = modules[name]
@@ -174,7 +179,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                 module = wrap(module, name)
                 _set_child(model, name, module)
                 replaced.append((name, base))
-            module.add_adapter(adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init)
+            module.add_adapter(adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init,
+                               config.use_dora)
             added.append(module)
         for name in to_save:
             module, base = modules[name]
@@ -196,9 +202,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             p.requires_grad_(flag)
         raise
     state.configs[adapter_name] = config
-    state.fingerprints[adapter_name] = fingerprint(
-        {name: unmerged_base_weight(model.get_submodule(name)) for name in targets}
-    )
+    state.fingerprints[adapter_name] = base_fingerprint
     model.__dict__[STATE_ATTR] = state
     active = next((layer.active_adapters for _, layer in lora_modules(model) if layer.active_adapters), None)
     refresh(model, active if active else [adapter_name])
@@ -206,11 +210,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
 
 
 def unmerged_base_weight(layer: LoraLayer) -> torch.Tensor:
-    """The layer's base weight without the updates currently merged into it (for fingerprints)."""
-    weight = layer.base_weight()
-    for name in layer.merged_adapters:
-        weight = weight - layer.delta_weight(name).to(weight.dtype)
-    return weight
+    """The layer's base weight as it was before any adapter (for fingerprints): merged updates taken out,
+    and what PiSSA / OLoRA inits moved into their adapters put back."""
+    return layer.original_weight()
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
@@ -230,6 +232,8 @@ def refresh(model: nn.Module, active: list[str]) -> None:
             for name in module.active_adapters:
                 module.lora_A[name].requires_grad_(True)
                 module.lora_B[name].requires_grad_(True)
+                if name in module.lora_magnitude:
+                    module.lora_magnitude[name].requires_grad_(True)
         else:
             module.active_adapters = [a for a in active if a in module.copies]
             for name in module.active_adapters:

@@ -8,6 +8,7 @@ layout, so PEFT and vLLM load lorakit's adapters and lorakit loads theirs:
     base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
     base_model.model.<module path>.lora_embedding_B     (dim, r)
     base_model.model.<module path>.lora_A.weight        (r, in, kh, kw)   Conv2d; B: (d, r, 1, 1)
+    base_model.model.<module path>.lora_magnitude_vector  (d,)  DoRA's m ((1, d, 1, 1) for Conv2d)
     base_model.model.<module path>.<param>              modules_to_save
 
 lorakit's extra facts (its version, the base-model fingerprint) go into the safetensors metadata,
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .adapters import active_adapters, adapter_names, delete_adapter
-from .config import LoraConfig
+from .config import MUTATING_INITS, LoraConfig, init_kind
 from .errors import AdapterFileError, AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
@@ -46,14 +47,15 @@ PREFIX = "base_model.model."
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 # PEFT's LoRA keys; in-memory PEFT state dicts also carry the adapter name ("...lora_A.default.weight").
 _LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>[^.]+))?$"
 )
 
 
 def split_lora_key(key: str) -> tuple[str, str, str | None] | None:
     """(module path, kind, adapter name or None) of a PEFT LoRA tensor key, where kind is "lora_A",
-    "lora_B", "lora_embedding_A" or "lora_embedding_B"; None for any other key (modules_to_save)."""
+    "lora_B", "lora_embedding_A", "lora_embedding_B" or "lora_magnitude_vector" (DoRA); None for any
+    other key (modules_to_save)."""
     match = _LORA_KEY.match(key.removesuffix(".weight"))
     return (match["module"], match["kind"], match["adapter"]) if match else None
 
@@ -136,12 +138,29 @@ def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict
     if isinstance(module, ModulesToSave):
         return dict(module.copies[adapter_name].state_dict())
     A, B = module.lora_A[adapter_name], module.lora_B[adapter_name]
-    if isinstance(module, LoraEmbedding):
-        return {"lora_embedding_A": A, "lora_embedding_B": B}
+    if adapter_name in module.init_factors:  # PiSSA / OLoRA: ΔW = s·(BA − B₀A₀) against the original W
+        A0, B0 = module.init_factors[adapter_name]
+        A, B = torch.cat([A.detach(), A0.to(A.dtype)], 0), torch.cat([B.detach(), -B0.to(B.dtype)], 1)
+    out = {k: t.reshape(shape) for k, (t, shape) in zip(_keys(module), zip((A, B), _factor_shapes(module, A.shape[0])))}
+    if adapter_name in module.lora_magnitude:
+        out["lora_magnitude_vector"] = module.lora_magnitude[adapter_name].reshape(_magnitude_shape(module))
+    return out
+
+
+def _keys(module: LoraLayer) -> tuple[str, str]:
+    return ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoraEmbedding) else ("lora_A.weight", "lora_B.weight")
+
+
+def _factor_shapes(module: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """PEFT's shapes of A and B at rank r for this layer."""
+    k, d = module.in_features, module.out_features
     if module.layout == "conv":
-        w = module.base_weight()
-        return {"lora_A.weight": A.reshape(A.shape[0], *w.shape[1:]), "lora_B.weight": B[:, :, None, None]}
-    return {"lora_A.weight": A, "lora_B.weight": B}
+        return (r, *module.base_weight().shape[1:]), (d, r, 1, 1)
+    return (r, k), (d, r)
+
+
+def _magnitude_shape(module: LoraLayer) -> tuple[int, ...]:
+    return (1, module.out_features, 1, 1) if module.layout == "conv" else (module.out_features,)
 
 
 def _saved_targets(model: nn.Module, adapter_name: str) -> list[str]:
@@ -179,6 +198,8 @@ def save_adapter(
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(m, "layout", "") == "transposed" for _, m in _modules_with(model, adapter_name))
     saved = config.replace(target_modules=_saved_targets(model, adapter_name), exclude_modules=None)
+    if any(isinstance(m, LoraLayer) and adapter_name in m.init_factors for _, m in _modules_with(model, adapter_name)):
+        saved = _converted_config(saved)
     peft_config = saved.to_peft_dict(fan_in_fan_out=fan_in_fan_out)
     peft_config["base_model_name_or_path"] = name_or_path
     from . import __version__
@@ -200,6 +221,17 @@ def save_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _converted_config(config: LoraConfig) -> LoraConfig:
+    """The config of a PiSSA / OLoRA adapter saved as a plain LoRA: rank 2r ([A; A₀], [B, −B₀]) at the same
+    scale s — α doubled (rsLoRA: × √2) — and a plain init, as PEFT's ``path_initial_model_for_weight_conversion``."""
+    grow = 2**0.5 if config.use_rslora else 2.0
+    return config.replace(
+        r=2 * config.r, alpha=grow * config.alpha, init="kaiming",
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
+    )
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -296,6 +328,10 @@ def load_adapter(
             )
     if adapter_name in adapter_names(model):
         raise AdapterNameError(f"the model already has an adapter named {adapter_name!r}; load under another name")
+    if init_kind(config.init) in MUTATING_INITS:
+        # A PiSSA / OLoRA file saved without conversion holds factors for the residual base it was trained
+        # on: loading applies them to the model as given and never re-runs the init on its weights.
+        config = config.replace(init="kaiming")
     inject(model, config, adapter_name)
     try:
         with torch.no_grad():
@@ -331,8 +367,11 @@ def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[s
     if isinstance(module, ModulesToSave):
         copy = module.copies[adapter_name]
         return dict(copy.named_parameters()) | dict(copy.named_buffers())
-    keys = ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoraEmbedding) else ("lora_A.weight", "lora_B.weight")
-    return {keys[0]: module.lora_A[adapter_name], keys[1]: module.lora_B[adapter_name]}
+    keys = _keys(module)
+    params = {keys[0]: module.lora_A[adapter_name], keys[1]: module.lora_B[adapter_name]}
+    if adapter_name in module.lora_magnitude:
+        params["lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
+    return params
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, tuple]:
@@ -343,14 +382,11 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], t
     shapes: dict[str, tuple] = {}
     for name in targets:
         probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k, d and the layout
-        r, k, d = config.rank_for(name), probe.in_features, probe.out_features
-        if isinstance(probe, LoraEmbedding):
-            shapes[f"{name}.lora_embedding_A"], shapes[f"{name}.lora_embedding_B"] = (r, k), (d, r)
-        elif probe.layout == "conv":
-            w = probe.base_weight()
-            shapes[f"{name}.lora_A.weight"], shapes[f"{name}.lora_B.weight"] = (r, *w.shape[1:]), (d, r, 1, 1)
-        else:
-            shapes[f"{name}.lora_A.weight"], shapes[f"{name}.lora_B.weight"] = (r, k), (d, r)
+        r = config.rank_for(name)
+        for key, shape in zip(_keys(probe), _factor_shapes(probe, r)):
+            shapes[f"{name}.{key}"] = shape
+        if config.use_dora:
+            shapes[f"{name}.lora_magnitude_vector"] = _magnitude_shape(probe)
     for name in to_save:
         for key, tensor in bases[name].state_dict().items():
             shapes[f"{name}.{key}"] = tuple(tensor.shape)

@@ -2,6 +2,9 @@
 
     h = base(x) + Σ_active s_i · B_i (A_i drop(x))       A_i: (r_i, k)   B_i: (d, r_i)
 
+A DoRA adapter (``use_dora``) also has a magnitude m_i (d,) and replaces W by m_i ⊙ (W + s_i B_i A_i) / ‖·‖
+(row norms); see :mod:`lorakit.ops.dora`.
+
 The arithmetic lives in ``ops`` (the linear forward is :func:`lorakit.ops.lora_linear`) and in
 ``merge.delta_weight``; these classes only hold parameters and choose what to call.  A layer keeps
 its adapters as data (``lora_A[name]``, ``lora_B[name]``, ``scaling[name]``), so other code — mixed
@@ -17,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import AdapterNameError, UnsupportedModuleError
+from .errors import AdapterNameError, MergeError, UnsupportedModuleError
 from .merge import Layout, add_delta, delta_weight
-from .ops import lora_linear
+from .config import MUTATING_INITS, init_kind
+from .ops import dora_linear, dora_weight_norm, lora_linear
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -42,6 +46,9 @@ class LoraLayer(nn.Module):
         base_layer: the original module; its parameters are frozen by ``inject``.
         lora_A / lora_B: ParameterDicts, name → (r, k) / (d, r).
         scaling: name → s.   r: name → rank.   dropout_p: name → dropout probability.
+        lora_magnitude: ParameterDict, name → m (d,) for DoRA adapters (absent for plain LoRA).
+        init_factors: name → (A₀, B₀) for adapters whose init moved s·B₀A₀ out of W (PiSSA, OLoRA), so
+            that saving can express the adapter against the original W.
         active_adapters: names whose updates are added in forward (their updates add).
         merged_adapters: names currently folded into the base weight.
         disabled: when True, forward is the base module alone.
@@ -54,6 +61,9 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()
+        self.init_factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self._merge_norms: dict[str, Tensor] = {}  # DoRA: the row norms a merge divided by, for unmerge
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self.dropout_p: dict[str, float] = {}
@@ -77,49 +87,153 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     # -- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming") -> None:
-        """Create adapter ``name``: A random (Kaiming-uniform or Gaussian), B zero, so ΔW = 0."""
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
+                    use_dora: bool = False) -> None:
+        """Create adapter ``name`` (PEFT's ``init_lora_weights`` semantics for each ``init``):
+
+        * "kaiming": A Kaiming-uniform (nn.Linear's default), B = 0, so ΔW = 0 — PEFT's default;
+        * "gaussian": A ~ N(0, 1/r²) (std 1/r), B = 0;
+        * "nonzero": A and B both random (PEFT's ``init_lora_weights=False``), for tests and debugging;
+        * "pissa" / "pissa_niter_K", "olora": A, B from the SVD / QR of W, and W ← W − s·B A (see
+          :meth:`LoraLinear.mutating_init`); only linear layers.
+        Embedding adapters follow PEFT: A = 0, B ~ N(0, 1) for every init but "nonzero" (both N(0, 1)).
+        ``use_dora``: add the DoRA magnitude m = ‖W + s·B A‖ (row norms), so the output is unchanged at init.
+        """
         if name in self.lora_A:
             raise AdapterNameError(f"adapter {name!r} already exists in this layer; delete it first or pick another name")
         weight = self.base_weight()
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         A = torch.empty(r, self.in_features, device=weight.device, dtype=dtype)
         B = torch.zeros(self.out_features, r, device=weight.device, dtype=dtype)
-        if init == "gaussian":
-            nn.init.normal_(A, std=1.0 / r)
-        else:  # nn.Linear's default init, as PEFT uses for lora_A
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self._init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name], self.r[name], self.dropout_p[name] = float(scale), r, float(dropout)
+        if init_kind(init) in MUTATING_INITS:
+            try:
+                self.mutating_init(name, init)
+            except BaseException:
+                self.remove_adapter(name)
+                raise
+        if use_dora:
+            self.lora_magnitude[name] = nn.Parameter(self.dora_norm(name).to(dtype))
 
+    def _init_factors(self, A: Tensor, B: Tensor, init: str) -> None:
+        """Fill A (r, k) and B (d, r) in place for a non-mutating init (B stays 0 unless "nonzero")."""
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / A.shape[0])
+        else:  # nn.Linear's default init, as PEFT uses for lora_A (and for lora_B with init_lora_weights=False)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init == "nonzero":
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+
+    def mutating_init(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA: set A, B from W and move s·B A out of W; only layers with a (d, k) weight have it."""
+        raise UnsupportedModuleError(
+            f"init {init!r} needs a linear layer's weight; {type(self.base_layer).__name__} layers take 'kaiming', "
+            "'gaussian' or 'nonzero' — exclude this module or pick another init")
+
+    def as_matrix(self, weight: Tensor) -> Tensor:
+        """A weight stored like the base's, as the (d, k) matrix W of the seed equation (a view)."""
+        if self.layout in ("transposed", "embedding"):
+            return weight.t()
+        return weight.reshape(weight.shape[0], -1) if self.layout == "conv" else weight
+
+    def dora_norm(self, name: str) -> Tensor:
+        """n = ‖W + s·B A‖ per row of W (d,) for adapter ``name``: DoRA's denominator (no grad)."""
+        return dora_weight_norm(self.as_matrix(self.base_weight()), self.lora_A[name], self.lora_B[name],
+                                self.scaling[name])
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (unmerging it first if it was merged)."""
         if name in self.merged_adapters:
             self.unmerge([name])
+        if name in self.init_factors:  # give W back the part the init moved into the adapter
+            A0, B0 = self.init_factors.pop(name)
+            add_delta(self.base_weight(), self._delta(A0, B0, self.scaling[name]), +1, what=f"adapter {name!r}")
         del self.lora_A[name], self.lora_B[name]
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         for table in (self.scaling, self.r, self.dropout_p):
             del table[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def delta_weight(self, name: str) -> Tensor:
         """s·BA for adapter ``name``, shaped like the base weight (float32)."""
-        weight = self.base_weight()
-        return delta_weight(self.lora_A[name], self.lora_B[name], self.scaling[name], self.layout, weight.shape)
+        return self._delta(self.lora_A[name], self.lora_B[name], self.scaling[name])
+
+    def _delta(self, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        return delta_weight(A, B, scale, self.layout, self.base_weight().shape)
+
+    def _dora_factor_shape(self) -> tuple[int, ...]:
+        """How f = m / n (d,) broadcasts over the stored base weight."""
+        w = self.base_weight()
+        if self.layout in ("transposed", "embedding"):
+            return (1, -1)
+        return (-1,) + (1,) * (w.dim() - 1)
 
     def merge(self, names: list[str] | None = None) -> None:
-        """W ← W + s·BA for each named (default: active) adapter not merged yet."""
+        """W ← W + s·BA for each named (default: active) adapter not merged yet.
+
+        A DoRA adapter merges as W ← f ⊙ (W + s·BA), f = m / n with n the row norms of the weight
+        without the adapters merged so far (as PEFT does); n is kept so that unmerge can divide by it.
+        """
         for name in names if names is not None else self.active_adapters:
-            if name not in self.merged_adapters:
-                add_delta(self.base_weight(), self.delta_weight(name), +1, what=f"adapter {name!r}")
-                self.merged_adapters.append(name)
+            if name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name)
+            if name in self.lora_magnitude:
+                weight = self.base_weight()
+                acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                A, B = self.lora_A[name].detach(), self.lora_B[name].detach()
+                norm = dora_weight_norm(self.as_matrix(self.unmerged_weight()), A, B, self.scaling[name])
+                factor = (self.lora_magnitude[name].detach().to(acc) / norm).reshape(self._dora_factor_shape())
+                new = factor * (weight.detach().to(acc) + delta.to(acc))
+                if not torch.isfinite(new).all():
+                    raise MergeError(f"merging DoRA adapter {name!r} would produce non-finite values; "
+                                     "the weight was left unchanged")
+                with torch.no_grad():
+                    weight.copy_(new)
+                self._merge_norms[name] = norm
+            else:
+                add_delta(self.base_weight(), delta, +1, what=f"adapter {name!r}")
+            self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
-        """W ← W − s·BA for each named (default: every merged) adapter, newest first."""
+        """W ← W − s·BA (DoRA: W ← W / f − s·BA) for each named (default: every merged) adapter, newest first."""
         for name in reversed(list(self.merged_adapters)):
             if names is None or name in names:
-                add_delta(self.base_weight(), self.delta_weight(name), -1, what=f"adapter {name!r}")
+                weight = self.base_weight()
+                if name in self.lora_magnitude:
+                    with torch.no_grad():
+                        weight.copy_(self._undo_dora_merge(name, weight))
+                    del self._merge_norms[name]
+                else:
+                    add_delta(weight, self.delta_weight(name), -1, what=f"adapter {name!r}")
                 self.merged_adapters.remove(name)
+
+    def _undo_dora_merge(self, name: str, weight: Tensor) -> Tensor:
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        factor = (self.lora_magnitude[name].detach().to(acc) / self._merge_norms[name]).reshape(self._dora_factor_shape())
+        return weight.detach().to(acc) / factor - self.delta_weight(name).to(acc)
+
+    def unmerged_weight(self) -> Tensor:
+        """The base weight without the updates currently merged into it (float32 for half weights)."""
+        weight = self.base_weight().detach()
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        weight = weight.to(acc)
+        for name in reversed(self.merged_adapters):
+            if name in self.lora_magnitude:
+                weight = self._undo_dora_merge(name, weight)
+            else:
+                weight = weight - self.delta_weight(name).to(acc)
+        return weight
+
+    def original_weight(self) -> Tensor:
+        """The base weight as it was before any adapter: unmerged, and with what PiSSA / OLoRA inits took out put back."""
+        weight = self.unmerged_weight()
+        for name, (A0, B0) in self.init_factors.items():
+            weight = weight + self._delta(A0, B0, self.scaling[name]).to(weight.dtype)
+        return weight
 
     def _unmerged_active(self) -> list[str]:
         if self.disabled:
@@ -137,7 +251,8 @@ class LoraLayer(nn.Module):
         return p, seed if torch.compiler.is_compiling() else int(seed)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}" for n in self.lora_A) + (
+        return ", ".join(f"{n}: r={self.r[n]}, s={self.scaling[n]:g}{', DoRA' if n in self.lora_magnitude else ''}"
+                         for n in self.lora_A) + (
             ", disabled" if self.disabled else ""
         )
 
@@ -170,6 +285,8 @@ class LoraLinear(LoraLayer):
         (merged, disabled, several active, or a transposed Conv1D weight): the state in which callers
         that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
         names = self._unmerged_active()  # [] when disabled
+        if len(names) == 1 and names[0] in self.lora_magnitude:
+            return None  # DoRA is not the LoRA product those callers compute
         return names[0] if len(names) == 1 and self.layout == "linear" else None
 
     def adapter_params(self, name: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
@@ -190,11 +307,57 @@ class LoraLinear(LoraLayer):
         for name in names:
             p, seed = self._dropout_and_seed(name)
             A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-            if out is None:  # the first adapter's update accumulates into the base product
+            if name in self.lora_magnitude:
+                m = self.lora_magnitude[name]
+                if out is None:
+                    out = dora_linear(x, W, self.base_layer.bias, A, B, s, m, None, p, int(seed))
+                else:  # a later adapter adds only its change to the base output
+                    out = out + (dora_linear(x, W, None, A, B, s, m, None, p, int(seed)) - x @ W.t().to(x.dtype))
+            elif out is None:  # the first adapter's update accumulates into the base product
                 out = lora_linear(x, W, self.base_layer.bias, A, B, s, p, seed)
             else:
                 out = out + lora_linear(x, None, None, A, B, s, p, seed)
         return out
+
+    def mutating_init(self, name: str, init: str) -> None:
+        """PiSSA (``init`` "pissa", or "pissa_niter_K" for a K-iteration randomised SVD) and OLoRA ("olora"),
+        exactly as PEFT's ``pissa_init`` / ``olora_init``, on W as the (d, k) matrix in float32:
+
+            PiSSA:  W = U S Vᵀ,  A = diag(√(S_r / s)) V_rᵀ,  B = U_r diag(√(S_r / s))
+            OLoRA:  W = Q R,     A = R[:r],  B = Q[:, :r]
+            then    W ← W − s·B A   (rounded once to W's dtype), so the model's output is unchanged.
+
+        (A, B) are remembered as the init factors (A₀, B₀): W + s·(BA − B₀A₀) is the trained model, so
+        saving writes the rank-2r plain LoRA [A; A₀], [B, −B₀] against the original W (PEFT's conversion).
+        """
+        weight = self.base_weight()
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise UnsupportedModuleError(f"init {init!r} needs a floating-point weight, this layer's is {weight.dtype}")
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        W = self.as_matrix(weight).detach().to(acc)
+        r, s = self.r[name], self.scaling[name]
+        if r > min(W.shape):
+            raise UnsupportedModuleError(
+                f"init {init!r} with rank {r} needs r ≤ min(d, k) = {min(W.shape)} for a {tuple(W.shape)} weight; lower r")
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)
+            A0, B0 = R[:r], Q[:, :r]
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                niter = int(init.rsplit("_", 1)[1])
+                U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+                Vh = V.t()
+            root = (S / s).sqrt()
+            A0, B0 = root[:, None] * Vh, U * root[None, :]
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            A.copy_(A0)
+            B.copy_(B0)
+            self.as_matrix(weight).copy_(W - s * (B0 @ A0))
+        self.init_factors[name] = (A.detach().clone(), B.detach().clone())
 
 
 class LoraEmbedding(LoraLayer):
@@ -213,6 +376,18 @@ class LoraEmbedding(LoraLayer):
     def out_features(self) -> int:
         return self.base_layer.embedding_dim
 
+    def _init_factors(self, A: Tensor, B: Tensor, init: str) -> None:
+        # PEFT's embedding init: A = 0, B ~ N(0, 1), so ΔW = 0 but B is not stuck at zero (a Kaiming A over
+        # a large vocabulary would make each id's row of A tiny); init_lora_weights=False: both N(0, 1).
+        if init == "nonzero":
+            nn.init.normal_(A)
+        else:
+            nn.init.zeros_(A)
+        nn.init.normal_(B)
+
+    def mutating_init(self, name: str, init: str) -> None:
+        """PEFT gives embeddings its default embedding init for PiSSA / OLoRA too: nothing to move out of E."""
+
     def forward(self, ids: Tensor) -> Tensor:
         out = self.base_layer(ids)
         base = self.base_layer
@@ -221,7 +396,12 @@ class LoraEmbedding(LoraLayer):
                 ids, self.lora_A[name].t(), base.padding_idx, base.max_norm, base.norm_type,
                 base.scale_grad_by_freq, base.sparse,
             )
-            out = out + (low @ self.lora_B[name].t().to(low.dtype)).to(out.dtype) * self.scaling[name]
+            delta = (low @ self.lora_B[name].t().to(low.dtype)).to(out.dtype) * self.scaling[name]
+            if name in self.lora_magnitude:  # DoRA, as PEFT: f ⊙ (everything so far + the update), f per dim
+                f = (self.lora_magnitude[name] / self.dora_norm(name)).to(out.dtype)
+                out = (out + delta) * f
+            else:
+                out = out + delta
         return out
 
 
@@ -247,8 +427,18 @@ class LoraConv2d(LoraLayer):
             p = self.dropout_p[name] if self.training else 0.0
             A = self.lora_A[name].reshape(-1, *base.weight.shape[1:]).to(x.dtype)  # (r, in, kh, kw)
             B = self.lora_B[name][:, :, None, None].to(x.dtype)  # (d, r, 1, 1)
-            low = F.conv2d(F.dropout(x, p, True) if p else x, A, None, base.stride, base.padding, base.dilation)
-            out = out + F.conv2d(low, B) * self.scaling[name]
+            xd = F.dropout(x, p, True) if p else x
+            low = F.conv2d(xd, A, None, base.stride, base.padding, base.dilation)
+            delta = F.conv2d(low, B) * self.scaling[name]
+            if name in self.lora_magnitude:  # DoRA as PEFT: + (f − 1) ⊙ conv(x̃, W) + f ⊙ update, f per channel
+                f = (self.lora_magnitude[name] / self.dora_norm(name)).to(x.dtype).view(1, -1, 1, 1)
+                if p:
+                    base_out = F.conv2d(xd, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation)
+                else:  # what the base (and earlier adapters) gave, without the bias
+                    base_out = out if base.bias is None else out - base.bias.to(out.dtype).view(1, -1, 1, 1)
+                out = out + (f - 1) * base_out + f * delta
+            else:
+                out = out + delta
         return out
 
 

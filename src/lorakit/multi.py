@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import adapter_names, lora_layers
-from .errors import AdapterMismatchError, AdapterNameError, MergeError, UnsupportedModuleError
-from .inject import lora_modules
+from .errors import AdapterMismatchError, AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
+from .inject import lora_modules, state_of
 from .io import PREFIX, AdapterFile, layer_params, read_adapter
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .ops import triton_segmented
@@ -183,9 +183,14 @@ def batch_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn
 
     Raises:
         AdapterNameError: an unknown name.   MergeError: a layer has merged adapters.
-        UnsupportedModuleError: a named adapter adapts a Conv2d layer.
+        UnsupportedModuleError: a named adapter adapts a Conv2d layer.   ConfigError: a DoRA adapter.
     """
     batch = _MixedBatch(model, names)
+    configs = state_of(model).configs
+    dora = sorted({n for n in names if n is not None and configs[n].use_dora})
+    if dora:
+        raise ConfigError(f"adapter {dora[0]!r} is a DoRA adapter; batch_adapters mixes plain LoRA adapters only — "
+                          "run DoRA adapters one at a time with lorakit.set_adapter")
     saved: list[tuple[LoraLayer, bool]] = []
     handles = []
     try:
@@ -228,6 +233,9 @@ def hot_swap(
         raise AdapterNameError(f"no adapter named {adapter_name!r} to swap into; the model has {adapter_names(model)}")
     adapter = source if isinstance(source, AdapterFile) else read_adapter(source)
     where = adapter.path
+    if adapter.config.use_dora or state_of(model).configs[adapter_name].use_dora:
+        raise AdapterMismatchError(f"{where}: hot_swap swaps plain LoRA adapters only; this one or slot "
+                                   f"{adapter_name!r} is DoRA — load it with lorakit.load_adapter instead")
     found: dict[str, Tensor] = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
