@@ -69,9 +69,9 @@ def assert_same_adapter(a: Path, b: Path) -> None:
         assert torch.equal(ta[key], tb[key]), key
 
 
-def run_trainer(llama: Path, out: Path, steps: int, resume: Path | None = None, **kw):
+def run_trainer(llama: Path, out: Path, steps: int, resume: Path | None = None, args: dict | None = None, **kw):
     model = lora(llama, **kw)
-    trainer = transformers.Trainer(model=model, args=trainer_args(out, steps), train_dataset=token_data())
+    trainer = transformers.Trainer(model=model, args=trainer_args(out, steps, **(args or {})), train_dataset=token_data())
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer
 
@@ -112,7 +112,7 @@ def test_trainer_saves_peft_layout_resumes_exactly_and_loads_in_lorakit_and_peft
     torch.testing.assert_close(theirs, want, rtol=1e-5, atol=1e-5)
 
 
-def test_speed_paths_train_through_the_trainer_like_the_plain_path(llama, tmp_path):
+def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_path(llama, tmp_path):
     from lorakit import share
 
     calls = {"group": 0}
@@ -126,15 +126,23 @@ def test_speed_paths_train_through_the_trainer_like_the_plain_path(llama, tmp_pa
         fast = run_trainer(llama, tmp_path / "fast", 3)
     assert calls["group"] > 0
     assert sum(lorakit.fuse.is_fused(m) for m in fast.model.modules()) == 2
+    # TrainingArguments(torch_compile=True) compiles the prepared model; aot_eager traces forward and
+    # backward through dynamo and AOTAutograd like inductor does, without compiling C++ (test time)
+    compiled = run_trainer(llama, tmp_path / "compiled", 3, args={"torch_compile": True,
+                                                                 "torch_compile_backend": "aot_eager"})
+    assert isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    assert hf.INDEX_NAME in os.listdir(tmp_path / "compiled" / "checkpoint-2")
     plain = run_trainer(llama, tmp_path / "plain", 3, share=False, fuse=False)
     assert not any(lorakit.fuse.is_fused(m) for m in plain.model.modules())
-    a, b = lorakit.io.adapter_state(fast.model, "default"), lorakit.io.adapter_state(plain.model, "default")
-    assert a.keys() == b.keys()
-    moved = 0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-        moved += "lora_B" in key and bool(a[key].abs().max() > 1e-4)
-    assert moved > 0  # the updates are not trivially equal (B started at zero)
+    want = lorakit.io.adapter_state(plain.model, "default")
+    for trainer in (fast, compiled):
+        got = lorakit.io.adapter_state(trainer.model, "default")
+        assert got.keys() == want.keys()
+        moved = 0
+        for key in got:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+            moved += "lora_B" in key and bool(got[key].abs().max() > 1e-4)
+        assert moved > 0  # the updates are not trivially equal (B started at zero)
 
 
 def test_sft_trainer_saves_resumes_and_matches_save_adapter(llama, tmp_path):
