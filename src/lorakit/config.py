@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
+from .patterns import check_pattern, short, suffix_matches
 
 ALL_LINEAR = "all-linear"
 #: Initialisations of A and B; "pissa_niter_<K>" is "pissa" by a K-iteration randomised SVD.
@@ -52,9 +53,15 @@ _UNSUPPORTED_PEFT_OPTIONS = {
 }
 
 
+#: the largest rank accepted (far above any useful LoRA rank; keeps a typo or a corrupt file from
+#: asking for a tensor that cannot be allocated)
+MAX_RANK = 1 << 16
+
+
 def pattern_matches(pattern: str, module_name: str) -> bool:
-    """PEFT's rule for rank_pattern / alpha_pattern keys: the name, or a dotted suffix, as a regex."""
-    return module_name == pattern or re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
+    """PEFT's rule for rank_pattern / alpha_pattern keys: the name, or a dotted suffix, as a regex
+    (matched in bounded time; see :mod:`lorakit.patterns`)."""
+    return suffix_matches(pattern, module_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,25 +117,28 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         set_("alpha", float(self.alpha))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be a number in [0, 1), got {short(self.dropout)}")
         set_("dropout", float(self.dropout))
         for field in ("target_modules", "exclude_modules"):
             set_(field, _names_or_regex(field, getattr(self, field)))
-        if isinstance(self.modules_to_save, str):
-            raise ConfigError("modules_to_save must be a list of module names, e.g. ['classifier']")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
+            raise ConfigError(f"modules_to_save must be a list of module names, e.g. ['classifier'], got {short(self.modules_to_save)}")
         set_("modules_to_save", _names_or_regex("modules_to_save", list(self.modules_to_save or ())) or ())
         if not isinstance(self.init, str) or init_kind(self.init) not in INITS:
-            raise ConfigError(f"init must be one of {INITS} or 'pissa_niter_<K>' (K ≥ 1), got {self.init!r}")
+            raise ConfigError(f"init must be one of {INITS} or 'pissa_niter_<K>' (K ≥ 1), got {short(self.init)}")
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
-                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise ConfigError(f"{flag} must be True or False, got {short(getattr(self, flag))}")
+        for field in ("base_model_name_or_path", "task_type"):
+            if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
+                raise ConfigError(f"{field} must be a string, got {short(getattr(self, field))}")
         for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             pattern = getattr(self, field) or {}
             if not isinstance(pattern, Mapping):
                 raise ConfigError(f"{field} must map module-name patterns to values, got {type(pattern).__name__}")
             for key, value in pattern.items():
-                _check_regex(f"{field} key", key)
-                check(f"{field}[{key!r}]", value)
+                check_pattern(f"{field} key", key, suffix=True)
+                check(f"{field}[{short(key)}]", value)
             set_(field, dict(pattern))
 
     # -- per-module values -------------------------------------------------------------------
@@ -181,13 +191,13 @@ class LoraConfig:
         change the math in ways lorakit does not implement (LoRA bias, ...).
         """
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit loads only LoRA adapters (peft_type 'LORA')")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            raise ConfigError(f"{source}: peft_type is {short(peft_type)}; lorakit loads only LoRA adapters (peft_type 'LORA')")
         for key, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
             if data.get(key, neutral) not in (neutral, [], {}, False, None):
-                raise ConfigError(f"{source}: {key}={data[key]!r} is not supported by lorakit; re-train without it")
+                raise ConfigError(f"{source}: {key}={short(data[key])} is not supported by lorakit; re-train without it")
         if data.get("bias", "none") != "none":
-            raise ConfigError(f"{source}: bias={data['bias']!r} is not supported; lorakit adapters train no biases")
+            raise ConfigError(f"{source}: bias={short(data['bias'])} is not supported; lorakit adapters train no biases")
         kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
         init = data.get("init_lora_weights", True)
         if init is True or init is False:
@@ -195,10 +205,14 @@ class LoraConfig:
         elif isinstance(init, str) and init_kind(init) in INITS and init not in _INIT_TO_PEFT:
             kwargs["init"] = init
         else:
-            raise ConfigError(f"{source}: init_lora_weights={init!r} is not supported by lorakit; it takes True, False, "
+            raise ConfigError(f"{source}: init_lora_weights={short(init)} is not supported by lorakit; it takes True, False, "
                               "'gaussian', 'pissa', 'pissa_niter_<K>' and 'olora'")
         if data.get("use_dora") is not None:
             kwargs["use_dora"] = data["use_dora"]
+        for key in ("rank_pattern", "alpha_pattern"):  # JSON objects only (a list of pairs would pass Mapping())
+            if key in kwargs and not isinstance(kwargs[key], dict):
+                raise ConfigError(f"{source}: {key} must be a JSON object mapping module-name patterns to values, "
+                                  f"got {type(kwargs[key]).__name__}")
         try:
             return cls(**kwargs)
         except ConfigError as err:
@@ -206,22 +220,19 @@ class LoraConfig:
 
 
 def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise ConfigError(f"{name} must be an integer in [1, {MAX_RANK}], got {short(value)}")
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_regex(what: str, pattern: str) -> None:
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{what} must be a non-empty string, got {pattern!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {short(value)}")
     try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {err}") from None
+        ok = math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number > 0, got {short(value)}")
 
 
 def _names_or_regex(field: str, value: Any) -> tuple[str, ...] | str | None:
@@ -230,16 +241,16 @@ def _names_or_regex(field: str, value: Any) -> tuple[str, ...] | str | None:
         return None
     if isinstance(value, str):
         if value != ALL_LINEAR:
-            _check_regex(field, value)
+            check_pattern(field, value)
         return value
     if isinstance(value, Sequence) or isinstance(value, (set, frozenset)):
         names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
         for name in names:
             if not isinstance(name, str) or not name:
-                raise ConfigError(f"{field} entries must be non-empty strings, got {name!r}")
+                raise ConfigError(f"{field} entries must be non-empty strings, got {short(name)}")
         if not names and field != "target_modules":
             return None
         if not names:
             raise ConfigError(f"{field} is an empty list; name at least one module, e.g. ['q_proj', 'v_proj']")
         return names
-    raise ConfigError(f"{field} must be a list of names or a regex string, got {type(value).__name__}")
+    raise ConfigError(f"{field} must be a list of names or a regex string, got {short(value)}")

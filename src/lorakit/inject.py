@@ -8,7 +8,6 @@ model is touched, and a failure while wrapping restores the model as it was.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +17,7 @@ from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedModuleError
 from .fingerprint import fingerprint
 from .layers import LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
+from .patterns import fullmatch, is_plain
 
 STATE_ATTR = "_lorakit"
 
@@ -60,11 +60,11 @@ def name_matches(entry: str, name: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _matches(spec: tuple[str, ...] | str | None, name: str) -> bool:
+def _matches(spec: tuple[str, ...] | str | None, name: str, what: str = "target_modules") -> bool:
     if spec is None:
         return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+    if isinstance(spec, str):  # a regex over the whole name, matched in bounded time
+        return name == spec if is_plain(spec) else fullmatch(spec, name, what=what)
     return any(name_matches(entry, name) for entry in spec)
 
 
@@ -97,7 +97,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     unsupported: list[str] = []
     used_entries: set[str] = set()
     for name, _, base in candidates(model):
-        if name in saved or any(name.startswith(s + ".") for s in saved) or _matches(config.exclude_modules, name):
+        if name in saved or any(name.startswith(s + ".") for s in saved) or _matches(config.exclude_modules, name, "exclude_modules"):
             continue
         if spec == ALL_LINEAR:
             if _is_linear(base) and base is not head:

@@ -60,6 +60,15 @@ def split_lora_key(key: str) -> tuple[str, str, str | None] | None:
     return (match["module"], match["kind"], match["adapter"]) if match else None
 
 
+#: safetensors dtypes an adapter's tensors may have: floating point for LoRA factors; the integer and
+#: bool types only for modules_to_save buffers of exactly that dtype (e.g. BatchNorm's counter)
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+INT_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+              "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+FINGERPRINT_KEY = "lorakit_base_fingerprint"
+
+
 @dataclasses.dataclass
 class AdapterFile:
     """An adapter directory's contents: config, tensors in PEFT keys, safetensors metadata."""
@@ -72,16 +81,115 @@ class AdapterFile:
 
     @property
     def fingerprint(self) -> dict | None:
-        text = self.metadata.get("lorakit_base_fingerprint")
-        return json.loads(text) if text else None
+        """The base-model fingerprint lorakit recorded, or None (checked: AdapterFileError if corrupt)."""
+        return parse_fingerprint(self.metadata.get(FINGERPRINT_KEY), self.path / WEIGHTS_NAME)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a JSON object naming a key twice is ambiguous (parsers keep different ones)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return out
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(text: str | bytes, where: Path, what: str = "") -> object:
+    """Parse ``text`` as strict JSON: no NaN/Infinity, no duplicate keys, bounded nesting and integers.
+
+    Raises:
+        AdapterFileError: naming ``where`` and what is wrong.
+    """
+    what = what or str(where)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as err:
+        raise AdapterFileError(f"{what}: key {str(err)[:80]!r} appears twice; the file is corrupt or hand-edited (keep one)") from None
+    except RecursionError:
+        raise AdapterFileError(f"{what} is not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, over-long integers
+        raise AdapterFileError(f"{what} is not valid JSON: {str(err)[:200]}") from None
+
+
+def parse_fingerprint(text: str | None, where: Path) -> dict | None:
+    """The ``lorakit_base_fingerprint`` metadata entry as a dict {"modules": {name: shape}, "checksum": str}."""
+    if text is None:
+        return None
+    fix = "the file is damaged; re-save the adapter with lorakit (or use the copy you trained)"
+    fp = strict_json(text, where, f"{where}: metadata {FINGERPRINT_KEY}")
+    modules = fp.get("modules") if isinstance(fp, dict) else None
+    if (
+        not isinstance(fp, dict)
+        or not isinstance(modules, dict)
+        or not isinstance(fp.get("checksum"), str)
+        or not all(isinstance(s, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in s)
+                   for s in modules.values())
+    ):
+        raise AdapterFileError(
+            f"{where}: metadata {FINGERPRINT_KEY} is not a fingerprint (an object with 'modules' {{name: shape}} and "
+            f"a 'checksum' string); {fix}"
+        )
+    return fp
+
+
+def _read_header(weights_path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """The safetensors header (tensor key → {dtype, shape, data_offsets}) and metadata, parsed strictly:
+    a key given twice is refused (the safetensors library would silently keep the last)."""
+    corrupt = f"{weights_path} is corrupt or truncated"
+    try:
+        with open(weights_path, "rb") as f:
+            prefix = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < n <= min(size - 8, _MAX_HEADER):
+                raise AdapterFileError(f"{corrupt}: its header length field is invalid; re-save or re-download it")
+            raw = f.read(n)
+    except OSError as err:
+        raise AdapterFileError(f"{weights_path} cannot be read: {err}") from None
+    header = strict_json(raw, weights_path, f"{corrupt}: header")
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{corrupt}: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(f"{corrupt}: __metadata__ must map strings to strings")
+    for key, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+        )
+        if not ok:
+            raise AdapterFileError(f"{corrupt}: the header entry of {key[:200]!r} is malformed")
+        dtype = info["dtype"]
+        if dtype not in FLOAT_DTYPES and (dtype not in INT_DTYPES or split_lora_key(key) is not None):
+            allowed = ", ".join(FLOAT_DTYPES)
+            raise AdapterFileError(
+                f"{weights_path}: tensor {key[:200]!r} is stored as {dtype[:20]}; LoRA tensors must be floating point "
+                f"({allowed}) — convert it (e.g. tensor.float()) and save again"
+            )
+    return header, metadata
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter directory without touching any model.
 
+    Every tensor must be finite and of a floating-point dtype (F16, BF16, F32, F64; integer/bool
+    tensors only outside the LoRA factors, for modules_to_save buffers), the safetensors header and
+    adapter_config.json must be strict JSON without duplicate keys, and lorakit's fingerprint metadata
+    (when present) must be well formed.
+
     Raises:
-        AdapterFileError: missing directory or file, a pickle-only adapter, invalid JSON, or a
-            corrupt / truncated safetensors file.
+        AdapterFileError: missing directory or file, a pickle-only adapter, invalid JSON, a corrupt /
+            truncated safetensors file, a non-float or non-finite tensor, corrupt metadata.
         ConfigError: the config is valid JSON but not a LoRA config lorakit can apply.
     """
     path = Path(path)
@@ -99,18 +207,32 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             )
         raise AdapterFileError(f"{weights_path} is missing")
     try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = config_path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise AdapterFileError(f"{config_path} cannot be read: {err}") from None
+    except UnicodeDecodeError as err:
         raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
+    raw = strict_json(text, config_path)
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{config_path} must hold a JSON object, not {type(raw).__name__}")
     config = LoraConfig.from_peft_dict(raw, source=str(config_path))
+    header, _ = _read_header(weights_path)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            keys = list(f.keys())
+            if sorted(keys) != sorted(header):
+                raise AdapterFileError(f"{weights_path} is corrupt: its header does not list its tensors consistently")
+            tensors = {key: f.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {err}") from None
+        raise AdapterFileError(f"{weights_path} is corrupt or truncated: {str(err)[:200]}") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                f"{weights_path}: tensor {key!r} holds NaN or infinite values; the adapter is broken (training "
+                "diverged or the file is damaged) — use an earlier checkpoint"
+            )
+    parse_fingerprint(metadata.get(FINGERPRINT_KEY), weights_path)
     return AdapterFile(path, config, tensors, metadata, raw)
 
 
@@ -332,21 +454,45 @@ def load_adapter(
         # A PiSSA / OLoRA file saved without conversion holds factors for the residual base it was trained
         # on: loading applies them to the model as given and never re-runs the init on its weights.
         config = config.replace(init="kaiming")
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     inject(model, config, adapter_name)
     try:
+        destinations = {name + "." + key: param for name, module in _modules_with(model, adapter_name)
+                        for key, param in layer_params(module, adapter_name).items()} | base_params
+        values = {key: _converted(found[key], param, where, PREFIX + key) for key, param in destinations.items()}
         with torch.no_grad():
+            for key, param in destinations.items():
+                param.copy_(values[key])
+        if not trainable:
             for name, module in _modules_with(model, adapter_name):
-                for key, param in layer_params(module, adapter_name).items():
-                    param.copy_(found[name + "." + key].reshape(param.shape))
-                if not trainable:
-                    for p in layer_params(module, adapter_name).values():
-                        p.requires_grad_(False)
-            for key, param in base_params.items():
-                param.copy_(found[key])
+                for p in layer_params(module, adapter_name).values():
+                    p.requires_grad_(False)
     except BaseException:
         delete_adapter(model, adapter_name)
+        for p, flag in grad_flags:  # inject re-derived every flag from the active adapters
+            p.requires_grad_(flag)
         raise
     return model
+
+
+def _converted(value: Tensor, param: Tensor, where: Path, key: str) -> Tensor:
+    """``value`` in ``param``'s shape, dtype and device, or an error if it does not fit exactly that well:
+    a float parameter takes a float tensor that stays finite in its dtype; an integer or bool buffer
+    takes a tensor of its own dtype."""
+    if param.dtype.is_floating_point != value.dtype.is_floating_point or (
+        not param.dtype.is_floating_point and value.dtype != param.dtype
+    ):
+        raise AdapterMismatchError(
+            f"{where}: {key} is stored as {value.dtype}, the model's tensor is {param.dtype}; save the adapter from a "
+            "model with the same dtypes"
+        )
+    out = value.reshape(param.shape).to(device=param.device, dtype=param.dtype)
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise AdapterMismatchError(
+            f"{where}: {key} has values too large for {param.dtype} (they become infinite); load the base model "
+            f"in a wider dtype (e.g. torch_dtype=torch.float32)"
+        )
+    return out
 
 
 def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Tensor]) -> dict[str, Tensor]:
