@@ -10,6 +10,7 @@ AdamW, no gradient checkpointing.  Contenders, each at batch 1×2048 and 8×2048
   peft            get_peft_model(model, peft.LoraConfig(...))   PEFT's defaults (fp32 adapters under autocast)
   lorakit         lorakit.integrations.hf.get_lora_model(...)   inject + share_inputs + fuse_mlps (the default)
   lorakit_plain   the same with share=False, fuse=False         plain inject
+  lorakit_compiled  lorakit + TrainingArguments(torch_compile=True)  (not run unless named in --contenders)
 
 Per case: a warm-up ``trainer.train()`` of a few steps (allocator, cuBLAS and Triton autotuning), then a
 fresh Trainer on the same model times ``steps`` steps.  Tokens/s are the Trainer's own figure,
@@ -38,7 +39,8 @@ import lorakit  # noqa: E402
 from lorakit.integrations.hf import get_lora_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("peft", "lorakit", "lorakit_plain")
+CONTENDERS = ("peft", "lorakit", "lorakit_plain", "lorakit_compiled")
+DEFAULT_CONTENDERS = CONTENDERS[:3]  # compiling the 1.14B model takes minutes: opt in with --contenders
 lines: list[str] = []
 
 
@@ -70,7 +72,7 @@ def prepare(name: str, model):
 
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     config = lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
-    fast = name == "lorakit"
+    fast = name != "lorakit_plain"
     return get_lora_model(model, config, share=fast, fuse=fast)
 
 
@@ -91,15 +93,17 @@ def make_timer(device: torch.device):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time at the end of every optimizer step (after a device sync)."""
+        """Wall time at the end of the first and the last optimizer step, after a device sync (only
+        there: a sync at every step would keep the host from queueing ahead, which the Trainer does)."""
 
         def __init__(self) -> None:
             self.ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            self.ends.append(time.perf_counter())
+            if state.global_step in (1, state.max_steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                self.ends.append(time.perf_counter())
 
     return StepTimer()
 
@@ -110,6 +114,7 @@ def run_case(name: str, batch: int, seq: int, steps: int, warm: int, tiny: bool,
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    leftover = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None  # earlier cases' leaks
     model = prepare(name, build_base(tiny, device))
     vocab = model.config.vocab_size
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -119,6 +124,7 @@ def run_case(name: str, batch: int, seq: int, steps: int, warm: int, tiny: bool,
             scratch, max_steps=max_steps, per_device_train_batch_size=batch,
             learning_rate=1e-4, bf16=True, use_cpu=tiny, save_strategy="no", logging_steps=max_steps,
             report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0,
+            torch_compile=name == "lorakit_compiled",
         )
 
     Trainer(model=model, args=args(warm), train_dataset=TokenData(batch * warm, seq, vocab)).train()
@@ -136,6 +142,7 @@ def run_case(name: str, batch: int, seq: int, steps: int, warm: int, tiny: bool,
         "tokens_per_s": metrics["train_samples_per_second"] * seq,
         "train_runtime_s": metrics["train_runtime"], "steady_tokens_per_s": steady,
         "peak_GiB": peak, "train_loss": metrics["train_loss"], "trainable": trainable,
+        "allocated_before_GiB": leftover,
     }
     del trainer, model
     return row
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny Llama on the CPU (checks the script)")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which remaining cases are skipped")
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (sequences per step)")
     opts = parser.parse_args(argv)
     out = os.environ.get("OUT") or "out"
