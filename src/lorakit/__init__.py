@@ -12,6 +12,7 @@ Quick start::
     lorakit.save_adapter(model, "out/adapter")     # PEFT / vLLM layout
 """
 
+from . import fused_kernels
 from .adapters import (
     ParameterCount,
     active_adapters,
@@ -26,6 +27,7 @@ from .adapters import (
     unmerge,
 )
 from .combine import CombineReport, combine
+from .layer_checkpointing import checkpointing
 from .config import LoraConfig
 from .errors import (
     AdapterFileError,
@@ -79,10 +81,12 @@ __all__ = [
     "adapter_names",
     "analysis",
     "batch_adapters",
+    "checkpointing",
     "combine",
     "delete_adapter",
     "disable_adapters",
     "fuse_mlps",
+    "fused_kernels",
     "hot_swap",
     "inject",
     "load_adapter",

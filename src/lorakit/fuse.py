@@ -37,6 +37,12 @@ def _is_silu(act: object, config: object) -> bool:
     return getattr(config, "hidden_act", None) in ("silu", "swish")
 
 
+def _is_liger_swiglu(module: nn.Module) -> bool:
+    """liger-kernel's SwiGLU MLP class (a model built after liger patched transformers' classes): the
+    expression above with liger's fused silu-times-product and no ``act_fn`` attribute."""
+    return any(c.__name__ == "LigerSwiGLUMLP" and c.__module__.startswith("liger_kernel") for c in type(module).__mro__)
+
+
 def _fusable(module: nn.Module) -> bool:
     """A SwiGLU MLP with a LoRA down-projection and nothing else inside (so that its forward can only
     be the expression above: a module with, say, a dropout child is left alone)."""
@@ -45,6 +51,8 @@ def _fusable(module: nn.Module) -> bool:
         return False
     if set(children) - {*_PARTS, "act_fn"}:
         return False
+    if _is_liger_swiglu(module):
+        return True
     return hasattr(module, "act_fn") and _is_silu(module.act_fn, getattr(module, "config", None))
 
 
@@ -60,12 +68,13 @@ def _simple_down(down: nn.Module) -> tuple | None:
     return (*down.adapter_params(name), *down._dropout_and_seed(name))
 
 
-def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+def _fused_forward(self: nn.Module, x: Tensor, previous: object = None) -> Tensor:
+    # previous: the instance forward this one replaced (e.g. liger-kernel's), restored by unfuse_mlps
     gate = self.gate_proj(x)
     up = self.up_proj(x)  # gate first, as the original does: layers draw their dropout seeds in call order
     args = _simple_down(self.down_proj)
     if args is None:
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(getattr(self, "act_fn", F.silu)(gate) * up)  # (liger's SwiGLU class has no act_fn)
     return swiglu_lora_down(gate, up, *args)
 
 
@@ -80,7 +89,9 @@ def fuse_mlps(model: nn.Module) -> int:
 
     An MLP qualifies when it has ``gate_proj``, ``up_proj`` and ``down_proj`` children (and at most an
     ``act_fn`` besides), its ``act_fn`` is SiLU (``nn.SiLU``, transformers' ``SiLUActivation``, or a config
-    whose ``hidden_act`` is "silu"/"swish"), and ``down_proj`` is a LoRA linear layer — inject first.
+    whose ``hidden_act`` is "silu"/"swish") or it is liger-kernel's ``LigerSwiGLUMLP``, and ``down_proj`` is
+    a LoRA linear layer — inject first.  An MLP running liger-kernel's SwiGLU forward
+    (:func:`lorakit.fused_kernels.apply`) gets the fused forward instead, which does that kernel's job too.
     Same outputs and gradients (same dropout masks for the same seeds); per layer, backward keeps two
     (tokens × intermediate) tensors fewer.  Idempotent; :func:`unfuse_mlps` undoes it.
 
@@ -93,17 +104,21 @@ def fuse_mlps(model: nn.Module) -> int:
             count += 1
         elif _fusable(module):
             # a partial, not a bound method: it pickles (torch.save(model)) and deep-copies with the module
-            module.forward = functools.partial(_fused_forward, module)
+            module.forward = functools.partial(_fused_forward, module, previous=module.__dict__.get("forward"))
             count += 1
     return count
 
 
 def unfuse_mlps(model: nn.Module) -> int:
-    """Restore the class's own forward on every fused MLP of ``model``; returns how many were fused."""
+    """Restore the forward every fused MLP of ``model`` had before (its class's, or liger-kernel's); returns
+    how many were fused."""
     count = 0
     for module in model.modules():
         if is_fused(module):
+            previous = module.forward.keywords.get("previous")
             del module.forward
+            if previous is not None:
+                module.forward = previous
             count += 1
     return count
 

@@ -57,6 +57,8 @@ from .progress import Progress, format_duration
 from .task import Task
 
 SCHEDULES = ("cosine", "linear", "constant")
+KERNELS = ("liger", "none")
+CHECKPOINTING = ("off", "on", "offload")
 
 
 class TrainingError(LorakitError, RuntimeError):
@@ -94,6 +96,11 @@ class TrainConfig:
     bf16: bool = False
     #: share one pass over q/k/v's (gate/up's) input and fuse SwiGLU MLPs: exact, less work and memory
     fuse: bool = True
+    #: "liger": liger-kernel's fused loss (no full logits), norms, RoPE and SwiGLU on CUDA; "none"
+    kernels: str = "liger"
+    #: activation checkpointing of the decoder layers: "off", "on" (recompute) or "offload" (recompute,
+    #: layer inputs kept in pinned CPU memory)
+    checkpointing: str = "off"
     #: progress line every N steps when stderr is not a terminal
     log_every: int = 10
 
@@ -109,6 +116,8 @@ class TrainConfig:
             (self.eval_every >= 0 and self.save_every >= 0, "--eval-every and --save-every must be ≥ 0"),
             (self.keep >= 0, f"--keep must be ≥ 0 (0 keeps all), got {self.keep}"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}"),
+            (self.kernels in KERNELS, f"--kernels must be one of {KERNELS}, got {self.kernels!r}"),
+            (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -116,7 +125,8 @@ class TrainConfig:
 
 
 # Fields that may differ from a checkpoint's without changing what is being resumed.
-_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps", "fuse"}
+_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps", "fuse",
+                   "kernels", "checkpointing"}
 # LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
 _STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
 
@@ -202,11 +212,20 @@ class Trainer:
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         random.seed(config.seed)
         model = lorakit.inject(task.model, self.lora)
+        #: what was done to the model besides LoRA (kernels, fusion, checkpointing), printed when fit starts
+        self.setup_notes: list[str] = []
+        if config.kernels == "liger":  # before fuse_mlps, whose fused MLP then replaces liger's SwiGLU
+            self.setup_notes.append(str(lorakit.fused_kernels.apply(model, device=self.device)))
         if config.fuse:
             # Exact rewrites that only save work and memory: q/k/v and gate/up share one pass over their
             # input, and SwiGLU MLPs keep gate/up instead of their product for backward (docs/gpu-notes.md).
-            lorakit.share_inputs(model)
-            lorakit.fuse_mlps(model)
+            groups, fused = lorakit.share_inputs(model), lorakit.fuse_mlps(model)
+            self.setup_notes.append(
+                f"shared input passes: {groups} group(s); fused SwiGLU MLPs: {fused}"
+                + ("" if fused else " (no SwiGLU MLP with a LoRA down_proj in this model: nothing fused)"))
+        if config.checkpointing != "off":
+            layers = lorakit.checkpointing(model, config.checkpointing)
+            self.setup_notes.append(f"activation checkpointing ({config.checkpointing}): {layers} layer(s)")
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
@@ -366,6 +385,7 @@ class Trainer:
             f"task {self.task.name}: {len(self.task.train_examples)} training examples, "
             f"{self.total} steps of {cfg.batch_size}×{cfg.grad_accum} on {self.device.type}",
             f"trainable parameters: {report.trainable:,} of {report.total:,} ({report.percent:.3f}%)",
+            *self.setup_notes,
         )
         step = epoch = index = skipped = bad_run = 0
         history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}

@@ -1,0 +1,220 @@
+"""Activation checkpointing of a model's decoder layers: ``lorakit.checkpointing(model, "on" | "offload" | "off")``.
+
+Backward needs what forward saved; for a transformer that is, per layer, the inputs and outputs of
+its norms, projections, attention and MLP — most of a training step's memory at long sequences.
+
+* ``"on"``: each decoder layer runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``:
+  forward keeps only the layer's inputs, backward runs the layer's forward again to rebuild the rest.
+  torch's checkpoint restores the random generators for the rerun, so dropout masks (torch's and the
+  LoRA layers', whose seeds come from the global generator) are the same, and the gradients are
+  the ones without checkpointing.
+* ``"offload"``: as ``"on"``, and the layer inputs the checkpoint keeps are moved to pinned CPU
+  memory (:class:`OffloadHooks`): the copy out runs on a side stream while the next layers compute,
+  and in backward the copy back of the layer before the one being recomputed is started one layer
+  ahead, so the copies overlap compute.  GPU memory for saved activations is then about one layer's
+  recomputation instead of one hidden-state tensor per layer.
+* ``"off"``: the layers' own forward again.
+
+The layer's instance ``forward`` is replaced (never its class), so the module hooks around it — FSDP2's
+gathers, DDP's — stay outside the checkpoint and run once, as transformers does it.  Caches are
+turned off inside a checkpointed call (a KV cache updated again by the rerun would grow).  The
+decision to checkpoint is taken per call: only in training mode with gradients enabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+
+MODES = ("off", "on", "offload")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that keep saved tensors in (pinned) CPU memory, copying on a side stream.
+
+    pack (forward): a CUDA tensor of at least ``min_bytes`` is copied into a pinned CPU buffer on a
+    side stream that first waits for the compute stream, and ``record_stream`` keeps its device memory
+    from being reused before that copy has run; compute goes on without waiting.  unpack (backward):
+    the tensor is copied back on the side stream and the compute stream waits for that copy only;
+    the tensor packed just before it (the previous layer's input, needed next) is fetched at the same
+    time, so its copy overlaps this layer's recomputation.  Tensors smaller than ``min_bytes`` and
+    parameters stay where they are.  On the CPU "offloading" is a plain copy (the same bookkeeping, no
+    memory saved), which is what lets the CPU tests check the code path.
+
+    ``stats``: tensors and bytes packed so far.
+    """
+
+    def __init__(self, min_bytes: int = 1 << 16) -> None:
+        self.min_bytes = min_bytes
+        self.stats = {"tensors": 0, "bytes": 0}
+        self._streams: dict[torch.device, Any] = {}
+        self._order: list[weakref.ref] = []  # handles in pack order, for prefetching in backward
+        self._in_backward = False
+        super().__init__(self._pack, self._unpack)
+
+    def _stream(self, device: torch.device) -> Any:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _pack(self, t: Tensor) -> Any:
+        if isinstance(t, nn.Parameter) or t.numel() * t.element_size() < self.min_bytes or t.is_sparse:
+            return t
+        if self._in_backward:  # a new forward after a backward: the old order is done with
+            self._order.clear()
+            self._in_backward = False
+        if t.device.type == "cuda":
+            stream, compute = self._stream(t.device), torch.cuda.current_stream(t.device)
+            stream.wait_stream(compute)  # t is complete
+            with torch.cuda.stream(stream):
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
+        else:
+            host = t.detach().clone()
+        handle = _Offloaded(t.device, host, t.requires_grad)
+        handle.index = len(self._order)
+        self._order.append(weakref.ref(handle))
+        self.stats["tensors"] += 1
+        self.stats["bytes"] += t.numel() * t.element_size()
+        return handle
+
+    def _fetch(self, h: _Offloaded) -> None:
+        """Start copying ``h`` back to its device (once)."""
+        if h.device_copy is not None:
+            return
+        if h.device.type == "cuda":
+            stream = self._stream(h.device)
+            with torch.cuda.stream(stream):
+                h.device_copy = h.host.to(h.device, non_blocking=True)
+                h.ready = stream.record_event()
+        else:
+            h.device_copy = h.host.clone()
+
+    def _unpack(self, h: Any) -> Tensor:
+        if not isinstance(h, _Offloaded):
+            return h
+        self._in_backward = True
+        self._fetch(h)
+        if 0 < h.index <= len(self._order):  # prefetch the tensor packed before this one: backward needs it next
+            previous = self._order[h.index - 1]()
+            if previous is not None:
+                self._fetch(previous)
+        t = h.device_copy
+        h.device_copy = None  # unpacked again (retain_graph) → copied again; memory freed with the user's ref
+        if h.device.type == "cuda":
+            compute = torch.cuda.current_stream(h.device)
+            compute.wait_event(h.ready)
+            t.record_stream(compute)
+        return t
+
+
+class _Offloaded:
+    __slots__ = ("device", "host", "requires_grad", "device_copy", "ready", "index", "__weakref__")
+
+    def __init__(self, device: torch.device, host: Tensor, requires_grad: bool) -> None:
+        self.device, self.host, self.requires_grad = device, host, requires_grad
+        self.device_copy: Tensor | None = None
+        self.ready: Any = None
+        self.index = 0
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of ``model``: modules whose class is named in a ``_no_split_modules`` of the
+    model (transformers' decoder / encoder layers), else transformers' ``GradientCheckpointingLayer``
+    subclasses; outermost only."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if m is not model and (
+        type(m).__name__ in names or any(c.__name__ == "GradientCheckpointingLayer" for c in type(m).__mro__[1:]))]
+    inner = {id(c) for m in found for c in m.modules() if c is not m}
+    return [m for m in found if id(m) not in inner]
+
+
+def checkpointing(model: nn.Module, mode: str = "on", *, layers: Iterable[nn.Module] | None = None,
+                  min_offload_bytes: int = 1 << 16) -> int:
+    """Checkpoint (``"on"``), checkpoint and offload (``"offload"``), or stop checkpointing (``"off"``)
+    each decoder layer of ``model``; see the module docstring.
+
+    Args:
+        model: the model (LoRA, shared inputs and fused MLPs may be applied before or after).
+        mode: "off", "on" or "offload".
+        layers: the modules to checkpoint (default: :func:`decoder_layers`).
+        min_offload_bytes: smaller saved tensors stay on the device ("offload").
+
+    Returns:
+        the number of layers checkpointed now (0 for "off").
+
+    Raises:
+        ConfigError: an unknown mode, or "on"/"offload" on a model in which no decoder layer is found
+            (pass ``layers=``).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
+    chosen = list(layers) if layers is not None else decoder_layers(model)
+    for module in model.modules():  # undo first: switching modes, or "off"
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
+            previous = forward.keywords.get("previous")
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+    if mode == "off":
+        return 0
+    if not chosen:
+        raise ConfigError(
+            f"checkpointing: found no decoder layers in {type(model).__name__} (no module class named in its "
+            "_no_split_modules, no GradientCheckpointingLayer); pass layers=[...] with the blocks to checkpoint")
+    hooks = OffloadHooks(min_offload_bytes) if mode == "offload" else None
+    for module in chosen:
+        module.forward = functools.partial(_checkpointed_forward, module, hooks=hooks,
+                                           previous=module.__dict__.get("forward"))
+    return len(chosen)
+
+
+def offload_stats(model: nn.Module) -> dict[str, int] | None:
+    """Tensors and bytes the "offload" mode has moved to the CPU so far (None if not offloading)."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
+            hooks = forward.keywords.get("hooks")
+            return dict(hooks.stats) if hooks is not None else None
+    return None
+
+
+def checkpointing_mode(model: nn.Module) -> str:
+    """"off", "on" or "offload": what :func:`checkpointing` last set on ``model``."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
+            return "offload" if forward.keywords.get("hooks") is not None else "on"
+    return "off"
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, hooks: OffloadHooks | None = None, previous: Any = None,
+                          **kwargs: Any) -> Any:
+    forward = previous if previous is not None else type(self).forward.__get__(self)
+    if not (self.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    for key in _CACHE_KWARGS:  # a cache written again by the recomputation would grow
+        if kwargs.get(key) is not None:
+            kwargs[key] = None
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    with hooks if hooks is not None else contextlib.nullcontext():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+__all__ = ["MODES", "OffloadHooks", "checkpointing", "checkpointing_mode", "decoder_layers", "offload_stats"]
