@@ -44,6 +44,7 @@ from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .multi import batch_adapters, hot_swap
+from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .share import share_inputs, unshare_inputs
 
 __version__ = "0.1.0"
@@ -73,6 +74,8 @@ __all__ = [
     "LorakitError",
     "MergeError",
     "ModulesToSave",
+    "NF4Linear",
+    "QuantizationError",
     "ParameterCount",
     "TargetError",
     "UnsupportedModuleError",
@@ -93,6 +96,9 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "empty_weights",
+    "quantize_base",
+    "quantize_checkpoint",
     "read_adapter",
     "resolve_targets",
     "save_adapter",

@@ -12,6 +12,7 @@ from .errors import AdapterNameError
 from .fuse import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
 from .layers import LoraLayer, ModulesToSave
+from .quant import NF4Linear
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -111,14 +112,22 @@ def unmerge(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights and return plain modules with the original
-    state-dict keys (modules_to_save keep the active adapter's trained copy)."""
+    state-dict keys (modules_to_save keep the active adapter's trained copy).
+
+    A 4-bit (NF4) base is dequantised into its original dtype first — every NF4 linear of the model,
+    adapted or not — so the result is a plain full-precision model."""
     for name, module in list(lora_modules(model)):
         if isinstance(module, LoraLayer):
+            if isinstance(module.base_layer, NF4Linear):
+                module.base_layer = module.base_layer.to_linear()
             module.merge()
             _set_child(model, name, module.base_layer)
         else:
             _set_child(model, name, module.current())
     unfuse_mlps(model)  # plain modules again: no MLP keeps lorakit's fused forward
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            _set_child(model, name, module.to_linear())
     model.__dict__.pop(STATE_ATTR, None)
     return model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,13 +30,23 @@ def weight_checksum(weight: Tensor) -> str:
     return f"{float(sample.sum()):.6e}/{float(sample.abs().sum()):.6e}"
 
 
-def fingerprint(weights: Mapping[str, Tensor]) -> dict[str, object]:
+class WeightSample(NamedTuple):
+    """A weight's shape and :func:`weight_checksum`, when the weight itself is not at hand (a 4-bit base
+    records the checksum of the full-precision weight it was quantised from)."""
+
+    shape: tuple[int, ...]
+    checksum: str
+
+
+def fingerprint(weights: Mapping[str, Tensor | WeightSample]) -> dict[str, object]:
     """{"modules": {name: shape}, "checksum": hex digest} for the given base weights."""
     names = sorted(weights)
+    samples = {n: w if isinstance(w, WeightSample) else WeightSample(tuple(w.shape), weight_checksum(w))
+               for n, w in weights.items()}
     digest = hashlib.sha256()
     for name in names:
-        digest.update(f"{name}:{tuple(weights[name].shape)}:{weight_checksum(weights[name])};".encode())
-    return {"modules": {n: list(weights[n].shape) for n in names}, "checksum": digest.hexdigest()[:16]}
+        digest.update(f"{name}:{tuple(samples[name].shape)}:{samples[name].checksum};".encode())
+    return {"modules": {n: list(samples[n].shape) for n in names}, "checksum": digest.hexdigest()[:16]}
 
 
 def describe_mismatch(saved: Mapping[str, object], current: Mapping[str, object]) -> str | None:

@@ -15,9 +15,10 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedModuleError
-from .fingerprint import fingerprint
+from .fingerprint import WeightSample, fingerprint, weight_checksum
 from .layers import LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
+from .quant import NF4Linear
 
 STATE_ATTR = "_lorakit"
 
@@ -121,7 +122,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if quantized:  # e.g. bitsandbytes' Linear4bit/Linear8bitLt: nn.Linear subclasses with packed integer weights
         raise UnsupportedModuleError(
             f"target_modules matches layers with quantized (integer) weights: {', '.join(quantized[:5])}; lorakit "
-            "cannot adapt quantized bases yet — load the base model in bfloat16, float16 or float32"
+            "cannot compute with bitsandbytes' layers — load the base in bfloat16, float16 or float32 and call "
+            "lorakit.quantize_base(model, 'nf4'), or load the load_in_4bit checkpoint with lorakit.quantize_checkpoint"
         )
     if isinstance(spec, tuple):
         unmatched = [entry for entry in spec if entry not in used_entries]
@@ -133,6 +135,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _quantized(module: nn.Module) -> bool:
+    """A quantized base lorakit cannot compute with (bitsandbytes' own layers); lorakit's NF4Linear it can."""
+    if isinstance(module, NF4Linear):
+        return False
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and not (weight.dtype.is_floating_point or weight.dtype.is_complex)
 
@@ -209,9 +214,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     return model
 
 
-def unmerged_base_weight(layer: LoraLayer) -> torch.Tensor:
-    """The layer's base weight as it was before any adapter (for fingerprints): merged updates taken out,
-    and what PiSSA / OLoRA inits moved into their adapters put back."""
+def unmerged_base_weight(layer: nn.Module) -> torch.Tensor | WeightSample:
+    """What the fingerprint reads of a target (a LoRA layer or the plain module it wraps): the base weight
+    as it was before any adapter — merged updates taken out, and what PiSSA / OLoRA inits moved into their
+    adapters put back.  A 4-bit base gives the sample of the full-precision weight it was quantised from,
+    so an adapter trained over it matches that full-precision base."""
+    base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+    if isinstance(base, NF4Linear):
+        shape = (base.out_features, base.in_features)
+        return WeightSample(shape, base.source_checksum or weight_checksum(base.dequantize()))
+    if not isinstance(layer, LoraLayer):
+        return layer.weight
     return layer.original_weight()
 
 

@@ -331,6 +331,9 @@ def save_adapter(
         "lorakit_version": __version__,
         "lorakit_base_fingerprint": dumps(state.fingerprints[adapter_name]),
     }
+    quantized = sorted({"nf4" for _, m in _modules_with(model, adapter_name) if isinstance(m, LoraLayer) and m.quantized()})
+    if quantized:  # trained over a 4-bit base; the adapter itself applies to the full-precision base as well
+        metadata["lorakit_base_quantization"] = quantized[0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -440,7 +443,7 @@ def load_adapter(
 
         in_tree = {name: module for name, module, _ in candidates(model)}
         current = fingerprint(
-            {n: unmerged_base_weight(in_tree[n]) if isinstance(in_tree[n], LoraLayer) else in_tree[n].weight for n in targets}
+            {n: unmerged_base_weight(in_tree[n]) for n in targets}
         )
         problem = describe_mismatch(saved_fp, current)
         if problem:

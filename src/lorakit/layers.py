@@ -24,6 +24,8 @@ from .errors import AdapterNameError, MergeError, UnsupportedModuleError
 from .merge import Layout, add_delta, delta_weight
 from .config import MUTATING_INITS, init_kind
 from .ops import dora_linear, dora_weight_norm, lora_linear
+from .ops.nf4 import nf4_lora_linear
+from .quant import NF4Linear
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -83,8 +85,26 @@ class LoraLayer(nn.Module):
         return self.base_weight().shape[0]
 
     def base_weight(self) -> Tensor:
-        """The frozen weight as stored by the base module (4-bit bases dequantise here)."""
+        """The frozen weight as stored by the base module; a 4-bit (NF4) base dequantises here, into a new
+        tensor of its original dtype (so writing into it does not change the base)."""
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.dequantize()
         return self.base_layer.weight
+
+    def quantized(self) -> bool:
+        """Whether the base weight is stored in 4 bits (NF4)."""
+        return isinstance(self.base_layer, NF4Linear)
+
+    def _base_shape(self) -> torch.Size:
+        if isinstance(self.base_layer, NF4Linear):
+            return torch.Size((self.base_layer.out_features, self.base_layer.in_features))
+        return self.base_layer.weight.shape
+
+    def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        if isinstance(self.base_layer, NF4Linear):
+            return self.base_layer.weight.device, self.base_layer.dtype
+        w = self.base_layer.weight
+        return w.device, w.dtype
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
@@ -101,10 +121,14 @@ class LoraLayer(nn.Module):
         """
         if name in self.lora_A:
             raise AdapterNameError(f"adapter {name!r} already exists in this layer; delete it first or pick another name")
-        weight = self.base_weight()
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        A = torch.empty(r, self.in_features, device=weight.device, dtype=dtype)
-        B = torch.zeros(self.out_features, r, device=weight.device, dtype=dtype)
+        if self.quantized() and (use_dora or init_kind(init) in MUTATING_INITS):
+            raise UnsupportedModuleError(
+                f"{'DoRA' if use_dora else 'init ' + repr(init)} changes or reads the base weight, which is 4-bit "
+                "(NF4) here; use a plain LoRA init (kaiming, gaussian) on a quantized base, or quantize after")
+        device, wdtype = self._base_device_dtype()
+        dtype = wdtype if wdtype in (torch.float32, torch.float64) else torch.float32
+        A = torch.empty(r, self.in_features, device=device, dtype=dtype)
+        B = torch.zeros(self.out_features, r, device=device, dtype=dtype)
         self._init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
@@ -162,7 +186,7 @@ class LoraLayer(nn.Module):
         return self._delta(self.lora_A[name], self.lora_B[name], self.scaling[name])
 
     def _delta(self, A: Tensor, B: Tensor, scale: float) -> Tensor:
-        return delta_weight(A, B, scale, self.layout, self.base_weight().shape)
+        return delta_weight(A, B, scale, self.layout, self._base_shape())
 
     def _dora_factor_shape(self) -> tuple[int, ...]:
         """How f = m / n (d,) broadcasts over the stored base weight."""
@@ -176,10 +200,16 @@ class LoraLayer(nn.Module):
 
         A DoRA adapter merges as W ← f ⊙ (W + s·BA), f = m / n with n the row norms of the weight
         without the adapters merged so far (as PEFT does); n is kept so that unmerge can divide by it.
+        A 4-bit base refuses (MergeError): the update would be rounded to 4 bits.
         """
         for name in names if names is not None else self.active_adapters:
             if name in self.merged_adapters:
                 continue
+            if self.quantized():
+                raise MergeError(
+                    "the base weight is 4-bit (NF4): merging into it would round the update to 4 bits; use "
+                    "lorakit.merge_and_unload (it dequantises to the original dtype first) or merge onto the "
+                    "full-precision base (lorakit merge)")
             delta = self.delta_weight(name)
             if name in self.lora_magnitude:
                 weight = self.base_weight()
@@ -272,21 +302,23 @@ class LoraLinear(LoraLayer):
 
     @property
     def in_features(self) -> int:
-        w = self.base_weight()
-        return w.shape[0] if self.layout == "transposed" else w.shape[1]
+        shape = self._base_shape()
+        return shape[0] if self.layout == "transposed" else shape[1]
 
     @property
     def out_features(self) -> int:
-        w = self.base_weight()
-        return w.shape[1] if self.layout == "transposed" else w.shape[0]
+        shape = self._base_shape()
+        return shape[1] if self.layout == "transposed" else shape[0]
 
     def single_adapter(self) -> str | None:
         """The adapter when the layer computes its (d, k) base plus exactly one unmerged adapter, else None
-        (merged, disabled, several active, or a transposed Conv1D weight): the state in which callers
+        (merged, disabled, several active, DoRA, a transposed Conv1D weight, or a 4-bit base): the state in which callers
         that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
         names = self._unmerged_active()  # [] when disabled
         if len(names) == 1 and names[0] in self.lora_magnitude:
             return None  # DoRA is not the LoRA product those callers compute
+        if self.quantized():
+            return None  # a 4-bit base is computed only by its own op, which never keeps the dequantised weight
         return names[0] if len(names) == 1 and self.layout == "linear" else None
 
     def adapter_params(self, name: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
@@ -301,6 +333,8 @@ class LoraLinear(LoraLayer):
         names = self._unmerged_active()
         if not names:
             return self.base_layer(x)
+        if isinstance(self.base_layer, NF4Linear):  # the 4-bit base is dequantised inside the op, never kept
+            return self._forward_nf4(x, names)
         weight = self.base_weight()
         W = weight.t() if self.layout == "transposed" else weight  # (d, k)
         out: Tensor | None = None
@@ -315,6 +349,18 @@ class LoraLinear(LoraLayer):
                     out = out + (dora_linear(x, W, None, A, B, s, m, None, p, int(seed)) - x @ W.t().to(x.dtype))
             elif out is None:  # the first adapter's update accumulates into the base product
                 out = lora_linear(x, W, self.base_layer.bias, A, B, s, p, seed)
+            else:
+                out = out + lora_linear(x, None, None, A, B, s, p, seed)
+        return out
+
+    def _forward_nf4(self, x: Tensor, names: list[str]) -> Tensor:
+        base = self.base_layer
+        out: Tensor | None = None
+        for name in names:
+            p, seed = self._dropout_and_seed(name)
+            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            if out is None:
+                out = nf4_lora_linear(x, base.nf4(), base.bias, A, B, s, p, seed)
             else:
                 out = out + lora_linear(x, None, None, A, B, s, p, seed)
         return out
