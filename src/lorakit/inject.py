@@ -173,10 +173,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     added: list[nn.Module] = []
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     # Taken before any init runs: PiSSA / OLoRA change the base weight, the adapter belongs to the original.
-    base_fingerprint = fingerprint(
-        {name: unmerged_base_weight(modules[name][0]) if isinstance(modules[name][0], LoraLayer)
-         else modules[name][1].weight for name in targets}
-    )
+    base_fingerprint = fingerprint({name: unmerged_base_weight(modules[name][0]) for name in targets})
     try:
         for name in targets:
             module, base = modules[name]
