@@ -108,8 +108,18 @@ def test_trainer_saves_peft_layout_resumes_exactly_and_loads_in_lorakit_and_peft
         want = trainer.model(ids).logits
         ours = lorakit.load_adapter(base(llama), tmp_path / "final").eval()(ids).logits
         theirs = peft.PeftModel.from_pretrained(base(llama), str(tmp_path / "final")).eval()(ids).logits
+        # transformers' own PEFT integration: from_pretrained(adapter dir) loads the base it names + the adapter
+        auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()(ids).logits
     torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(theirs, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(auto, want, rtol=1e-5, atol=1e-5)
+
+    # merged into plain modules, the model saves whole again, through its class's save_pretrained
+    merged = lorakit.merge_and_unload(trainer.model)
+    merged.save_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
 def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_path(llama, tmp_path):

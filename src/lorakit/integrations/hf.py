@@ -14,7 +14,7 @@ Accelerate is patched:
   calling ``model.save_pretrained(dir, state_dict=..., is_main_process=...)``.
   :func:`enable_peft_checkpoints` gives the model *instance* its own ``save_pretrained`` (the class is
   untouched), which writes the adapter — ``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's
-  layout with ``modules_to_save``, the same bytes' worth of tensors and config as
+  layout with ``modules_to_save``, bit-identical tensors and the same config and metadata as
   :func:`lorakit.save_adapter` — instead of the whole model with lorakit's internal keys.  The Trainer
   then adds its own files (optimizer, scheduler, RNG, ``trainer_state.json``, tokenizer) as usual.
 * **resuming** — for a model that is not a ``peft.PeftModel``, ``Trainer.train(resume_from_checkpoint=...)``
@@ -133,7 +133,7 @@ def save_pretrained(
     adapter_name: str | None = None,
     state_dict: Mapping[str, Tensor] | None = None,
     is_main_process: bool = True,
-    **_: Any,
+    **kwargs: Any,
 ) -> Path:
     """Write the adapter into ``save_directory`` as ``lorakit.save_adapter`` does, plus the resume index.
 
@@ -143,8 +143,13 @@ def save_pretrained(
     the gathered full state dict) supplies the adapter's values when given.  Options of
     ``PreTrainedModel.save_pretrained`` that do not apply to an adapter (``safe_serialization``,
     ``max_shard_size``, ...) are accepted and ignored: lorakit always writes one safetensors file.
+    A model without lorakit adapters (after :func:`lorakit.merge_and_unload`) is saved whole by its
+    class's own ``save_pretrained``.
     """
     directory = Path(save_directory)
+    if not adapter_names(model):  # merge_and_unload left plain modules: save them as the class would
+        type(model).save_pretrained(model, directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        return directory
     if not is_main_process:
         return directory
     name = _adapter_to_use(model, adapter_name)
