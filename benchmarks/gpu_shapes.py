@@ -176,11 +176,11 @@ def build_frozen(ctx: Ctx) -> Built:
     return Built(m, [])
 
 
-def peft_model(ctx: Ctx, fp32_adapters: bool) -> torch.nn.Module:
+def peft_model(ctx: Ctx, fp32_adapters: bool, use_dora: bool = False) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(ctx.base_model(), LoraConfig(r=ctx.r, lora_alpha=ctx.alpha, target_modules=TARGETS),
-                          autocast_adapter_dtype=fp32_adapters)
+    cfg = LoraConfig(r=ctx.r, lora_alpha=ctx.alpha, target_modules=TARGETS, use_dora=use_dora)
+    return get_peft_model(ctx.base_model(), cfg, autocast_adapter_dtype=fp32_adapters)
 
 
 @contender("peft")
@@ -191,10 +191,11 @@ def build_peft(ctx: Ctx) -> Built:
     return Built(m, trainable(m), lora_r=ctx.r)
 
 
-def lorakit_model(ctx: Ctx, *, fuse: bool = True) -> torch.nn.Module:
+def lorakit_model(ctx: Ctx, *, fuse: bool = True, use_dora: bool = False) -> torch.nn.Module:
     import lorakit
 
-    m = lorakit.inject(ctx.base_model(), lorakit.LoraConfig(r=ctx.r, alpha=ctx.alpha, target_modules=TARGETS))
+    cfg = lorakit.LoraConfig(r=ctx.r, alpha=ctx.alpha, target_modules=TARGETS, use_dora=use_dora)
+    m = lorakit.inject(ctx.base_model(), cfg)
     m.train()
     if fuse:  # as `lorakit train` trains
         ctx.note(f"lorakit: {lorakit.share_inputs(m)} shared-input groups, {lorakit.fuse_mlps(m)} fused MLPs")
@@ -205,6 +206,29 @@ def lorakit_model(ctx: Ctx, *, fuse: bool = True) -> torch.nn.Module:
 def build_lorakit(ctx: Ctx) -> Built:
     """lorakit as `lorakit train` trains: inject + share_inputs + fuse_mlps, float32 adapters."""
     m = lorakit_model(ctx)
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("lorakit-plain", default=False)
+def build_lorakit_plain(ctx: Ctx) -> Built:
+    """lorakit's plain inject (no share_inputs / fuse_mlps): the LoRA that DoRA's figures compare with."""
+    m = lorakit_model(ctx, fuse=False)
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("dora", default=False)
+def build_dora(ctx: Ctx) -> Built:
+    """lorakit DoRA (use_dora=True), float32 adapters and magnitudes; plain inject (share_inputs and
+    fuse_mlps compute plain LoRA, so they leave DoRA layers alone)."""
+    m = lorakit_model(ctx, fuse=False, use_dora=True)
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("peft-dora", default=False)
+def build_peft_dora(ctx: Ctx) -> Built:
+    """PEFT DoRA (use_dora=True) with bf16 adapters, as the PEFT LoRA contender."""
+    m = peft_model(ctx, fp32_adapters=False, use_dora=True)
+    m.train()
     return Built(m, trainable(m), lora_r=ctx.r)
 
 
@@ -428,26 +452,50 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ceilings: bf16 8192³ matmul {res['bf16_mm_TFLOPs']:.0f} TFLOP/s, copy {res['copy_TBps']:.2f} TB/s "
               "(read + write)", flush=True)
     ctx = Ctx(shape, device, dtype)
-    ours = lorakit_model(ctx)
+    b, t = args.check_shape
+    res["check"] = compare_with_peft(ctx, lorakit_model(ctx), (b, t), use_dora=False)
+    if "dora" in args.contenders.split(","):  # DoRA's own kernels are checked before DoRA is timed
+        res["dora_check"] = compare_with_peft(ctx, lorakit_model(ctx, fuse=False, use_dora=True), (b, t), use_dora=True)
+        res["check"]["ok"] = res["check"]["ok"] and res["dora_check"]["ok"]
+    return res
+
+
+def compare_with_peft(ctx: Ctx, ours: torch.nn.Module, check_shape: tuple[int, int], use_dora: bool) -> dict[str, Any]:
+    """Loss and adapter gradients of ``ours`` against PEFT (same adapter kind) on a float32 base."""
+    import lorakit
+
     # PEFT on the same base in the run's dtype (float32 adapters; bf16 adapters as benchmarked) and — the
     # reference — on a float32 base.  lorakit passes when its distance to the reference is within twice
     # PEFT's (a bf16 model's gradients through 16 layers differ from float32 ones by several percent,
     # whoever computes them; a wrong kernel is off by O(1)).
-    peft_fp32, peft_bf16 = peft_model(ctx, fp32_adapters=True), peft_model(ctx, fp32_adapters=False)
-    reference = peft_model(Ctx(shape, device, torch.float32), fp32_adapters=True)
+    shape, dtype = ctx.shape, ctx.dtype
+    peft_fp32 = peft_model(ctx, fp32_adapters=True, use_dora=use_dora)
+    peft_bf16 = peft_model(ctx, fp32_adapters=False, use_dora=use_dora)
+    reference = peft_model(Ctx(shape, ctx.device, torch.float32), fp32_adapters=True, use_dora=use_dora)
     g = torch.Generator(device="cpu").manual_seed(7)
     ours_layers = dict(lorakit.lora_layers(ours))
     peers = [m.base_model.model for m in (peft_fp32, peft_bf16, reference)]
+
+    def peer_params(peer: torch.nn.Module, name: str) -> list[torch.Tensor]:
+        mod = peer.get_submodule(name)
+        extra = [mod.lora_magnitude_vector["default"].weight] if use_dora else []
+        return [mod.lora_A["default"].weight, mod.lora_B["default"].weight] + extra
+
+    def our_params(layer: lorakit.LoraLayer) -> list[torch.Tensor]:
+        extra = [layer.lora_magnitude["default"]] if use_dora else []
+        return [layer.lora_A["default"], layer.lora_B["default"]] + extra
+
     with torch.no_grad():  # the same nonzero adapters everywhere, so every gradient path counts
         for name, layer in ours_layers.items():
-            A = layer.lora_A["default"]
-            B = torch.randn(layer.lora_B["default"].shape, generator=g) * 0.02
-            layer.lora_B["default"].copy_(B)
+            layer.lora_B["default"].copy_(torch.randn(layer.lora_B["default"].shape, generator=g) * 0.02)
+            if use_dora:  # a magnitude off the initial norm, so m matters
+                m = layer.lora_magnitude["default"]
+                m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g).to(m.device))
             for peer in peers:
-                peer.get_submodule(name).lora_A["default"].weight.copy_(A)
-                peer.get_submodule(name).lora_B["default"].weight.copy_(B)
-    b, t = args.check_shape
-    ids = torch.randint(0, shape.vocab, (b, t), generator=g).to(device)
+                for dst, src in zip(peer_params(peer, name), our_params(layer)):
+                    dst.copy_(src)
+    b, t = check_shape
+    ids = torch.randint(0, shape.vocab, (b, t), generator=g).to(ctx.device)
     losses, grads = [], []
     for model in (ours, peft_fp32, peft_bf16, reference):
         model.train()
@@ -456,10 +504,9 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         losses.append(float(loss.detach()))
         grads.append([])
     for name, layer in ours_layers.items():
-        grads[0] += [layer.lora_A["default"].grad.flatten(), layer.lora_B["default"].grad.flatten()]
+        grads[0] += [p.grad.flatten() for p in our_params(layer)]
         for gl, peer in zip(grads[1:], peers):
-            gl += [peer.get_submodule(name).lora_A["default"].weight.grad.flatten(),
-                   peer.get_submodule(name).lora_B["default"].weight.grad.flatten()]
+            gl += [p.grad.flatten() for p in peer_params(peer, name)]
     with torch.no_grad():  # the adapters must change the loss by more than the errors, or the check proves nothing
         loss_base = float(ctx.base_model()(input_ids=ids, labels=ids).loss)
     ref_loss, ref_grads = losses[-1], torch.cat(grads[-1])
@@ -474,16 +521,16 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     ok = all(errs[k] <= max(2 * peft_errs[k], floor) for k in errs)
     effect = abs(ref_loss - loss_base) / abs(loss_base)
     ok = ok and effect > 10 * max(errs["loss"], 1e-7)
-    res["check"] = {"shape": f"{b}x{t}", "dtype": str(dtype), "errors": errs, "peft_fp32_adapters_errors": peft_fp32_errs,
-                    "peft_bf16_adapters_errors": peft_bf16_errs, "ok": ok,
-                    "rule": "lorakit's error ≤ max(2 × PEFT's larger, 1e-4), all against PEFT on a float32 base",
-                    "adapters": len(ours_layers), "adapter_effect_on_loss": effect}
-    print(f"correctness against PEFT on a float32 base, same weights and inputs ({b}x{t}, {str(dtype)[6:]}, "
-          f"{len(ours_layers)} LoRA linears), relative errors lorakit / PEFT fp32 adapters / PEFT bf16 adapters "
+    kind = "DoRA" if use_dora else "LoRA"
+    print(f"{kind} correctness against PEFT on a float32 base, same weights and inputs ({b}x{t}, {str(dtype)[6:]}, "
+          f"{len(ours_layers)} adapted linears), relative errors lorakit / PEFT fp32 adapters / PEFT bf16 adapters "
           f"({str(dtype)[6:]} base): " + ", ".join(f"{k} {v:.1e} / {peft_fp32_errs[k]:.1e} / {peft_bf16_errs[k]:.1e}"
                                                    for k, v in errs.items())
           + f"; the adapters move the loss by {effect:.1e}" + ("  ok" if ok else "  FAILED"), flush=True)
-    return res
+    return {"shape": f"{b}x{t}", "dtype": str(dtype), "kind": kind, "errors": errs,
+            "peft_fp32_adapters_errors": peft_fp32_errs, "peft_bf16_adapters_errors": peft_bf16_errs, "ok": ok,
+            "rule": "lorakit's error ≤ max(2 × PEFT's larger, 1e-4), all against PEFT on a float32 base",
+            "adapters": len(ours_layers), "adapter_effect_on_loss": effect}
 
 
 # -------------------------------------------------------------------------------------- the parent
