@@ -122,6 +122,21 @@ def test_trainer_saves_peft_layout_resumes_exactly_and_loads_in_lorakit_and_peft
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
+def test_readme_example_runs(llama, tmp_path, monkeypatch):
+    """The README's diff, its lorakit side run as written (model, args and ds supplied)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```diff\n", 1)[1].split("```", 1)[0]
+    code = "\n".join(line[1:] for line in block.splitlines() if line[:1] in "+ ")
+    assert "get_lora_model" in code and "trainer.save_model" in code
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": base(llama), "args": trainer_args(tmp_path / "run", 2), "ds": token_data(4),
+                 "Trainer": transformers.Trainer}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert os.listdir(tmp_path / "run" / "checkpoint-2")
+    loaded = lorakit.load_adapter(base(llama), tmp_path / "out" / "adapter")
+    assert lorakit.trainable_parameters(loaded).per_layer
+
+
 def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_path(llama, tmp_path):
     from lorakit import share
 
