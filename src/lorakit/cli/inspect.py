@@ -90,6 +90,7 @@ def describe(path: str | Path) -> list[str]:
         f"base fingerprint: {fp['checksum']} over {len(fp.get('modules', {}))} modules" if fp
         else "base fingerprint: none (not saved by lorakit; loading cannot check the base model)",
         f"lorakit version: {af.metadata.get('lorakit_version', 'n/a (not written by lorakit)')}",
+        _base_quantization(af.metadata),
         "files: " + ", ".join(f"{p.name} {_size(p.stat().st_size)}" for p in sorted(af.path.iterdir()) if p.is_file()),
     ]
     peft_problems = _peft_problems(af)
@@ -99,6 +100,16 @@ def describe(path: str | Path) -> list[str]:
     lines.append("vLLM: " + ("yes" if not vllm_problems else "no: " + "; ".join(vllm_problems))
                  + (f" (note: {'; '.join(vllm_notes)})" if vllm_notes else ""))
     return lines
+
+
+def _base_quantization(metadata: dict[str, str]) -> str:
+    quant = metadata.get("lorakit_base_quantization")
+    if quant:
+        return (f"trained on a quantized base: yes ({quant}, QLoRA); the adapter applies to the full-precision "
+                "base as well (lorakit merge merges it there)")
+    if "lorakit_version" in metadata:
+        return "trained on a quantized base: no"
+    return "trained on a quantized base: not recorded (not written by lorakit)"
 
 
 def _peft_problems(af: Any) -> list[str]:

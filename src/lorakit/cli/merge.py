@@ -18,6 +18,8 @@ example:
 
 The merged weights are W' = W + s·BA for every adapted module; modules_to_save (e.g. a classifier head)
 take the adapter's trained copy.  The tokenizer is copied from BASE when it has one.
+An adapter trained with --quantize nf4 (QLoRA) merges onto the full-precision BASE it was quantised from:
+its fingerprint is that base's.
 """
 
 

@@ -44,7 +44,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                       schedule="linear"),
 }
 _COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5,
-               fuse=True, kernels="liger", checkpointing="off")
+               fuse=True, kernels="liger", checkpointing="off", quantize=None)
 
 # Where each option lives in a checkpoint's state.json "config" (see Trainer.run_config).
 _SAVED = {
@@ -54,7 +54,7 @@ _SAVED = {
     "warmup": ("train", "warmup"), "schedule": ("train", "schedule"), "eval_every": ("train", "eval_every"),
     "save_every": ("train", "save_every"), "keep": ("train", "keep"), "seed": ("train", "seed"),
     "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "fuse": ("train", "fuse"),
-    "kernels": ("train", "kernels"), "checkpointing": ("train", "checkpointing"),
+    "kernels": ("train", "kernels"), "checkpointing": ("train", "checkpointing"), "quantize": ("train", "quantize"),
     "task": ("task",), "model": ("model",),
     "data": ("data_file",),
     "eval_data": ("eval_data_file",), "source": ("source",), "max_length": ("max_length",),
@@ -102,6 +102,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--checkpointing", choices=("off", "on", "offload"),
                    help="activation checkpointing of the decoder layers: off (default); on: recompute each layer in "
                         "backward; offload: recompute, and keep the layer inputs in pinned CPU memory")
+    g.add_argument("--quantize", choices=("nf4",),
+                   help="nf4: QLoRA — store the frozen base's linear weights in 4 bits (NF4 with double quantisation, "
+                        "as bitsandbytes); the adapter still applies to the full-precision base")
     g.add_argument("--max-bad-steps", type=int, help="stop after this many NaN/inf steps in a row (default 5)")
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", metavar="DIR", help="output directory (default: lorakit-runs/<task>)")
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         lr=v["lr"], epochs=v["epochs"], max_steps=v["max_steps"], batch_size=v["batch_size"], grad_accum=v["grad_accum"],
         warmup=v["warmup"], schedule=v["schedule"], eval_every=v["eval_every"], save_every=v["save_every"],
         keep=v["keep"], seed=v["seed"], bf16=bool(v["bf16"]), max_bad_steps=v["max_bad_steps"], fuse=bool(v["fuse"]),
-        kernels=v["kernels"], checkpointing=v["checkpointing"],
+        kernels=v["kernels"], checkpointing=v["checkpointing"], quantize=v["quantize"],
     )
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}

@@ -101,6 +101,9 @@ class TrainConfig:
     #: activation checkpointing of the decoder layers: "off", "on" (recompute) or "offload" (recompute,
     #: layer inputs kept in pinned CPU memory)
     checkpointing: str = "off"
+    #: "nf4": the frozen base's linear weights are stored in 4 bits (QLoRA), quantised layer by layer onto
+    #: the training device; None: as loaded
+    quantize: str | None = None
     #: progress line every N steps when stderr is not a terminal
     log_every: int = 10
 
@@ -118,6 +121,7 @@ class TrainConfig:
             (self.max_bad_steps >= 1, f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}"),
             (self.kernels in KERNELS, f"--kernels must be one of {KERNELS}, got {self.kernels!r}"),
             (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
+            (self.quantize in (None, "nf4"), f"--quantize must be nf4 (or left out), got {self.quantize!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -214,6 +218,10 @@ class Trainer:
         model = lorakit.inject(task.model, self.lora)
         #: what was done to the model besides LoRA (kernels, fusion, checkpointing), printed when fit starts
         self.setup_notes: list[str] = []
+        if config.quantize:  # after inject: the trained copies of modules_to_save stay full precision
+            lorakit.quantize_base(model, config.quantize, device=self.device)
+            count = sum(isinstance(m, lorakit.NF4Linear) for m in model.modules())
+            self.setup_notes.append(f"base quantised to {config.quantize}: {count} linear layer(s), 4.13 bits a weight")
         if config.kernels == "liger":  # before fuse_mlps, whose fused MLP then replaces liger's SwiGLU
             self.setup_notes.append(str(lorakit.fused_kernels.apply(model, device=self.device)))
         if config.fuse:

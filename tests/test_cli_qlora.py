@@ -1,0 +1,88 @@
+"""``lorakit train --quantize nf4`` (QLoRA) end to end on CPU: tiny models, every task, inspect, merge, PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import main
+from tiny_models import make_bert, make_llama
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qlora")
+    make_llama(root / "llama")
+    make_bert(root / "bert")
+    lm = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}"} for i in range(16)]
+    (root / "lm.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lm))
+    cls = [{"text": ("good " if i % 2 else "bad ") * 2 + str(i), "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    (root / "cls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in cls))
+    pairs = [{"query": f"return the {w} of a list", "positive": f"stats.{w}(values)"}
+             for w in ("sum", "mean", "median", "max", "min", "length", "first item", "last item")]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+    return {"llama": root / "llama", "bert": root / "bert", "lm": root / "lm.jsonl", "cls": root / "cls.jsonl",
+            "pairs": root / "pairs.jsonl"}
+
+
+def test_causal_lm_qlora_learns_and_its_adapter_serves_the_full_precision_base(
+        files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--task", "causal-lm", "--model", str(files["llama"]), "--data", str(files["lm"]),
+               "--eval-data", str(files["lm"]), "--quantize", "nf4", "--max-steps", "12", "--batch-size", "8",
+               "--dropout", "0", "-r", "8", "--lr", "2e-2", "--warmup", "0", "--schedule", "constant", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "base quantised to nf4: 14 linear layer(s)" in captured.err  # 2 layers × 7 projections; lm_head stays
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["train"]["quantize"] == "nf4"
+    assert metrics["after"]["loss"] < 0.95 * metrics["before"]["loss"], (metrics["before"], metrics["after"])
+
+    assert main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "trained on a quantized base: yes (nf4" in report and "PEFT: yes" in report
+
+    # The adapter applies to the full-precision base: PEFT and lorakit give the same model there.
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(files["llama"]), out / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["llama"]), out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-5)
+        base = AutoModelForCausalLM.from_pretrained(files["llama"]).eval()
+        assert not torch.allclose(base(ids).logits, ours(ids).logits)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(files["llama"]), str(out / "adapter"), str(merged)]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits,
+                                   ours(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["classification", "embedding"])
+def test_other_tasks_train_on_an_nf4_base(task: str, files: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / task
+    data = files["cls"] if task == "classification" else files["pairs"]
+    rc = main(["train", "--task", task, "--model", str(files["bert"]), "--data", str(data), "--quantize", "nf4",
+               "--max-steps", "2", "--batch-size", "4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "base quantised to nf4" in captured.err
+    adapter = lorakit.read_adapter(out / "adapter")
+    assert adapter.metadata["lorakit_base_quantization"] == "nf4"
+    if task == "classification":  # the trained head is saved in full precision, as a modules_to_save copy
+        assert adapter.tensors["base_model.model.classifier.weight"].dtype == torch.float32
+
+
+def test_quantize_option_is_checked(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "causal-lm", "--model", str(files["llama"]), "--data", str(files["lm"]),
+              "--quantize", "int3"])
+    assert "--quantize" in capsys.readouterr().err
