@@ -272,6 +272,10 @@ def test_save_pretrained_keeps_other_files_and_takes_values_from_a_given_state_d
     assert set(index["weight_map"]) == set(model.state_dict()) and set(index["weight_map"].values()) == {WEIGHTS_NAME}
     model.save_pretrained(tmp_path / "not-main", is_main_process=False)
     assert not (tmp_path / "not-main").exists()
+    # what the Trainer passes when it was handed a torch.compile'd model: refused, nothing written
+    with pytest.raises(hf.TrainerSetupError, match=r"torch_compile=True"):
+        model.save_pretrained(tmp_path / "compiled", state_dict=torch.compile(model).state_dict())
+    assert not (tmp_path / "compiled").exists()
 
 
 def test_enable_disable_and_errors(llama, tmp_path):

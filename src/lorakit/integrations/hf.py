@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..adapters import active_adapters, adapter_names
 from ..config import LoraConfig
-from ..errors import AdapterMismatchError, AdapterNameError
+from ..errors import AdapterMismatchError, AdapterNameError, LorakitError
 from ..fuse import fuse_mlps
 from ..inject import inject
 from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, fsync, layer_params, read_adapter, save_adapter
@@ -72,9 +72,14 @@ INDEX_NAME = "model.safetensors.index.json"
 #: (``lorakit_adapter_<i>`` for the i-th prepared model when i > 0, as Accelerate names ``model_<i>``).
 ACCELERATE_DIR = "lorakit_adapter"
 _STATE = "_lorakit_hf"  # model.__dict__ entry: the pre-hook's handle, so enabling twice replaces it
+_COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule: its state-dict keys' prefix
 # Wrapper prefixes that parameter names carry inside FSDP / activation checkpointing / torch.compile
 # wrappers but that the gathered state dicts those wrappers return do not.
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class TrainerSetupError(LorakitError, RuntimeError):
+    """A trainer is set up in a way lorakit's checkpoints cannot follow (the message says what to change)."""
 
 
 def get_lora_model(
@@ -143,6 +148,8 @@ def save_pretrained(
     the gathered full state dict) supplies the adapter's values when given.  Options of
     ``PreTrainedModel.save_pretrained`` that do not apply to an adapter (``safe_serialization``,
     ``max_shard_size``, ...) are accepted and ignored: lorakit always writes one safetensors file.
+    A state dict with torch.compile's ``_orig_mod.`` keys (a Trainer given a compiled model) raises
+    :class:`TrainerSetupError`: resuming from it could not restore the adapter.
     A model without lorakit adapters (after :func:`lorakit.merge_and_unload`) is saved whole by its
     class's own ``save_pretrained``.
     """
@@ -150,6 +157,14 @@ def save_pretrained(
     if not adapter_names(model):  # merge_and_unload left plain modules: save them as the class would
         type(model).save_pretrained(model, directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
         return directory
+    if state_dict is not None and any(k.startswith(_COMPILED_PREFIX) for k in state_dict):
+        # The Trainer hands over its model's state dict when that model is a wrapper; a torch.compile
+        # wrapper would later load the checkpoint under "_orig_mod." keys, which the adapter file does
+        # not have, and a resume would silently start from scratch.
+        raise TrainerSetupError(
+            "the Trainer was given a torch.compile'd model, whose checkpoints cannot be resumed; pass the "
+            "model itself and set TrainingArguments(torch_compile=True) to compile it"
+        )
     if not is_main_process:
         return directory
     name = _adapter_to_use(model, adapter_name)
@@ -330,6 +345,7 @@ __all__ = [
     "ACCELERATE_DIR",
     "INDEX_NAME",
     "PeftKeyLoader",
+    "TrainerSetupError",
     "disable_peft_checkpoints",
     "enable_peft_checkpoints",
     "get_lora_model",
