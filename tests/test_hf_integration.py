@@ -278,6 +278,21 @@ def test_save_pretrained_keeps_other_files_and_takes_values_from_a_given_state_d
     assert not (tmp_path / "compiled").exists()
 
 
+def test_get_lora_model_takes_a_peft_config(llama):
+    peft = pytest.importorskip("peft")
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
+                             modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    model = hf.get_lora_model(base(llama), theirs)
+    config = lorakit.adapters.state_of(model).configs["default"]
+    assert (config.r, config.alpha, config.dropout, config.modules_to_save) == (4, 8.0, 0.1, ("lm_head",))
+    assert sorted(config.target_modules) == ["q_proj", "v_proj"] and config.task_type == "CAUSAL_LM"
+    assert {name.rsplit(".", 1)[-1] for name, _ in lorakit.lora_layers(model)} == {"q_proj", "v_proj"}
+    with pytest.raises(lorakit.ConfigError, match="layers_to_transform"):
+        hf.get_lora_model(base(llama), peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]))
+    with pytest.raises(lorakit.ConfigError, match="lorakit.LoraConfig or a peft.LoraConfig"):
+        hf.get_lora_model(base(llama), {"r": 4})
+
+
 def test_enable_disable_and_errors(llama, tmp_path):
     plain = base(llama)
     with pytest.raises(lorakit.AdapterNameError, match="inject one first"):

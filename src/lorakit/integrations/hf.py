@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..adapters import active_adapters, adapter_names
 from ..config import LoraConfig
-from ..errors import AdapterMismatchError, AdapterNameError, LorakitError
+from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
 from ..fuse import fuse_mlps
 from ..inject import inject
 from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, fsync, layer_params, read_adapter, save_adapter
@@ -83,14 +83,24 @@ class TrainerSetupError(LorakitError, RuntimeError):
 
 
 def get_lora_model(
-    model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, share: bool = True, fuse: bool = True
+    model: nn.Module, config: LoraConfig | Any, adapter_name: str = "default", *, share: bool = True, fuse: bool = True
 ) -> nn.Module:
     """lorakit's counterpart of ``peft.get_peft_model``, for transformers' Trainer and TRL's trainers.
 
     Injects adapter ``adapter_name`` (:func:`lorakit.inject`), applies the exact speed rewrites
     (``share``: :func:`lorakit.share_inputs`, ``fuse``: :func:`lorakit.fuse_mlps`) and
     :func:`enable_peft_checkpoints`.  Returns ``model`` (changed in place).
+
+    Args:
+        config: a :class:`lorakit.LoraConfig`, or a ``peft.LoraConfig`` (read through its ``to_dict()``
+            as lorakit reads an adapter_config.json; options lorakit does not implement raise
+            :class:`lorakit.ConfigError`).
     """
+    if not isinstance(config, LoraConfig):
+        to_dict = getattr(config, "to_dict", None)
+        if not callable(to_dict):
+            raise ConfigError(f"config must be a lorakit.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")
+        config = LoraConfig.from_peft_dict(to_dict(), source=f"the {type(config).__module__}.{type(config).__name__}")
     inject(model, config, adapter_name)
     if share:
         share_inputs(model)
