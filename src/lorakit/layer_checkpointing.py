@@ -23,6 +23,7 @@ decision to checkpoint is taken per call: only in training mode with gradients e
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import weakref
@@ -42,23 +43,29 @@ _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that keep saved tensors in (pinned) CPU memory, copying on a side stream.
 
-    pack (forward): a CUDA tensor of at least ``min_bytes`` is copied into a pinned CPU buffer on a
-    side stream that first waits for the compute stream, and ``record_stream`` keeps its device memory
-    from being reused before that copy has run; compute goes on without waiting.  unpack (backward):
-    the tensor is copied back on the side stream and the compute stream waits for that copy only;
-    the tensor packed just before it (the previous layer's input, needed next) is fetched at the same
-    time, so its copy overlaps this layer's recomputation.  Tensors smaller than ``min_bytes`` and
-    parameters stay where they are.  On the CPU "offloading" is a plain copy (the same bookkeeping, no
-    memory saved), which is what lets the CPU tests check the code path.
+    The design of torchtune's ``OffloadActivations``.  pack (forward): a CUDA tensor of at least
+    ``min_bytes`` is copied into a pinned CPU buffer on a side stream that first waits for the compute
+    stream; compute goes on without waiting.  The device tensor is kept referenced until its copy is
+    done (or, once more than ``max_in_flight`` copies are pending, until the compute stream has been
+    made to wait for the oldest): only then is the reference dropped, so its memory returns to the
+    compute stream's pool at once and stream order makes the reuse safe — ``record_stream`` would
+    instead hold it until the host sees the copy finished, and the host runs ahead of the GPU.
+    unpack (backward): the tensor is copied back on the side stream into memory of the compute
+    stream's pool, and the compute stream waits for that copy only; the tensor packed just before it
+    (the previous layer's input, needed next) is fetched at the same time, so its copy overlaps this
+    layer's recomputation.  Tensors smaller than ``min_bytes`` and parameters stay where they are.
+    On the CPU "offloading" is a plain copy (the same bookkeeping, no memory saved), which is what
+    lets the CPU tests check the code path.
 
     ``stats``: tensors and bytes packed so far.
     """
 
-    def __init__(self, min_bytes: int = 1 << 16) -> None:
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int = 1 << 16, max_in_flight: int = 2) -> None:
+        self.min_bytes, self.max_in_flight = min_bytes, max_in_flight
         self.stats = {"tensors": 0, "bytes": 0}
         self._streams: dict[torch.device, Any] = {}
         self._order: list[weakref.ref] = []  # handles in pack order, for prefetching in backward
+        self._pending: collections.deque = collections.deque()  # (copy-done event, device tensor) of copies out
         self._in_backward = False
         super().__init__(self._pack, self._unpack)
 
@@ -79,7 +86,8 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
             with torch.cuda.stream(stream):
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
-            t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
+                self._pending.append((stream.record_event(), t))
+            self._release(compute, self.max_in_flight)
         else:
             host = t.detach().clone()
         handle = _Offloaded(t.device, host, t.requires_grad)
@@ -89,21 +97,33 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         self.stats["bytes"] += t.numel() * t.element_size()
         return handle
 
+    def _release(self, compute: Any, keep: int) -> None:
+        """Drop the device tensors whose copy out is done, and beyond the newest ``keep`` the rest too, after
+        making ``compute`` wait for their copies (so their memory can be reused on it in stream order)."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][0].query()):
+            event, _ = self._pending.popleft()
+            compute.wait_event(event)
+
     def _fetch(self, h: _Offloaded) -> None:
         """Start copying ``h`` back to its device (once)."""
         if h.device_copy is not None:
             return
         if h.device.type == "cuda":
-            stream = self._stream(h.device)
+            stream, compute = self._stream(h.device), torch.cuda.current_stream(h.device)
+            buffer = torch.empty(h.host.shape, dtype=h.host.dtype, device=h.device)  # the compute stream's memory
+            stream.wait_stream(compute)  # which is free once the compute work issued so far has run
             with torch.cuda.stream(stream):
-                h.device_copy = h.host.to(h.device, non_blocking=True)
+                buffer.copy_(h.host, non_blocking=True)
                 h.ready = stream.record_event()
+            h.device_copy = buffer
         else:
             h.device_copy = h.host.clone()
 
     def _unpack(self, h: Any) -> Tensor:
         if not isinstance(h, _Offloaded):
             return h
+        if h.device.type == "cuda" and self._pending:  # forward is over: no copy out is waited on any more
+            self._release(torch.cuda.current_stream(h.device), 0)
         self._in_backward = True
         self._fetch(h)
         if 0 < h.index <= len(self._order):  # prefetch the tensor packed before this one: backward needs it next
@@ -113,9 +133,7 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         t = h.device_copy
         h.device_copy = None  # unpacked again (retain_graph) → copied again; memory freed with the user's ref
         if h.device.type == "cuda":
-            compute = torch.cuda.current_stream(h.device)
-            compute.wait_event(h.ready)
-            t.record_stream(compute)
+            torch.cuda.current_stream(h.device).wait_event(h.ready)
         return t
 
 
