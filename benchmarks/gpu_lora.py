@@ -224,13 +224,6 @@ def correctness() -> bool:
             check(777, 1030, 260, 5, dtype, p, adapter_dtype=dtype, bias=False)
     check(8192, 4096, 4096, 16, torch.bfloat16, 0.0, bias=False)
     check(8192, 4096, 4096, 16, torch.bfloat16, 0.05, bias=False)
-    for flag in ("SKINNY_BY_CUBLAS", "FUSED_G_PASS"):  # the alternative routes timed below are checked too
-        setattr(triton_lora, flag, True)
-        say(f"  with {flag}:")
-        check(1000 + 13, 520, 392, 16, torch.bfloat16, 0.0)
-        check(777, 1030, 260, 5, torch.float32, 0.0)
-        check(8192, 4096, 4096, 16, torch.bfloat16, 0.0, bias=False)
-        setattr(triton_lora, flag, False)
     for dtype in (torch.bfloat16, torch.float32):
         check_group(1013, 520, [392, 128, 128], 16, dtype)
     check_group(16384, 2048, [2048, 1024, 1024], 16, torch.bfloat16)
@@ -317,20 +310,6 @@ def one_layer() -> None:
                                                   "lorakit_fp32_adapters")
         row["lorakit_bf16_adapters"] = train_step(lambda: lora_linear(x, W, None, A16, B16, 2.0, p, 7), [A16, B16],
                                                   "lorakit_bf16_adapters")
-        if p == 0.0:  # the opt-in that trades d·k memory per layer for one (d, k) pass
-            triton_lora.KEEP_MERGED_WEIGHT = True
-            row["lorakit_fp32_keep_merged"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
-                                                         "lorakit_fp32_keep_merged")
-            triton_lora.KEEP_MERGED_WEIGHT = False
-        triton_lora.FUSED_G_PASS = True
-        row["lorakit_fp32_fused_g_pass"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7), [A, B],
-                                                      "lorakit_fp32_fused_g_pass")
-        triton_lora.FUSED_G_PASS = False
-        if p == 0.0:
-            triton_lora.SKINNY_BY_CUBLAS = True
-            row["lorakit_fp32_skinny_by_cublas"] = train_step(lambda: lora_linear(x, W, None, A, B, 2.0, p, 7),
-                                                              [A, B], "lorakit_fp32_skinny_by_cublas")
-            triton_lora.SKINNY_BY_CUBLAS = False
 
     row = res["inference"] = {}
     gpu_rows = res["inference_gpu_graph"] = {}
@@ -374,8 +353,6 @@ def one_layer() -> None:
     pc["gᵀ u (∂B), triton tall_product"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True))
     pc["vᵀ x (∂A), cuBLAS"] = gpu(lambda: torch.mm(v.t(), xd))
     pc["vᵀ x (∂A), triton tall_product"] = gpu(lambda: triton_lora.tall_product(xd, v))
-    pc["gᵀu (∂B) + v = g B in one pass, triton"] = gpu(lambda: triton_lora.tall_product(g, u, 2.0, transpose_out=True,
-                                                                                     F=B))
     pc["vᵀ(x⊙m) + m⊙vA, triton p=0.05"] = gpu(lambda: triton_lora.tall_product(xd, v, 1.0, 0.05, 7, A))
     h0 = torch.mm(u, B_.t())
     pc["h.addmm_(x, Wᵀ) (β=1)"] = gpu(lambda: h0.addmm_(xd, W.t()))
@@ -412,10 +389,6 @@ def one_layer() -> None:
     pc["host, small layer fwd+bwd: PEFT bf16"] = host(lambda: small_peft(xs), small_params)
     pc["host, small layer fwd+bwd: lorakit p=0"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.0, 0),
                                                         [As, Bs])
-    triton_lora.SKINNY_BY_CUBLAS = True
-    pc["host, small layer fwd+bwd: lorakit p=0, skinny by cuBLAS"] = host(
-        lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.0, 0), [As, Bs])
-    triton_lora.SKINNY_BY_CUBLAS = False
     pc["host, small layer fwd+bwd: lorakit p=0.05"] = host(lambda: lora_linear(xs, Ws, None, As, Bs, 2.0, 0.05, 3),
                                                            [As, Bs])
     del small_peft, small_params
@@ -527,10 +500,6 @@ def e2e() -> None:
     e2e_case("lorakit_fused_mlp", ours(0.0, fused_mlp=True))
     e2e_case("lorakit_shared_inputs", ours(0.0, shared=True))
     e2e_case("lorakit_shared_fused", ours(0.0, fused_mlp=True, shared=True))
-    if "quick" not in sys.argv:
-        triton_lora.SKINNY_BY_CUBLAS = True
-        e2e_case("lorakit_skinny_by_cublas", ours(0.0))
-        triton_lora.SKINNY_BY_CUBLAS = False
     e2e_case("lorakit_dropout0.05", ours(0.05))
 
 

@@ -198,7 +198,9 @@ def test_fused_llama_traces_as_one_graph(dropout: float) -> None:
     ids = _ids()
     explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
-    assert explained.graphs[0].code.count("torch.ops.lorakit.swiglu_lora_down_fwd(") == 2  # both MLPs fused
+    code = explained.graphs[0].code
+    # both MLPs fused: h = silu(gate)·up in a region the partitioner must recompute, then the LoRA op on it
+    assert code.count("torch.ops.higher_order.tag_activation_checkpoint(") == 2, code
 
 
 def _saved_bytes(module, x) -> tuple[int, list[torch.Tensor]]:

@@ -92,9 +92,9 @@ def test_member_count_must_agree():
 
 
 def _triton_check(name: str) -> str:  # the subprocess side, TRITON_INTERPRET=1
-    from lorakit.ops import lora_group
+    from lorakit.ops import backends, triton_lora
 
-    lora_group._use_triton = lambda x: True  # the CUDA route, on CPU tensors through the interpreter
+    backends.backend_for = lambda x: triton_lora  # the CUDA route, on CPU tensors through the interpreter
     _, Ws, bs, As, Bs, scales = make(torch.float32, seed=2)
     x = torch.randn(40, K, generator=torch.Generator().manual_seed(3))
     ts = [t.clone().requires_grad_() for t in [x, *As, *Bs]]

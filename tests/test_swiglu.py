@@ -120,12 +120,28 @@ def test_compiles_whole_on_cpu(p: float) -> None:
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
-def test_opcheck() -> None:
-    gate, up, W, b, A, B = _inputs(torch.float32, seed=7, k=16, d=8, r=4)
-    gate2, up2 = (t.detach().reshape(6, 16).requires_grad_() for t in (gate, up))
-    result = torch.library.opcheck(torch.ops.lorakit.swiglu_lora_down_fwd.default,
-                                   (gate2, up2, W, b, A, B, 0.5, 0.3, torch.tensor(7), True))
-    assert set(result.values()) == {"SUCCESS"}, result
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_compiled_saves_gate_and_up_not_the_product(p: float) -> None:
+    """Under torch.compile the function is lora_linear(silu(gate)·up): the partitioner Inductor uses
+    recomputes the pointwise product in backward, so the forward graph saves no (N, k) tensor besides gate
+    and up — the memory the eager function saves by hand."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved_shapes = []
+
+    def forward_compiler(gm, _inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved_shapes.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if hasattr(o, "meta") and "val" in o.meta)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    gate, up, W, b, A, B = _inputs(torch.float32, seed=7, lead=(6,), k=32, d=8, r=2)
+    torch._dynamo.reset()
+    y = torch.compile(swiglu_lora_down, backend=backend, fullgraph=True)(gate, up, W, b, A, B, 0.5, p, 3)
+    y.sum().backward()
+    assert saved_shapes.count((6, 32)) == 2, saved_shapes  # gate and up; not silu(gate), not the product
 
 
 def test_saves_gate_and_up_not_the_product() -> None:
@@ -144,13 +160,3 @@ def test_saves_gate_and_up_not_the_product() -> None:
     big = [t for t in saved if t.numel() == h.numel()]
     assert {t.data_ptr() for t in big} == {gate.data_ptr(), up.data_ptr()}
 
-
-@pytest.mark.parametrize("need", [(True, True, True), (False, True, True), (False, False, False)])
-def test_opcheck_backward_outputs_never_alias(need) -> None:
-    """Unneeded gradients are fresh placeholders, never one tensor shared by two outputs (see test_lora_op)."""
-    gate, up, W, b, A, B = (t.detach() if t is not None else t for t in _inputs(torch.float32, seed=9, k=16, d=8, r=4))
-    gate2, up2 = gate.reshape(6, 16), up.reshape(6, 16)
-    g, u = torch.randn(6, 8), torch.randn(6, 4)
-    result = torch.library.opcheck(torch.ops.lorakit.swiglu_lora_down_bwd.default,
-                                   (g, gate2, up2, W, A, B, u, 0.5, 0.3, torch.tensor(7), *need))
-    assert set(result.values()) == {"SUCCESS"}, result

@@ -1,5 +1,5 @@
-"""The Triton route of the fused SwiGLU down-projection (ops/triton_swiglu.py and the ``triton=True`` path
-of ops/swiglu.py), on the CPU through Triton's interpreter.
+"""The Triton route of the fused SwiGLU down-projection (ops/triton_swiglu.py and ops/swiglu.py with the
+Triton backend), on the CPU through Triton's interpreter.
 
 The elementwise kernels are compared with torch's silu / silu_backward, and the whole route — h from the
 kernel, triton_lora's forward and backward on it, h recomputed, the one-pass SwiGLU backward — with
@@ -25,17 +25,21 @@ def _rel(a, b) -> float:
 def _route_error(dtype, p: float, bias: bool, N: int = 37, k: int = 80, d: int = 24, r: int = 4) -> float:
     import torch
 
-    from lorakit.ops import swiglu
+    from lorakit.ops import backends, triton_lora
+    from lorakit.ops.swiglu import swiglu_lora_down
     from lorakit.ops.triton_lora import keep_mask
 
+    backends.backend_for = lambda x: triton_lora  # the CUDA route, on CPU tensors through the interpreter
     gen = torch.Generator().manual_seed(int(p * 10) + bias)
     gate, up = torch.randn(N, k, generator=gen).to(dtype), torch.randn(N, k, generator=gen).to(dtype)
     W = (torch.randn(d, k, generator=gen) / k**0.5).to(dtype)
     b = torch.randn(d, generator=gen).to(dtype) if bias else None
     A, B = torch.randn(r, k, generator=gen) / k**0.5, torch.randn(d, r, generator=gen)
     g = torch.randn(N, d, generator=gen).to(dtype)
-    y, u = swiglu._forward(gate, up, W, b, A, B, 0.7, p, 5, True, True)
-    got = (y,) + swiglu._backward(g, gate, up, W, A, B, u, 0.7, p, 5, True, False, True, True, True)
+    ts = [t.clone().requires_grad_() for t in (gate, up, A, B)]
+    y = swiglu_lora_down(ts[0], ts[1], W, b, ts[2], ts[3], 0.7, p, 5)
+    y.backward(g)
+    got = (y.detach(), *(t.grad for t in ts))
     # float64 by hand, with the kernels' mask
     keep = keep_mask(N, k, p, 5, "cpu").double() if p else torch.ones(N, k, dtype=torch.float64)
     leaves = [t.double().requires_grad_() for t in (gate, up, A, B)]
@@ -46,7 +50,6 @@ def _route_error(dtype, p: float, bias: bool, N: int = 37, k: int = 80, d: int =
         ref = ref + b.double()
     ref.backward(g.double())
     expected = (ref.detach(), g64.grad, u64.grad, A64.grad, B64.grad)
-    got = tuple(t for t in got if t is not None)  # (y, ∂gate, ∂up, ∂A, ∂B): ∂W was not asked for
     return max(_rel(a, e) for a, e in zip(got, expected))
 
 
@@ -54,8 +57,9 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
     import torch
     import torch.nn.functional as F
 
-    from lorakit.ops import swiglu
+    from lorakit.ops import backends, triton_lora
     from lorakit.ops import triton_swiglu as T
+    from lorakit.ops.swiglu import swiglu_lora_down
 
     if name.startswith("elementwise"):
         dtype, tol = (torch.float32, 1e-6) if name.endswith("fp32") else (torch.float16, 1e-3)
@@ -74,9 +78,10 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
         return "; ".join(bad)
     if name == "needs":  # only ∂A and ∂B asked for (the MLP's input needs no gradient)
         gate, up, W = torch.randn(9, 16), torch.randn(9, 16), torch.randn(8, 16)
-        A, B = torch.randn(2, 16), torch.randn(8, 2)
-        y, u = swiglu._forward(gate, up, W, None, A, B, 1.0, 0.0, 0, True, True)
-        out = swiglu._backward(torch.ones_like(y), gate, up, W, A, B, u, 1.0, 0.0, 0, False, False, True, True, True)
+        A, B = torch.randn(2, 16).requires_grad_(), torch.randn(8, 2).requires_grad_()
+        backends.backend_for = lambda x: triton_lora
+        swiglu_lora_down(gate, up, W, None, A, B, 1.0, 0.0, 0).sum().backward()
+        out = [gate.grad, up.grad, W.grad, A.grad, B.grad]
         return "" if [o is not None for o in out] == [False, False, False, True, True] else f"got {out}"
     return f"unknown check {name}"
 

@@ -6,8 +6,9 @@ Computed one layer at a time, every member reads x for its own u_i = x A_iᵀ, a
 ∂L/∂A_i = v_iᵀ x, and autograd then adds the m input gradients with m − 1 full-size additions.  As one
 node, with the members' A stacked into A_cat (Σr, k):
 
-* forward: one pass over x, u_cat = x A_catᵀ (N, Σr); each h_i is one GEMM (on CUDA against the
-  merged weight W_i + s_i B_i A_i, as ``triton_lora`` does for a single layer);
+* forward: one pass over x, u_cat = x A_catᵀ (N, Σr); each h_i is the backend's single-layer forward
+  given its slice of u_cat (with the Triton backend one GEMM against the merged weight W_i + s_i B_i A_i,
+  which needs u only for backward);
 * backward: ∂L/∂B_i and v_i = s_i g_i B_i per member (each reads its own g_i), one pass over x for all
   ∂L/∂A_i at once (v_catᵀ x), and the input gradient accumulates member by member into one buffer
   inside the GEMMs (``addmm_``) instead of through separate temporaries.
@@ -15,6 +16,8 @@ node, with the members' A stacked into A_cat (Σr, k):
 Dropout is not grouped (each member has its own mask): callers use this only when every member's
 dropout is off, which is the case at inference and for the usual LoRA recipes with dropout 0.
 Saved for backward: x, u_cat (N, Σr) and the (frozen) weights and factors, as for a single layer.
+The arithmetic is the backend's (``backends.backend_for``): the pieces its single-layer functions are
+made of (``input_product``, ``grad_B``, ``branch_grad``, ``grad_A``, ``add_grad_x``), composed per group.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import triton_lora
+from . import backends
 
 
 def lora_linear_group(
@@ -60,50 +62,39 @@ def lora_linear_group(
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
 
 
-_use_triton = triton_lora.use_triton  # module attribute: tests patch it to exercise the route on CPU
-
-
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, scales, grad_enabled, *params):  # type: ignore[override]
         m = len(scales)
         Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
-        dt = x2.dtype
-        A_cat = torch.cat([A.to(dt) for A in As])  # (Σr, k): one pass over x for every member
-        triton = _use_triton(x2)
-        if not triton:
-            u = x2 @ A_cat.t()  # (N, Σr): the CPU route's h needs it
-        elif grad_enabled and any(ctx.needs_input_grad):  # (needs_input_grad ignores torch.no_grad)
-            u = triton_lora.xa(x2, A_cat)  # only backward needs it: h uses the merged weights
+        be = backends.backend_for(x2)
+        # (needs_input_grad ignores torch.no_grad: the grad mode says whether backward can come)
+        need_u = grad_enabled and any(ctx.needs_input_grad)
+        if need_u or not be.MERGED_WEIGHT:  # one pass over x for every member
+            u = be.input_product(x2, torch.cat([A.to(x2.dtype) for A in As]))  # (N, Σr)
         else:
-            u = x2.new_empty((0, A_cat.shape[0]))
+            u = x2.new_empty((0, sum(A.shape[0] for A in As)))
         outs, start = [], 0
         for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
             r = A.shape[0]
-            bias = None if b is None else b.to(dt)
-            if triton:  # h = x W'ᵀ + b with W' = W + s·B A: one GEMM (see triton_lora)
-                h = F.linear(x2, triton_lora.merged_weight(W, B, A, s, dt), bias)
-            else:
-                h = torch.addmm(bias, x2, W.to(dt).t()) if bias is not None else x2 @ W.to(dt).t()
-                h.addmm_(u[:, start:start + r], B.to(dt).t(), alpha=s)
-            outs.append(h)
+            u_i = u[:, start:start + r] if u.shape[0] else None
+            outs.append(be.lora_forward(x2, W, b, A, B, s, 0.0, 0, False, u_i)[0])
             start += r
         ctx.save_for_backward(x2, u, *Ws, *As, *Bs)
-        ctx.scales, ctx.has_bias = scales, [b is not None for b in bs]
+        ctx.be, ctx.scales, ctx.has_bias = be, scales, [b is not None for b in bs]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         x2, u, *params = ctx.saved_tensors
-        scales = ctx.scales
+        be, scales = ctx.be, ctx.scales
         m = len(scales)
         Ws, As, Bs = (params[i * m:(i + 1) * m] for i in range(3))
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_W, need_b, need_A, need_B = (needs[3 + i * m:3 + (i + 1) * m] for i in range(4))
-        dt = x2.dtype
+        need_v = any(need_A) or (need_x and not be.MERGED_WEIGHT)  # (merged: ∂x is g W', v is not needed)
         N = x2.shape[0]
-        triton = _use_triton(x2)
         grad_x = None
         grad_W: list[Tensor | None] = [None] * m
         grad_b: list[Tensor | None] = [None] * m
@@ -116,29 +107,20 @@ class _LoraGroup(torch.autograd.Function):
             if g is None:  # this member's output did not reach the loss
                 vs.append(x2.new_zeros(N, r))
                 continue
-            g = g.reshape(N, -1).contiguous()
+            g = g.reshape(N, -1)
             if need_B[i]:
-                if triton:
-                    grad_B[i] = triton_lora.tall_product(g, u_i, s, transpose_out=True)[0].to(B.dtype)
-                else:
-                    grad_B[i] = (u_i.t() @ g).mul_(s).t().to(B.dtype)
-            v = g @ (B.to(dt) * s)  # (N, r) = s·g B
+                grad_B[i] = be.grad_B(g, u_i, s, B.dtype)
+            v = be.branch_grad(g, B, s) if need_v else None  # (N, r) = s·g B
             vs.append(v)
-            if need_x:
-                if triton:  # ∂x += g W'ᵀ… as one GEMM against the merged weight, accumulated in place
-                    Wm = triton_lora.merged_weight(W, B, A, s, dt)
-                    grad_x = torch.mm(g, Wm) if grad_x is None else grad_x.addmm_(g, Wm)
-                else:
-                    grad_x = g @ W.to(dt) if grad_x is None else grad_x.addmm_(g, W.to(dt))
-                    grad_x.addmm_(v, A.to(dt))
+            if need_x:  # accumulated member by member into one buffer, inside the GEMMs
+                grad_x = be.add_grad_x(grad_x, g, W, A, B, v, s)
             if need_W[i]:  # only when a caller unfroze a base weight
                 grad_W[i] = (g.t() @ x2).to(W.dtype)
             if need_b[i] and ctx.has_bias[i]:
                 grad_b[i] = g.sum(0)
         grad_A: list[Tensor | None] = [None] * m
         if any(need_A):
-            v_cat = torch.cat(vs, dim=1)  # (N, Σr): one pass over x gives every member's ∂A
-            ga = triton_lora.tall_product(x2, v_cat, 1.0)[0] if triton else v_cat.t() @ x2  # (Σr, k)
+            ga = be.grad_A(x2, torch.cat(vs, dim=1), torch.promote_types(x2.dtype, torch.float32))  # (Σr, k): one pass over x for every ∂A_i
             start = 0
             for i, A in enumerate(As):
                 r = A.shape[0]

@@ -9,21 +9,24 @@ measured 4.2 TB/s (these kernels reach ≈ 21 µs).  So the design minimises the
 
 * no dropout: the low-rank term is folded into the weight, W' = W + s·B A (one (d, k) pass, which is
   cheaper than an (N, d) one whenever N > k), so the forward is ONE GEMM, x W'ᵀ, and the input
-  gradient is ONE GEMM, g W'.  Backward rebuilds W' rather than keeping forward's, unless
-  ``KEEP_MERGED_WEIGHT`` is set: keeping it saves one (d, k) pass but holds d·k more memory per
-  layer from forward to backward (see the flag).  In bf16 this rounds W + sBA once, which loses no
-  more of a small update than PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just
-  the same.
-* dropout: u = (x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
-  Philox(seed, position) inside the kernel; h = u (s·c·B)ᵀ is written once and x Wᵀ accumulates into
+  gradient is ONE GEMM, g W'.  Backward rebuilds W' rather than keeping forward's: keeping it saved one
+  (d, k) pass (1.14× → 1.11× the frozen limit for one 4096² layer at N = 8192) but held d·k more memory
+  per layer until backward, +1.9 GiB on the 1.14B Llama for no measurable throughput
+  (docs/gpu-notes.md).  In bf16 this rounds W + sBA once, which loses no more of a small update than
+  PEFT's bf16 path, whose sum x Wᵀ + s·u Bᵀ is rounded to bf16 just the same.
+* dropout: u = c·(x⊙m) Aᵀ is one Triton pass over x (:func:`xa`), with the keep-mask m drawn from
+  Philox(seed, position) inside the kernel; h = u (s·B)ᵀ is written once and x Wᵀ accumulates into
   it (``addmm_``, so no second full-size temporary).  Backward regenerates the same mask from the seed:
   one Triton pass over x (:func:`tall_product`) gives both ∂L/∂A = vᵀ(x⊙m) (v = s·c·g B) and the
   branch's input gradient m⊙(v A), into which g W then accumulates.
-* ∂L/∂B = s·c·gᵀu is the same kind of product (long axis N reduced, float32 atomics across row
+* ∂L/∂B = s·gᵀu is the same kind of product (long axis N reduced, float32 atomics across row
   slices), so it too is one Triton pass over g, straight into a float32 (d, r) result.
-* few launches: on the benchmark host every eager op or Triton launch costs ≈ 50-70 µs of CPU, more
-  than a low-rank pass costs the GPU, so scales ride on the r-sized factors and the kernels cast
-  the (float32) adapters themselves.
+* few launches: scales ride on the r-sized factors and the kernels cast the (float32) adapters
+  themselves.  Each launch still costs host time, which is why ``ops/backends.py`` sends small token
+  counts to the torch backend instead.
+* under ``torch.compile`` the same functions run inside the ``lorakit::lora_linear_*`` ops, which
+  Inductor decomposes: the kernels are launched through ``wrap_triton`` (:func:`_launch`), so they are
+  nodes of its graph (scheduled, CUDA-graphed) rather than calls hidden in an opaque op.
 * Philox with 7 rounds (see ``_PHILOX_ROUNDS``); p is rounded to a multiple of 2⁻¹⁶ (0.05 → 3277/65536).
 
 Masks: each Philox call gives 4×32 random bits, used as eight 16-bit numbers for eight consecutive
@@ -40,6 +43,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from .launch import cdiv, next_pow2
 
@@ -58,11 +63,6 @@ _PHILOX_ROUNDS = 7  # (made a tl.constexpr below: a jitted function may read onl
 def available() -> bool:
     """Whether the Triton kernels can run here."""
     return triton is not None
-
-
-def use_triton(x: Tensor) -> bool:
-    """Whether the CUDA route runs for ``x``: a CUDA tensor and Triton installed."""
-    return x.is_cuda and triton is not None
 
 
 def drop_threshold(p: float) -> int:
@@ -124,17 +124,14 @@ if triton is not None:
 
     @triton.jit
     def _tall_kernel(
-        m_ptr, p_ptr, a_ptr, gx_ptr, out_ptr, f_ptr, y_ptr, N, C, R, stride_mn, stride_or, stride_oc, seed,
-        threshold, scale, HAS_DROPOUT: tl.constexpr, WRITE_GX: tl.constexpr, ROW_PRODUCT: tl.constexpr,
-        R_PAD: tl.constexpr, BM: tl.constexpr,
+        m_ptr, p_ptr, a_ptr, gx_ptr, out_ptr, N, C, R, stride_mn, stride_or, stride_oc, seed, threshold, scale,
+        HAS_DROPOUT: tl.constexpr, WRITE_GX: tl.constexpr, R_PAD: tl.constexpr, BM: tl.constexpr,
         BC: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One column block of M and a slice of its rows:
         #   out[:, cols] += scale · Pᵀ (M ⊙ m)[:, cols]          (R, BC), float32, atomics across row slices
         #   gx[:, cols]   = m ⊙ (P A)[:, cols]                    (only if WRITE_GX)
-        #   y            += scale · M[:, cols] F[cols]            (N, R), float32 atomics (only if ROW_PRODUCT)
-        # M: (N, C), P: (N, R), A: (R, C), F: (C, R).  ∂A = vᵀ drop(x) and ∂B = s·c·gᵀu are both this
-        # product; with ROW_PRODUCT the pass over g that gives ∂B also gives v = s·c·g B.
+        # M: (N, C), P: (N, R), A: (R, C).  ∂A = vᵀ drop(x) and ∂B = s·gᵀu are both this product.
         c0 = tl.program_id(0) * BC
         n_split = tl.num_programs(1)
         per_split = tl.cdiv(tl.cdiv(N, n_split), BM) * BM
@@ -147,9 +144,6 @@ if triton is not None:
         if WRITE_GX:
             a = tl.load(a_ptr + rr[:, None] * C + cols[None, :], mask=r_ok[:, None] & col_ok[None, :], other=0.0)
             a = a.to(m_ptr.dtype.element_ty)
-        if ROW_PRODUCT:
-            f = tl.load(f_ptr + cols[:, None] * R + rr[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            f = f.to(m_ptr.dtype.element_ty)  # (BC, R_PAD)
         acc = tl.zeros((R_PAD, BC), dtype=tl.float32)
         for m0 in range(row_lo, row_hi, BM):
             rows = m0 + tl.arange(0, BM)
@@ -164,9 +158,6 @@ if triton is not None:
             # Pᵀ is loaded as such (a strided 2 KiB read that L1 serves) instead of tl.trans: no layout shuffle.
             pt = tl.load(p_ptr + tl.trans(p_offs), mask=tl.trans(p_ok), other=0.0).to(m.dtype)  # (R_PAD, BM)
             acc = tl.dot(pt, m, acc, input_precision=PRECISION)
-            if ROW_PRODUCT:
-                y = tl.dot(m, f, input_precision=PRECISION)  # (BM, R_PAD), summed over column blocks
-                tl.atomic_add(y_ptr + p_offs, y * scale, mask=p_ok)
             if WRITE_GX:
                 pm = tl.load(p_ptr + p_offs, mask=p_ok, other=0.0).to(m.dtype)  # (BM, R_PAD)
                 gx = tl.dot(pm, a, input_precision=PRECISION)  # (BM, BC)
@@ -191,6 +182,14 @@ if triton is not None:
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wk, mask=ok, other=0.0)
         merged = w.to(tl.float32) + scale * tl.dot(b, a, input_precision=PRECISION)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], merged.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch(kernel, like: Tensor):
+    """``kernel`` ready to launch: itself on real tensors, ``wrap_triton(kernel)`` while torch.compile traces
+    (fake or functional tensors), so the launch becomes a node of Inductor's graph that it schedules itself."""
+    if isinstance(like, (FakeTensor, FunctionalTensor)):
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def _r_pad(r: int) -> int:
@@ -224,7 +223,7 @@ def merged_weight(weight: Tensor, B: Tensor, A: Tensor, scale: float, dtype: tor
     R = A.shape[0]
     dtype = dtype or weight.dtype
     out = torch.empty((D, K), dtype=dtype, device=weight.device)
-    _merge_kernel[(cdiv(D, block_d), cdiv(K, block_k))](
+    _launch(_merge_kernel, out)[(cdiv(D, block_d), cdiv(K, block_k))](
         weight, B.contiguous(), A.contiguous(), out, D, K, R, weight.stride(0), weight.stride(1), float(scale),
         R_PAD=_r_pad(R), BD=block_d, BK=block_k, PRECISION=_precision(dtype), num_warps=num_warps,
     )
@@ -240,7 +239,7 @@ def keep_mask(n: int, k: int, p: float, seed: int, device: torch.device | str) -
     out = torch.empty((n, k), dtype=torch.int8, device=device)
     if n and k:
         BM, BK = 16, 64
-        _mask_kernel[(cdiv(n, BM), cdiv(k, BK))](out, n, k, int(seed), drop_threshold(p), BM=BM, BK=BK)
+        _launch(_mask_kernel, out)[(cdiv(n, BM), cdiv(k, BK))](out, n, k, int(seed), drop_threshold(p), BM=BM, BK=BK)
     return out.bool()
 
 
@@ -259,7 +258,7 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, scale: float = 1.0, 
     if block_m is None:  # enough programs to give every SM a couple of row blocks
         block_m = 64 if cdiv(N, 64) >= 2 * _sm_count(x.device) else 32
     block_k = max(16, min(block_k, next_pow2(K)))
-    _xa_kernel[(cdiv(N, block_m),)](
+    _launch(_xa_kernel, u)[(cdiv(N, block_m),)](
         x, A.contiguous(), u, N, K, R, x.stride(0), int(seed), drop_threshold(p), float(scale),
         HAS_DROPOUT=p > 0, R_PAD=_r_pad(R), BM=block_m, BK=block_k, PRECISION=_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -268,55 +267,35 @@ def xa(x: Tensor, A: Tensor, p: float = 0.0, seed: int = 0, scale: float = 1.0, 
 
 
 def tall_product(M: Tensor, P: Tensor, scale: float = 1.0, p: float = 0.0, seed: int = 0, A: Tensor | None = None,
-                 transpose_out: bool = False, F: Tensor | None = None, *, block_m: int = 64, block_c: int = 64,
-                 num_warps: int = 4, num_stages: int = 3) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """scale · Pᵀ (M ⊙ m) in one pass over M, and optionally m ⊙ (P A) and scale · M F in the same pass.
+                 transpose_out: bool = False, *, block_m: int = 64, block_c: int = 64, num_warps: int = 4,
+                 num_stages: int = 3) -> tuple[Tensor, Tensor | None]:
+    """scale · Pᵀ (M ⊙ m) in one pass over M, and optionally m ⊙ (P A) in the same pass.
 
-    M: (N, C), P: (N, r) (N ≫ C ≫ r), m = :func:`keep_mask`(N, C, p, seed), A: (r, C), F: (C, r); small
-    operands are cast to M's dtype.  Returns (the float32 product, (r, C) — or (C, r) if
-    ``transpose_out``; m ⊙ (P A), (N, C) in M's dtype, if A is given; scale · M F, (N, r) float32, if F
-    is given).  ∂A = vᵀ drop(x) with the branch's input gradient, and ∂B = s·c·gᵀu with v = s·c·g B,
-    are both this product.
+    M: (N, C), P: (N, r) (N ≫ C ≫ r), m = :func:`keep_mask`(N, C, p, seed), A: (r, C); small operands are
+    cast to M's dtype.  Returns (the float32 product, (r, C) — or (C, r) if ``transpose_out``; m ⊙ (P A),
+    (N, C) in M's dtype, if A is given).  ∂A = vᵀ drop(x) with the branch's input gradient, and
+    ∂B = s·gᵀu, are both this product.  (v and ∂B from one pass over g, v by float32 atomics, measured
+    64 µs against 22 + 23 µs for the two separate passes at N = 8192, d = 4096: not done.)
     """
     M = _rows_contiguous(M)
     N, C = M.shape
     R = P.shape[1]
     out = torch.zeros((C, R) if transpose_out else (R, C), dtype=torch.float32, device=M.device)
     gx = torch.empty((N, C), dtype=M.dtype, device=M.device) if A is not None else None
-    y = torch.zeros((N, R), dtype=torch.float32, device=M.device) if F is not None else None
     if N == 0:
-        return out, gx, y
+        return out, gx
     if A is not None and block_c == 64:  # the input-gradient pass does best with narrower column blocks (sweep)
         block_c, num_stages = 32, 4
     n_cb = cdiv(C, block_c)
     n_split = max(1, min(cdiv(N, block_m), cdiv(2 * _sm_count(M.device), n_cb)))
     stride_or, stride_oc = (1, R) if transpose_out else (C, 1)
-    _tall_kernel[(n_cb, n_split)](
+    _launch(_tall_kernel, out)[(n_cb, n_split)](
         M, P.contiguous(), A.contiguous() if A is not None else P, gx if gx is not None else out, out,
-        F.contiguous() if F is not None else P, y if y is not None else out,
         N, C, R, M.stride(0), stride_or, stride_oc, int(seed), drop_threshold(p), float(scale),
-        HAS_DROPOUT=p > 0, WRITE_GX=A is not None, ROW_PRODUCT=F is not None, R_PAD=_r_pad(R), BM=block_m,
-        BC=block_c, PRECISION=_precision(M.dtype), num_warps=num_warps, num_stages=num_stages,
+        HAS_DROPOUT=p > 0, WRITE_GX=A is not None, R_PAD=_r_pad(R), BM=block_m, BC=block_c,
+        PRECISION=_precision(M.dtype), num_warps=num_warps, num_stages=num_stages,
     )
-    return out, gx, y
-
-
-# cuBLAS (with the adapters cast first) instead of the Triton passes for u = x Aᵀ, ∂A and ∂B when p = 0:
-# the same GPU time (≈ 20-23 µs each at N = 8192, k = d = 4096) but fewer Triton launches, whose host cost
-# is the larger one on a slow host. The benchmark compares both.
-SKINNY_BY_CUBLAS = False
-
-# v and ∂B from one pass over g, v by float32 atomics: measured slower on the H200 (64 µs against 22 + 23 µs
-# for cuBLAS g B plus the ∂B pass at N = 8192, d = 4096; docs/gpu-notes.md), so off; the benchmark compares both.
-FUSED_G_PASS = False
-
-
-# Opt-in: forward keeps W' = W + s·B A for backward instead of backward rebuilding it. Saves one (d, k)
-# pass per step — on the H200, 1.14× → 1.11× the frozen limit for one 4096² layer at N = 8192 tokens —
-# but holds d·k more memory per LoRA linear from forward to backward: on the 1.14B Llama end to end,
-# +1.9 GiB (33.2 → 35.1) for no measurable throughput (the pass is ≈ 0.4 % of the step). Memory is
-# usually the scarcer resource in LoRA training, hence off. (docs/gpu-notes.md, benchmarks/RESULTS.md)
-KEEP_MERGED_WEIGHT = False
+    return out, gx
 
 
 def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
@@ -325,87 +304,80 @@ def _scaled(t: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     return torch.mul(t, scale, out=out)
 
 
-# The host side below is kept to few launches on purpose: on the benchmark machine each eager torch op
-# or Triton launch costs ≈ 50-70 µs of host time, more than the GPU work of a low-rank pass
-# (docs/gpu-notes.md).
+# --- the backend interface (the same functions as ops/torch_lora.py; see ops/backends.py) ----------------------
+# Forward without dropout multiplies by the merged weight, so it needs u = x Aᵀ only for backward.
+MERGED_WEIGHT = True
 
 
-def keeps_merged(weight: Tensor | None, p: float) -> bool:
-    """Whether forward hands W' = W + s·B A to backward (``KEEP_MERGED_WEIGHT``, no dropout, a base weight)."""
-    return KEEP_MERGED_WEIGHT and p == 0.0 and weight is not None
+def input_product(x: Tensor, A: Tensor) -> Tensor:
+    """u = x Aᵀ (N, r) in x's dtype, one pass over x."""
+    return xa(x, A)
 
 
 def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
-                 p: float, seed: int, need_u: bool, keep_merged: bool = False,
-                 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(h, u, W') for x: (N, k); u = (x ⊙ m) Aᵀ (N, r), without dropout's 1/(1-p), is what backward needs
-    (empty (0, r) if not need_u); W' = W + s·B A in x's dtype if ``keep_merged`` and it was formed, else None."""
+                 p: float, seed: int, need_u: bool, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(h, u) for x: (N, k): h = x Wᵀ + b + s·u Bᵀ with u = drop(x) Aᵀ (N, r, dropout's 1/(1-p) included);
+    u comes back empty, (0, r), unless ``need_u``.  A caller that already holds u = x Aᵀ passes it (p = 0)."""
     r = A.shape[0]
     bias_ = None if bias is None else bias.to(x.dtype)
     if p == 0.0 and weight is not None:  # h = x W'ᵀ + b, W' = W + s·B A: one GEMM
-        if not need_u:
-            u = x.new_empty((0, r))
-        else:
-            u = torch.mm(x, _scaled(A, 1.0, x.dtype).t()) if SKINNY_BY_CUBLAS else xa(x, A)
-        merged = merged_weight(weight, B, A, scale, x.dtype)
-        return F.linear(x, merged, bias_), u, (merged if keep_merged else None)
-    u = xa(x, A, p, seed)  # (N, r)
-    sB = _scaled(B, scale / (1.0 - p), x.dtype)  # (d, r): the scales go on the small factor
+        if need_u and u is None:
+            u = xa(x, A)
+        h = F.linear(x, merged_weight(weight, B, A, scale, x.dtype), bias_)
+        return h, (u if need_u else x.new_empty((0, r)))
+    if u is None:
+        u = xa(x, A, p, seed, 1.0 / (1.0 - p))  # (N, r)
+    sB = _scaled(B, scale, x.dtype)  # (d, r): the scale goes on the small factor
     h = torch.addmm(bias_, u, sB.t()) if bias_ is not None else torch.mm(u, sB.t())  # (N, d)
     if weight is not None:
         h.addmm_(x, weight.to(x.dtype).t())  # the big GEMM accumulates into the low-rank term
-    return h, (u if need_u else x.new_empty((0, r))), None
+    return h, (u if need_u else x.new_empty((0, r)))
+
+
+def grad_B(g: Tensor, u: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """∂L/∂B = s·gᵀu (d, r) in ``dtype``: one pass over g, accumulated in float32."""
+    return tall_product(g, u, scale, transpose_out=True)[0].to(dtype)
+
+
+def branch_grad(g: Tensor, B: Tensor, scale: float) -> Tensor:
+    """v = s·g B (N, r) in g's dtype."""
+    return torch.mm(g, _scaled(B, scale, g.dtype))
+
+
+def grad_A(x: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+    """∂L/∂A = vᵀx (r, k) in ``dtype``: one pass over x, accumulated in float32."""
+    return tall_product(x, v)[0].to(dtype)
+
+
+def add_grad_x(acc: Tensor | None, g: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, v: Tensor | None,
+               scale: float) -> Tensor:
+    """acc + g W + v A (acc None: a fresh tensor): with a weight one GEMM, g (W + s·B A); v is then unused."""
+    dt = g.dtype
+    if weight is not None:
+        Wm = merged_weight(weight, B, A, scale, dt)
+        return torch.mm(g, Wm) if acc is None else acc.addmm_(g, Wm)
+    return torch.mm(v, A.to(dt)) if acc is None else acc.addmm_(v, A.to(dt))
 
 
 def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
-                  p: float, seed: int, need_x: bool, need_A: bool, need_B: bool, merged: Tensor | None = None,
+                  p: float, seed: int, need_x: bool, need_A: bool, need_B: bool,
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring.
-
-    ``merged`` is forward's W' when it kept it (p = 0 only); otherwise it is rebuilt here if needed."""
-    sc = scale / (1.0 - p)
-    grad_x = grad_A = grad_B = None
-    need_v = need_x or need_A
-    if SKINNY_BY_CUBLAS and p == 0.0:
-        return _backward_by_cublas(g, x, weight, A, B, u, scale, need_x, need_A, need_B, merged)
-    if need_B and (FUSED_G_PASS or not need_v):  # s·c·gᵀu (d, r) and v = s·c·g B (N, r): one pass over g
-        gB, _, v = tall_product(g, u, sc, transpose_out=True, F=B if need_v else None)
-        grad_B = gB.to(B.dtype)
-    else:
-        if need_B:
-            grad_B = tall_product(g, u, sc, transpose_out=True)[0].to(B.dtype)
-        v = torch.mm(g, _scaled(B, sc, x.dtype)) if need_v else None  # (N, r) = s·c·g B
-    if not need_v:
-        return grad_x, grad_A, grad_B
-    merge = p == 0.0 and weight is not None  # then ∂x = g W' is one GEMM
-    low = None
-    if need_A or (need_x and not merge):  # one pass over x: vᵀ(x ⊙ m) and m ⊙ (v A)
-        ga, low, _ = tall_product(x, v, 1.0, p, seed, A if need_x and not merge else None)
-        grad_A = ga.to(A.dtype) if need_A else None
-    if need_x:
-        if merge:
-            grad_x = torch.mm(g, merged if merged is not None else merged_weight(weight, B, A, scale, x.dtype))
-        elif weight is not None:
-            grad_x = low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
-        else:
-            grad_x = low
-    return grad_x, grad_A, grad_B
-
-
-def _backward_by_cublas(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
-                        need_x: bool, need_A: bool, need_B: bool, merged: Tensor | None = None,
-                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`lora_backward` for p = 0 with every product in cuBLAS (see ``SKINNY_BY_CUBLAS``)."""
-    grad_x = grad_A = grad_B = None
+    """(∂L/∂x, ∂L/∂A, ∂L/∂B) for g = ∂L/∂h: (N, d); None where not needed. See ``lora_linear``'s docstring."""
+    grad_x = grad_a = grad_b = None
     if need_B:
-        grad_B = _scaled(torch.mm(g.t(), u), scale, B.dtype)  # (d, r) = s·gᵀu
-    if need_x or need_A:
-        v = torch.mm(g, _scaled(B, scale, x.dtype))  # (N, r)
+        grad_b = grad_B(g, u, scale, B.dtype)
+    if not (need_x or need_A):
+        return grad_x, grad_a, grad_b
+    if p == 0.0:
+        v = branch_grad(g, B, scale) if need_A or weight is None else None  # (N, r) = s·g B
         if need_A:
-            grad_A = _scaled(torch.mm(v.t(), x), 1.0, A.dtype)  # (r, k)
+            grad_a = grad_A(x, v, A.dtype)
         if need_x:
-            if weight is not None:
-                grad_x = torch.mm(g, merged if merged is not None else merged_weight(weight, B, A, scale, x.dtype))
-            else:
-                grad_x = torch.mm(v, A.to(x.dtype))
-    return grad_x, grad_A, grad_B
+            grad_x = add_grad_x(None, g, weight, A, B, v, scale)
+        return grad_x, grad_a, grad_b
+    v = branch_grad(g, B, scale / (1.0 - p))  # (N, r) = s·c·g B
+    ga, low = tall_product(x, v, 1.0, p, seed, A if need_x else None)  # vᵀ(x ⊙ m) and m ⊙ (v A): one pass over x
+    grad_a = ga.to(A.dtype) if need_A else None
+    if need_x:
+        grad_x = low if weight is None else low.addmm_(g, weight.to(x.dtype))  # + g W, accumulated in place
+    return grad_x, grad_a, grad_b

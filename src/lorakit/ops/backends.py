@@ -1,0 +1,37 @@
+"""Which backend computes a LoRA linear: chosen from the input alone (device, dtype, size), never by the caller.
+
+Both backends have the same plain functions (``lora_forward``, ``lora_backward`` and the pieces grouped
+callers compose), so every op — the single linear, the shared-input group, the fused SwiGLU
+down-projection, eager or compiled — runs the one definition of the math its backend has:
+
+* ``triton_lora``: cuBLAS for the big products against the merged weight W + s·B A, Triton passes for
+  the skinny ones.  Fewest bytes moved, but every Triton launch costs host time (tens of µs).
+* ``torch_lora``: aten ops only.  Used off CUDA, for float64, and on CUDA below ``TRITON_MIN_ROWS``
+  tokens, where the step is bound by the host, not by passes over memory: there fewer, cheaper launches
+  win (and under ``torch.compile`` Inductor fuses the small products with their neighbours).
+
+The choice depends on x's row count, which forward and backward see identically, so a backward always
+runs the backend its forward ran.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import torch_lora, triton_lora
+
+# Below this many rows (tokens) CUDA runs the torch backend.  From the H200 run of
+# benchmarks/gpu_compile_check.py (docs/gpu-notes.md, "Host overhead"): per LoRA linear forward+backward the
+# Triton route costs more host time than the aten route, and the GPU time it saves only exceeds that
+# difference from about this size on.
+TRITON_MIN_ROWS = 4096
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def backend_for(x: Tensor):
+    """The backend module (``triton_lora`` or ``torch_lora``) for a LoRA linear whose (N, k) input is ``x``."""
+    if x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] >= TRITON_MIN_ROWS and triton_lora.available():
+        return triton_lora
+    return torch_lora
