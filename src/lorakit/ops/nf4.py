@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -189,18 +188,11 @@ def bits_per_weight(t: NF4Tensors) -> float:
 GEMV_MAX_TOKENS = 16
 
 
-class _Ctx(SimpleNamespace):
-    """Stands in for an autograd ctx when calling a backend's forward/backward from inside another Function."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
 class _NF4LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, bias, A, B, scale, p, seed, cuda):  # type: ignore[override]
         # cuda: whether the Triton kernels run (the caller decides by device; tests pass True under the interpreter)
-        from .lora_linear import _LoraLinear
+        from . import torch_lora
 
         ctx.t, ctx.scale, ctx.p, ctx.seed, ctx.has_bias, ctx.cuda = t, scale, p, seed, bias is not None, cuda
         if A is None:  # the base alone: h = x Ŵᵀ + b
@@ -217,18 +209,16 @@ class _NF4LoraLinear(torch.autograd.Function):
                 u = triton_lora.xa(x, A) if need_u else x.new_empty((0, A.shape[0]))
             else:
                 W = triton_nf4.dequantize(t, x.dtype)
-                h, u, _ = triton_lora.lora_forward(x, W, bias, A, B, scale, p, seed, need_u)
+                h, u = triton_lora.lora_forward(x, W, bias, A, B, scale, p, seed, need_u)
             ctx.save_for_backward(x, A, B, u)
             return h
-        inner = _Ctx(needs_input_grad=(False,) * 8)
-        h = _LoraLinear.forward(inner, x, dequantize_nf4_reference(t, x.dtype), bias, A, B, scale, p, seed)
-        x_, _, A_, B_, u = inner.saved_tensors
-        ctx.save_for_backward(x_, A_, B_, u)  # not Ŵ: backward dequantises again
+        h, u = torch_lora.lora_forward(x, dequantize_nf4_reference(t, x.dtype), bias, A, B, scale, p, seed, True)
+        ctx.save_for_backward(x, A, B, u)  # not Ŵ: backward dequantises again
         return h
 
     @staticmethod
     def backward(ctx, grad_h):  # type: ignore[override]
-        from .lora_linear import _LoraLinear
+        from . import torch_lora
 
         saved = ctx.saved_tensors
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
@@ -241,19 +231,17 @@ class _NF4LoraLinear(torch.autograd.Function):
         if ctx.cuda:
             from . import triton_lora, triton_nf4
 
-            if ctx.p == 0.0:
-                W = triton_nf4.merged(ctx.t, B, A, ctx.scale, x.dtype) if need_x else None
-                gx, gA, gB = triton_lora.lora_backward(g, x, W, A, B, u, ctx.scale, 0.0, ctx.seed, need_x, need_A,
-                                                       need_B, merged=W)
+            if ctx.p == 0.0:  # the backend's pieces, with ∂x = g Ŵ' from one dequantise-and-merge pass
+                gB = triton_lora.grad_B(g, u, ctx.scale, B.dtype) if need_B else None
+                gA = triton_lora.grad_A(x, triton_lora.branch_grad(g, B, ctx.scale), A.dtype) if need_A else None
+                gx = torch.mm(g, triton_nf4.merged(ctx.t, B, A, ctx.scale, x.dtype)) if need_x else None
             else:
                 W = triton_nf4.dequantize(ctx.t, x.dtype) if need_x else None
                 gx, gA, gB = triton_lora.lora_backward(g, x, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_x,
                                                        need_A, need_B)
             return gx, None, grad_b, gA, gB, None, None, None, None
         W = dequantize_nf4_reference(ctx.t, x.dtype) if need_x else None
-        inner = _Ctx(saved_tensors=(x, W, A, B, u), scale=ctx.scale, p=ctx.p, seed=ctx.seed, has_bias=False,
-                     needs_input_grad=(need_x, False, False, need_A, need_B, False, False, False))
-        gx, _, _, gA, gB, *_ = _LoraLinear.backward(inner, g)
+        gx, gA, gB = torch_lora.lora_backward(g, x, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_x, need_A, need_B)
         return gx, None, grad_b, gA, gB, None, None, None, None
 
 
