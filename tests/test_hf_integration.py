@@ -255,6 +255,37 @@ def test_resume_hook_checks_the_file_and_leaves_other_state_dicts_alone(llama, t
         other.load_state_dict(wrong, strict=False)
 
 
+@pytest.mark.parametrize("options", [{"init": "pissa"}, {"init": "olora"}, {"use_dora": True}], ids=["pissa", "olora", "dora"])
+def test_checkpoints_of_pissa_olora_and_dora_adapters_round_trip(llama, tmp_path, options):
+    config = CFG.replace(**options)
+
+    def prepared(model=None):
+        torch.manual_seed(1)
+        return hf.get_lora_model(model if model is not None else base(llama), config)
+
+    model = prepared()
+    with torch.no_grad():  # "training": every trainable tensor moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    hf.save_pretrained(model, tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "from-state-dict", state_dict=model.state_dict())
+    lorakit.save_adapter(model, tmp_path / "reference")
+    assert_same_adapter(tmp_path / "ckpt", tmp_path / "reference")
+    assert_same_adapter(tmp_path / "from-state-dict", tmp_path / "reference")
+    fresh = prepared()
+    fresh.load_state_dict(tensors(tmp_path / "ckpt"), strict=False)
+    want = model.state_dict()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    if "init" in options:  # the file's initial factors must be this model's: another base's are refused
+        config_of_base = base(llama).config
+        torch.manual_seed(7)
+        other = prepared(transformers.AutoModelForCausalLM.from_config(config_of_base))
+        with pytest.raises(lorakit.AdapterMismatchError, match="another initial factor"):
+            other.load_state_dict(tensors(tmp_path / "ckpt"), strict=False)
+
+
 def test_save_pretrained_keeps_other_files_and_takes_values_from_a_given_state_dict(llama, tmp_path):
     model = lora(llama)
     out = tmp_path / "out"

@@ -43,6 +43,7 @@ gathered full state dict).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -62,7 +63,9 @@ from ..config import LoraConfig
 from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
 from ..fuse import fuse_mlps
 from ..inject import inject
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, fsync, layer_params, read_adapter, save_adapter
+from ..io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, fsync, layer_params, read_adapter,
+                  save_adapter)
+from ..layers import LoraLayer
 from ..multi import _check_fingerprint
 from ..share import share_inputs
 
@@ -295,15 +298,54 @@ def _adapter_to_use(model: nn.Module, adapter_name: str | None) -> str:
     return adapter_name
 
 
-def _plan(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    """Relative PEFT key → (the tensor's name in ``model.state_dict()``, its shape in the file, its own shape)."""
+@dataclasses.dataclass
+class _Slot:
+    """Where one tensor of the adapter file goes: the live tensor's name in ``model.state_dict()``, the
+    shapes in the file and in the model, and, for PiSSA / OLoRA factors, which the file stores as
+    [trained; initial] (A: rows, ``dim`` 0; B: columns, ``dim`` 1; see lorakit.io), the fixed part."""
+
+    internal: str
+    saved_shape: tuple[int, ...]
+    live_shape: tuple[int, ...]
+    dim: int | None = None
+    fixed: Tensor | None = None
+
+    def from_file(self, value: Tensor, key: str, where: str) -> Tensor:
+        """The live tensor's value from the file's ``value`` (shape already checked)."""
+        if self.dim is None:
+            return value.reshape(self.live_shape)
+        r = value.shape[self.dim] - self.fixed.shape[self.dim]
+        if not torch.equal(value.narrow(self.dim, r, self.fixed.shape[self.dim]), self.fixed):
+            raise AdapterMismatchError(
+                f"{where}: {PREFIX + key} holds another initial factor than this model's PiSSA/OLoRA init; "
+                "prepare the model from the same base with the same init before resuming"
+            )
+        return value.narrow(self.dim, 0, r).reshape(self.live_shape)
+
+    def to_file(self, value: Tensor) -> Tensor:
+        """The file's tensor for the live value ``value`` (the inverse of :meth:`from_file`)."""
+        if self.dim is None:
+            return value.reshape(self.saved_shape)
+        head = list(self.saved_shape)
+        head[self.dim] -= self.fixed.shape[self.dim]
+        return torch.cat([value.reshape(head).to(self.fixed.dtype), self.fixed], self.dim)
+
+
+def _plan(model: nn.Module, adapter_name: str) -> dict[str, _Slot]:
+    """Relative PEFT key → its :class:`_Slot`, for every tensor lorakit.save_adapter writes for the adapter."""
     names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
     names |= {id(t): n for n, t in model.named_buffers(remove_duplicate=False)}
     plan = {}
     for qualified, module in _modules_with(model, adapter_name):
         live = layer_params(module, adapter_name)
+        converted = isinstance(module, LoraLayer) and adapter_name in module.init_factors
         for key, tensor in _layer_tensors(module, adapter_name).items():
-            plan[f"{qualified}.{key}"] = (names[id(live[key])], tuple(tensor.shape), tuple(live[key].shape))
+            slot = _Slot(names[id(live[key])], tuple(tensor.shape), tuple(live[key].shape))
+            if converted and key != "lora_magnitude_vector":
+                slot.dim = 0 if key == _keys(module)[0] else 1
+                r = live[key].shape[slot.dim]
+                slot.fixed = tensor.narrow(slot.dim, r, tensor.shape[slot.dim] - r).detach().cpu().clone()
+            plan[f"{qualified}.{key}"] = slot
     return plan
 
 
@@ -323,11 +365,12 @@ def _match(model: nn.Module, adapter_name: str, found: Mapping[str, Tensor], whe
             "has no such tensor; was it saved from a model prepared with the same LoraConfig?"
         )
     out = {}
-    for key, (internal, shape, live_shape) in plan.items():
+    for key, slot in plan.items():
         value = found[key]
-        if tuple(value.shape) != shape:
-            raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(value.shape)}, adapter {adapter_name!r} needs {shape}")
-        out[internal] = value.reshape(live_shape)
+        if tuple(value.shape) != slot.saved_shape:
+            raise AdapterMismatchError(
+                f"{where}: {PREFIX + key} has shape {tuple(value.shape)}, adapter {adapter_name!r} needs {slot.saved_shape}")
+        out[slot.internal] = slot.from_file(value.cpu(), key, where)
     return out
 
 
@@ -335,11 +378,12 @@ def _rewrite_from_state_dict(model: nn.Module, adapter_name: str, path: Path, st
     """Replace the tensors of the adapter file at ``path`` by their values in ``state_dict``."""
     plain = {_strip_wrappers(k): v for k, v in state_dict.items()}
     tensors = {}
-    for key, (internal, shape, _) in _plan(model, adapter_name).items():
-        value = plain.get(_strip_wrappers(internal))
+    for key, slot in _plan(model, adapter_name).items():
+        value = plain.get(_strip_wrappers(slot.internal))
         if value is None:
-            raise AdapterMismatchError(f"the state dict handed to save_pretrained has no {internal!r} (adapter {adapter_name!r})")
-        tensors[PREFIX + key] = value.detach().reshape(shape).to("cpu").contiguous()
+            raise AdapterMismatchError(
+                f"the state dict handed to save_pretrained has no {slot.internal!r} (adapter {adapter_name!r})")
+        tensors[PREFIX + key] = slot.to_file(value.detach().to("cpu")).contiguous()
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
     save_file(tensors, str(path), metadata=metadata)
