@@ -34,11 +34,12 @@ The speed paths stay on: :func:`get_lora_model` applies :func:`lorakit.share_inp
 :func:`lorakit.fuse_mlps` (same values and gradients, less work and memory), and the trainers'
 ``torch_compile=True`` compiles the model as it is (saving always sees the uncompiled module).
 
+Tested: one process and ``torchrun`` DDP (CPU, gloo), gradient checkpointing, ``torch_compile=True``.
 Not covered: ``load_best_model_at_end=True`` (the Trainer loads the best checkpoint through a code path
 that only knows ``PeftModel`` adapters and full weight files — load ``trainer.state.best_model_checkpoint``
-with :func:`load_adapter_weights` after training instead), and DeepSpeed / FSDP checkpoints, which the
-Trainer writes through their own engines (the final ``save_model`` still writes the adapter, from the
-gathered full state dict).
+with :func:`load_adapter_weights` after training instead), and DeepSpeed / FSDP through the Trainer
+(untested: their checkpoints go through their own engines; ``save_pretrained`` takes the adapter's values
+from a gathered ``state_dict`` when one is passed, but also reads the live, sharded parameters).
 """
 
 from __future__ import annotations
