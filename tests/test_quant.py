@@ -210,6 +210,17 @@ def test_state_dict_round_trip_uses_bitsandbytes_keys():
     assert torch.equal(a.dequantize(), b.dequantize())
 
 
+def test_a_full_precision_state_dict_loads_into_an_nf4_model():
+    src = _tiny_llama()
+    model = quantize_base(_tiny_llama().requires_grad_(False), "nf4")
+    nn.init.zeros_(model.model.embed_tokens.weight)
+    model.load_state_dict(src.state_dict())
+    ref = quantize_base(src, "nf4")
+    a, b = model.model.layers[1].self_attn.o_proj, ref.model.layers[1].self_attn.o_proj
+    assert torch.equal(a.dequantize(), b.dequantize()) and a.source_checksum == b.source_checksum
+    assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+
+
 def test_loads_a_bitsandbytes_state_without_bitsandbytes_code(tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as F

@@ -11,7 +11,8 @@ through ``layer.base_weight()`` (which dequantises) and computes with
   device and dropped).
 * An NF4Linear's state dict uses bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
   ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``), so a
-  transformers ``load_in_4bit`` checkpoint loads into it without bitsandbytes, and back.
+  transformers ``load_in_4bit`` checkpoint loads into it without bitsandbytes, and back; a full-precision
+  state dict loads too (its weights are quantised as they arrive).
 """
 
 from __future__ import annotations
@@ -140,8 +141,20 @@ class NF4Linear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # type: ignore[override]
         w = prefix + "weight."
+        full = state_dict.get(prefix + "weight")
+        if w + _QS_KEY not in state_dict and full is not None and full.is_floating_point():
+            # a full-precision state dict: quantise its weight here (the bias loads as usual)
+            if tuple(full.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight has shape {tuple(full.shape)}, this layer is "
+                                  f"({self.out_features}, {self.in_features})")
+                return
+            self._set(quantize_nf4(full.to(self.weight.device)), full.dtype)
+            self.source_checksum = weight_checksum(full)
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            state_dict[prefix + "weight"] = self.weight
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
         if w + _QS_KEY not in state_dict:
-            missing_keys.extend(w + s for s in _SUFFIXES)
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
         try:

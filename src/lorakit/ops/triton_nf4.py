@@ -137,7 +137,7 @@ def merged(t: NF4Tensors, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype
 
 
 def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, u: Tensor | None = None, B: Tensor | None = None,
-         scale: float = 1.0, *, block_d: int = 32, block_k: int = 128, num_warps: int = 4) -> Tensor:
+         scale: float = 1.0, *, block_d: int = 16, block_k: int = 128, num_warps: int = 4) -> Tensor:
     """h = x Ŵᵀ + s · u Bᵀ + b for x: (N, k) with few rows, from the packed weight; u: (N, r), B: (d, r)
     (both or neither).  Returns (N, d) in x's dtype."""
     x = x if x.stride(-1) == 1 else x.contiguous()
