@@ -130,7 +130,9 @@ def enable_peft_checkpoints(model: nn.Module, adapter_name: str | None = None) -
     disable_peft_checkpoints(model)
     # A partial, not a closure: the model still pickles and deep-copies with its hook.
     model.save_pretrained = functools.partial(save_pretrained, model, adapter_name=adapter_name)
-    handle = model.register_load_state_dict_pre_hook(PeftKeyLoader(adapter_name))
+    register = getattr(model, "register_load_state_dict_pre_hook", None)  # public from torch 2.5
+    hook = PeftKeyLoader(adapter_name)
+    handle = register(hook) if register is not None else model._register_load_state_dict_pre_hook(hook, with_module=True)
     model.__dict__[_STATE] = handle.id
     return model
 
