@@ -55,7 +55,7 @@ def test_peft_json_round_trip():
     assert LoraConfig.from_peft_dict(data) == cfg
 
 
-@pytest.mark.parametrize("extra", [{"peft_type": "IA3"}, {"lora_bias": True}, {"bias": "all"}, {"layers_to_transform": [0]}])
+@pytest.mark.parametrize("extra", [{"peft_type": "IA3"}, {"use_qalora": True}, {"bias": "all"}, {"layers_to_transform": [0]}])
 def test_unsupported_peft_configs_are_refused(extra):
     data = LoraConfig(target_modules=["q"]).to_peft_dict() | extra
     with pytest.raises(ConfigError, match=next(iter(extra))):

@@ -100,11 +100,25 @@ def test_unknown_peft_type_and_target_matching_nothing(tmp_path):
     (path / CONFIG_NAME).write_text(json.dumps(config | {"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(ConfigError, match="PREFIX_TUNING"):
         lorakit.load_adapter(base, path)
-    (path / CONFIG_NAME).write_text(json.dumps(config | {"target_modules": ["q_proj", "nope"]}))
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"target_modules": ["nope"]}))
     snap = _snapshot(base)
     with pytest.raises(AdapterMismatchError, match="nope"):
         lorakit.load_adapter(base, path)
     _assert_unchanged(base, snap)
+
+
+def test_file_entries_matching_nothing_are_ignored_as_peft_does(tmp_path):
+    """A file's target_modules / modules_to_save entries that match nothing load as in PEFT (SEQ_CLS files list
+    ["classifier", "score"] whatever the model has); the same config written by a user is still a typo error."""
+    model, base, path = _trained(tmp_path)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    (path / CONFIG_NAME).write_text(json.dumps(config | {"target_modules": ["q_proj", "v_proj", "nope"]}))
+    ids = torch.randint(0, 64, (2, 5))
+    loaded = lorakit.load_adapter(copy.deepcopy(base), path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(lorakit.TargetError, match="nope"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["q_proj", "nope"]))
 
 
 def test_pickle_is_refused_and_missing_dir(tmp_path):

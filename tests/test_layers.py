@@ -38,7 +38,7 @@ def test_zero_init_equals_base_for_every_layer_type(net):
     ids = torch.randint(0, 11, (3, 9))
     before = net(ids)
     lorakit.inject(net, lorakit.LoraConfig(r=2, alpha=3, target_modules=["emb", "conv", "fc"]))
-    assert {type(m).__name__ for _, m in lorakit.lora_layers(net)} == {"LoraEmbedding", "LoraConv2d", "LoraLinear"}
+    assert {type(m).__name__ for _, m in lorakit.lora_layers(net)} == {"LoraEmbedding", "LoraConv", "LoraLinear"}
     assert torch.equal(net(ids), before)
 
 

@@ -37,12 +37,13 @@ from .errors import (
     LorakitError,
     MergeError,
     TargetError,
+    UnsupportedFeatureError,
     UnsupportedModuleError,
 )
 from .fuse import fuse_mlps, unfuse_mlps
 from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraConv, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .multi import batch_adapters, hot_swap
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .share import share_inputs, unshare_inputs
@@ -67,6 +68,7 @@ __all__ = [
     "CombineReport",
     "ConfigError",
     "LoraConfig",
+    "LoraConv",
     "LoraConv2d",
     "LoraEmbedding",
     "LoraLayer",
@@ -78,6 +80,7 @@ __all__ = [
     "QuantizationError",
     "ParameterCount",
     "TargetError",
+    "UnsupportedFeatureError",
     "UnsupportedModuleError",
     "__version__",
     "active_adapters",

@@ -115,11 +115,16 @@ def combine(
     with_saved = [n for n in weights if configs[n].modules_to_save]
     if with_saved:
         raise ConfigError(f"adapter {with_saved[0]!r} has modules_to_save; combine works on LoRA layers only")
+    with_bias = [n for n in weights if configs[n].lora_bias]
+    if with_bias:
+        raise ConfigError(f"adapter {with_bias[0]!r} has a lora_bias; combine works on the low-rank factors only")
 
     gen = torch.Generator().manual_seed(seed)
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     energy: dict[str, float] = {}
     for qualified, layer in lora_layers(model):
+        if any(n in layer.lora_A and layer.lora_B[n].shape[1] != layer.lora_A[n].shape[0] for n in weights):
+            raise ConfigError(f"layer {qualified!r} is a grouped convolution; combine works on plain B·A updates only")
         inputs = [(layer.lora_A[n].detach(), layer.lora_B[n].detach(), float(w) * layer.scaling[n])
                   for n, w in weights.items() if n in layer.lora_A]
         if not inputs:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedFeatureError
 from .patterns import check_pattern, short, suffix_matches
 
 ALL_LINEAR = "all-linear"
@@ -39,18 +39,49 @@ _PEFT_KEYS = {
     "modules_to_save": "modules_to_save",
     "base_model_name_or_path": "base_model_name_or_path",
     "task_type": "task_type",
+    "lora_bias": "lora_bias",
+    "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_token_indices",
 }
-# PEFT options that change the math; lorakit refuses them rather than load something different.
-_UNSUPPORTED_PEFT_OPTIONS = {
-    "lora_bias": False,
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "layer_replication": None,
-    "megatron_config": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "alora_invocation_tokens": None,
+# PEFT options whose non-default values lorakit does not implement: key -> (neutral values, what it is).
+# A file that sets one is refused by name rather than loaded into something that computes differently.
+_UNSUPPORTED_PEFT_OPTIONS: dict[str, tuple[tuple, str]] = {
+    "use_dora": ((False, None), "DoRA (use_dora)"),
+    "velora_config": ((None, {}), "VeLoRA (velora_config)"),
+    "kasa_config": ((None, {}), "KaSA (kasa_config)"),
+    "monteclora_config": ((None, {}), "MonteCLoRA (monteclora_config)"),
+    "use_bdlora": ((None, {}, False), "BD-LoRA (use_bdlora)"),
+    "arrow_config": ((None, {}), "Arrow routing (arrow_config)"),
+    "alora_invocation_tokens": ((None, []), "Activated LoRA (alora_invocation_tokens)"),
+    "use_qalora": ((False, None), "QA-LoRA (use_qalora)"),
+    "layer_replication": ((None, []), "layer replication (layer_replication)"),
+    "megatron_config": ((None, {}), "Megatron parallel layers (megatron_config)"),
+    "layers_to_transform": ((None, []), "layers_to_transform"),
+    "layers_pattern": ((None, [], ""), "layers_pattern"),
 }
+# init_lora_weights values whose adapters are plain LoRA once trained (only the starting point differs), and those
+# that change the base weights (the file's B·A is relative to a modified W, unless PEFT converted it on saving).
+_PLAIN_PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+_BASE_CHANGING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+
+
+def unsupported(data: Mapping[str, Any], fields: set[str] | None = None) -> str | None:
+    """The PEFT feature an adapter_config.json uses that lorakit does not implement, or None.
+
+    ``fields``: LoraConfig fields that exist (an option that became a field is supported)."""
+    fields = fields if fields is not None else {f.name for f in dataclasses.fields(LoraConfig)}
+    for key, (neutral, what) in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if key not in fields and data.get(key) not in neutral:
+            return what
+    init = data.get("init_lora_weights", True)
+    if init not in _PLAIN_PEFT_INITS:
+        base = init.split("_niter")[0] if isinstance(init, str) else init
+        if base not in INITS:  # an init lorakit implements is its business (it knows how to load such files)
+            name = _BASE_CHANGING_INITS.get(base)
+            return f"init_lora_weights={init!r}" + (f" ({name}, which changes the base weights)" if name else "")
+    if data.get("bias", "none") not in ("none", None):
+        return f"bias={data['bias']!r} (training the base models' biases)"
+    return None
 
 
 #: the largest rank accepted (far above any useful LoRA rank; keeps a typo or a corrupt file from
@@ -94,6 +125,16 @@ class LoraConfig:
             does (a module name or dotted suffix, as a regex).
         modules_to_save: modules (same matching rule as a target list) trained and saved whole,
             e.g. a classifier head.
+        lora_bias: give each adapter a trainable bias b on B: h = W x + s · (B (A x) + b)
+            (PEFT's ``lora_bias``; merging adds s·b to the base bias).
+        target_parameters: parameters to adapt directly, by name or dotted suffix of
+            ``<module>.<parameter>`` (PEFT's ``target_parameters``, e.g. the 3-D expert weights of
+            MoE layers, ``["experts.gate_up_proj"]``); the module's forward sees P + ΔP.
+        trainable_token_indices: embedding rows trained outright (PEFT's trainable tokens):
+            ``{"embed_tokens": [0, 5]}``, or a list for the model's input embeddings.
+        strict_targets: every target_modules / modules_to_save / target_parameters entry must
+            match something (catches typos). Configs read from adapter files set it False and are
+            matched as PEFT matches them (unmatched entries ignored, modules_to_save by suffix).
         base_model_name_or_path / task_type: recorded in adapter_config.json for other tools.
     """
 
@@ -110,6 +151,10 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     use_dora: bool = False
+    lora_bias: bool = False
+    target_parameters: tuple[str, ...] | None = None
+    trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
+    strict_targets: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -140,6 +185,16 @@ class LoraConfig:
                 check_pattern(f"{field} key", key, suffix=True)
                 check(f"{field}[{short(key)}]", value)
             set_(field, dict(pattern))
+        for field in ("lora_bias", "strict_targets"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str):
+                raise ConfigError("target_parameters must be a list of '<module>.<parameter>' names, e.g. ['experts.down_proj']")
+            set_("target_parameters", _names_or_regex("target_parameters", list(self.target_parameters)))
+        set_("trainable_token_indices", _token_indices(self.trainable_token_indices))
+        if self.target_modules == () and not self.target_parameters:
+            raise ConfigError("target_modules is an empty list and no target_parameters are given; name what to adapt")
 
     # -- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -180,6 +235,9 @@ class LoraConfig:
             "bias": "none",
             "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
             "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
+            "target_parameters": list(self.target_parameters) if self.target_parameters else None,
+            "trainable_token_indices": _tokens_json(self.trainable_token_indices),
             "inference_mode": True,
         }
 
@@ -193,30 +251,37 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
             raise ConfigError(f"{source}: peft_type is {short(peft_type)}; lorakit loads only LoRA adapters (peft_type 'LORA')")
-        for key, neutral in _UNSUPPORTED_PEFT_OPTIONS.items():
-            if data.get(key, neutral) not in (neutral, [], {}, False, None):
-                raise ConfigError(f"{source}: {key}={short(data[key])} is not supported by lorakit; re-train without it")
-        if data.get("bias", "none") != "none":
-            raise ConfigError(f"{source}: bias={short(data['bias'])} is not supported; lorakit adapters train no biases")
+        feature = unsupported(data, {f.name for f in dataclasses.fields(cls)})
+        if feature is not None:
+            raise UnsupportedFeatureError(f"{source}: this adapter uses {feature}, which lorakit does not support")
         kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
         init = data.get("init_lora_weights", True)
         if init is True or init is False:
             kwargs["init"] = "kaiming" if init else "nonzero"
+        elif init in _PLAIN_PEFT_INITS:  # eva, orthogonal, mica: only the starting point differed; plain LoRA now
+            kwargs["init"] = "gaussian" if init == "gaussian" else "kaiming"
         elif isinstance(init, str) and init_kind(init) in INITS and init not in _INIT_TO_PEFT:
             kwargs["init"] = init
         else:
-            raise ConfigError(f"{source}: init_lora_weights={short(init)} is not supported by lorakit; it takes True, False, "
-                              "'gaussian', 'pissa', 'pissa_niter_<K>' and 'olora'")
+            raise UnsupportedFeatureError(f"{source}: this adapter uses init_lora_weights={short(init)}, which lorakit does "
+                                          "not support")
         if data.get("use_dora") is not None:
             kwargs["use_dora"] = data["use_dora"]
         for key in ("rank_pattern", "alpha_pattern"):  # JSON objects only (a list of pairs would pass Mapping())
             if key in kwargs and not isinstance(kwargs[key], dict):
                 raise ConfigError(f"{source}: {key} must be a JSON object mapping module-name patterns to values, "
                                   f"got {type(kwargs[key]).__name__}")
+        kwargs["strict_targets"] = False
         try:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def _tokens_json(value: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None) -> Any:
+    if value is None:
+        return None
+    return {k: list(v) for k, v in value.items()} if isinstance(value, Mapping) else list(value)
 
 
 def _check_rank(name: str, value: Any) -> None:
@@ -235,6 +300,29 @@ def _check_alpha(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number > 0, got {short(value)}")
 
 
+def _token_indices(value: Any) -> Mapping[str, tuple[int, ...]] | tuple[int, ...] | None:
+    """trainable_token_indices: None, a list of ids (the input embeddings), or module name → ids."""
+    if value is None:
+        return None
+
+    def ids(where: str, items: Any) -> tuple[int, ...]:
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
+            raise ConfigError(f"trainable_token_indices{where} must be a non-empty list of token ids, got {items!r}")
+        out = tuple(items)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in out) or len(set(out)) != len(out):
+            raise ConfigError(f"trainable_token_indices{where} must hold distinct token ids ≥ 0, got {list(out)!r}")
+        return out
+
+    if isinstance(value, Mapping):
+        if not value:
+            return None
+        for key in value:
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"trainable_token_indices keys must be embedding module names, got {key!r}")
+        return {key: ids(f"[{key!r}]", items) for key, items in value.items()}
+    return ids("", value)
+
+
 def _names_or_regex(field: str, value: Any) -> tuple[str, ...] | str | None:
     """Lists become tuples of names; a string stays a regex (or 'all-linear')."""
     if value is None:
@@ -248,9 +336,7 @@ def _names_or_regex(field: str, value: Any) -> tuple[str, ...] | str | None:
         for name in names:
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"{field} entries must be non-empty strings, got {short(name)}")
-        if not names and field != "target_modules":
-            return None
-        if not names:
-            raise ConfigError(f"{field} is an empty list; name at least one module, e.g. ['q_proj', 'v_proj']")
+        if not names:  # an empty target_modules is allowed beside target_parameters (checked by the caller)
+            return () if field == "target_modules" else None
         return names
     raise ConfigError(f"{field} must be a list of names or a regex string, got {short(value)}")

@@ -15,6 +15,10 @@ class ConfigError(LorakitError, ValueError):
     """A LoraConfig (or a CLI option that builds one) has an invalid value."""
 
 
+class UnsupportedFeatureError(ConfigError):
+    """An adapter file uses a PEFT feature (a LoRA variant, an initialisation, ...) lorakit does not implement."""
+
+
 class TargetError(LorakitError, ValueError):
     """target_modules / exclude_modules do not fit the model (e.g. an entry matches nothing)."""
 

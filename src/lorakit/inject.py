@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterNameError, TargetError, UnsupportedModuleError
+from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
 from .fingerprint import WeightSample, fingerprint, weight_checksum
-from .layers import LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
+from .layers import ADAPTABLE, LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
 from .quant import NF4Linear
 
@@ -74,12 +74,25 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def resolve_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Full names of the modules ``config.modules_to_save`` names; every entry must match."""
-    found = [(name, entry) for name, _, _ in candidates(model) for entry in config.modules_to_save if name_matches(entry, name)]
+    """Full names of the modules ``config.modules_to_save`` names.
+
+    With ``config.strict_targets`` (a config a user wrote) an entry is a full name or dotted
+    suffix and every entry must match; otherwise (a config read from an adapter file) PEFT's rule
+    applies: any suffix of the name matches and entries that match nothing are ignored (PEFT writes
+    ``["classifier", "score"]`` for every sequence-classification model).
+    """
+    strict = config.strict_targets
+    found = [
+        (name, entry)
+        for name, _, _ in candidates(model)
+        for entry in config.modules_to_save
+        if (name_matches(entry, name) if strict else name.endswith(entry))
+    ]
     unmatched = [e for e in config.modules_to_save if e not in {entry for _, entry in found}]
-    if unmatched:
+    if unmatched and strict:
         raise TargetError(f"modules_to_save entries {unmatched} match no module of the model; {_hint(model)}")
-    return sorted({name for name, _ in found})
+    names = sorted({name for name, _ in found})
+    return [n for n in names if not any(n.startswith(outer + ".") for outer in names)]  # the outermost of nested matches
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -89,7 +102,12 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         TargetError: no target_modules given, an entry that matches nothing, or nothing matched.
         UnsupportedModuleError: a matched module that lorakit cannot adapt.
     """
+    for field, what in (("target_parameters", "target_parameters"), ("trainable_token_indices", "trainable tokens")):
+        if getattr(config, field):
+            raise UnsupportedFeatureError(f"this adapter uses {what} ({field}), which lorakit does not support yet")
     spec = config.target_modules
+    if spec is None and config.target_parameters:
+        spec = ()
     if spec is None:
         raise TargetError("target_modules is not set; name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     saved = set(resolve_modules_to_save(model, config))
@@ -115,7 +133,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if unsupported:
         raise UnsupportedModuleError(
             f"target_modules matches modules lorakit cannot adapt: {', '.join(unsupported[:5])}; "
-            "lorakit adapts nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d — narrow target_modules"
+            f"lorakit adapts {ADAPTABLE} — narrow target_modules"
         )
     bases = {name: base for name, _, base in candidates(model)}
     quantized = [f"{name} ({bases[name].weight.dtype})" for name in targets if _quantized(bases[name])]
@@ -125,11 +143,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             "cannot compute with bitsandbytes' layers — load the base in bfloat16, float16 or float32 and call "
             "lorakit.quantize_base(model, 'nf4'), or load the load_in_4bit checkpoint with lorakit.quantize_checkpoint"
         )
-    if isinstance(spec, tuple):
+    if isinstance(spec, tuple) and config.strict_targets:  # PEFT ignores entries that match nothing; a user's typo is caught
         unmatched = [entry for entry in spec if entry not in used_entries]
         if unmatched:
             raise TargetError(f"target_modules entries {unmatched} match no module of the model (a typo?); {_hint(model)}")
-    if not targets:
+    if not targets and not config.target_parameters:
         raise TargetError(f"target_modules {spec!r} matches no adaptable module; {_hint(model)}")
     return targets
 
@@ -179,15 +197,19 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             module, base = modules[name]
             if not isinstance(module, LoraLayer):
                 module = wrap(module, name)
+                module.train(base.training)  # a wrapper starts in training mode; it must follow the model's mode
                 _set_child(model, name, module)
                 replaced.append((name, base))
-            module.add_adapter(adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init,
-                               config.use_dora)
+            module.add_adapter(
+                adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init, config.use_dora,
+                bias=config.lora_bias,
+            )
             added.append(module)
         for name in to_save:
             module, base = modules[name]
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(base)
+                module.train(base.training)
                 _set_child(model, name, module)
                 replaced.append((name, base))
             module.add_adapter(adapter_name)
@@ -240,10 +262,8 @@ def refresh(model: nn.Module, active: list[str]) -> None:
         if isinstance(module, LoraLayer):
             module.active_adapters = [a for a in active if a in module.lora_A]
             for name in module.active_adapters:
-                module.lora_A[name].requires_grad_(True)
-                module.lora_B[name].requires_grad_(True)
-                if name in module.lora_magnitude:
-                    module.lora_magnitude[name].requires_grad_(True)
+                for p in module.trainable(name):
+                    p.requires_grad_(True)
         else:
             module.active_adapters = [a for a in active if a in module.copies]
             for name in module.active_adapters:

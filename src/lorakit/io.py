@@ -7,8 +7,9 @@ layout, so PEFT and vLLM load lorakit's adapters and lorakit loads theirs:
     base_model.model.<module path>.lora_B.weight        (d, r)
     base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
     base_model.model.<module path>.lora_embedding_B     (dim, r)
-    base_model.model.<module path>.lora_A.weight        (r, in, kh, kw)   Conv2d; B: (d, r, 1, 1)
-    base_model.model.<module path>.lora_magnitude_vector  (d,)  DoRA's m ((1, d, 1, 1) for Conv2d)
+    base_model.model.<module path>.lora_A.weight        (r, in, *kernel)  Conv1d/2d/3d; B: (d, r/groups, 1, ...)
+    base_model.model.<module path>.lora_B.bias          (d,)         lora_bias
+    base_model.model.<module path>.lora_magnitude_vector  (d,)  DoRA's m ((1, d, 1, ...) for convolutions)
     base_model.model.<module path>.<param>              modules_to_save
 
 lorakit's extra facts (its version, the base-model fingerprint) go into the safetensors metadata,
@@ -36,10 +37,18 @@ from torch import Tensor, nn
 
 from .adapters import active_adapters, adapter_names, delete_adapter
 from .config import MUTATING_INITS, LoraConfig, init_kind
-from .errors import AdapterFileError, AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
+from .errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    AdapterNameError,
+    ConfigError,
+    LorakitError,
+    UnsupportedFeatureError,
+    UnsupportedModuleError,
+)
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraEmbedding, LoraLayer, ModulesToSave
+from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,7 +64,9 @@ _LORA_KEY = re.compile(
 def split_lora_key(key: str) -> tuple[str, str, str | None] | None:
     """(module path, kind, adapter name or None) of a PEFT LoRA tensor key, where kind is "lora_A",
     "lora_B", "lora_embedding_A", "lora_embedding_B" or "lora_magnitude_vector" (DoRA); None for any
-    other key (modules_to_save)."""
+    other key (modules_to_save, a lora_B bias)."""
+    if key.endswith(".bias"):
+        return None
     match = _LORA_KEY.match(key.removesuffix(".weight"))
     return (match["module"], match["kind"], match["adapter"]) if match else None
 
@@ -266,6 +277,8 @@ def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict
     out = {k: t.reshape(shape) for k, (t, shape) in zip(_keys(module), zip((A, B), _factor_shapes(module, A.shape[0])))}
     if adapter_name in module.lora_magnitude:
         out["lora_magnitude_vector"] = module.lora_magnitude[adapter_name].reshape(_magnitude_shape(module))
+    if adapter_name in module.lora_bias:
+        out["lora_B.bias"] = module.lora_bias[adapter_name]
     return out
 
 
@@ -276,13 +289,16 @@ def _keys(module: LoraLayer) -> tuple[str, str]:
 def _factor_shapes(module: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """PEFT's shapes of A and B at rank r for this layer."""
     k, d = module.in_features, module.out_features
-    if module.layout == "conv":
-        return (r, *module.base_weight().shape[1:]), (d, r, 1, 1)
+    if isinstance(module, LoraConv):
+        a_kernel, b_kernel = module.lora_shapes()
+        return (r, *a_kernel), (d, r // module.base_layer.groups, *b_kernel)
     return (r, k), (d, r)
 
 
 def _magnitude_shape(module: LoraLayer) -> tuple[int, ...]:
-    return (1, module.out_features, 1, 1) if module.layout == "conv" else (module.out_features,)
+    if isinstance(module, LoraConv):
+        return (1, module.out_features, *module.lora_shapes()[1])
+    return (module.out_features,)
 
 
 def _saved_targets(model: nn.Module, adapter_name: str) -> list[str]:
@@ -415,6 +431,8 @@ def load_adapter(
     try:
         targets = resolve_targets(model, config)
         to_save = resolve_modules_to_save(model, config)
+    except (UnsupportedFeatureError, UnsupportedModuleError):
+        raise
     except LorakitError as err:
         raise AdapterMismatchError(f"{adapter.path / CONFIG_NAME} does not fit this model: {err}") from None
     expected = _expected_shapes(model, config, targets, to_save)
@@ -520,6 +538,8 @@ def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[s
     params = {keys[0]: module.lora_A[adapter_name], keys[1]: module.lora_B[adapter_name]}
     if adapter_name in module.lora_magnitude:
         params["lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
+    if adapter_name in module.lora_bias:
+        params["lora_B.bias"] = module.lora_bias[adapter_name]
     return params
 
 
@@ -536,6 +556,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], t
             shapes[f"{name}.{key}"] = shape
         if config.use_dora:
             shapes[f"{name}.lora_magnitude_vector"] = _magnitude_shape(probe)
+        if config.lora_bias:
+            shapes[f"{name}.lora_B.bias"] = (probe.out_features,)
     for name in to_save:
         for key, tensor in bases[name].state_dict().items():
             shapes[f"{name}.{key}"] = tuple(tensor.shape)

@@ -1,6 +1,8 @@
 """LoRA modules: each wraps one frozen base module and holds any number of named adapters.
 
-    h = base(x) + Σ_active s_i · B_i (A_i drop(x))       A_i: (r_i, k)   B_i: (d, r_i)
+    h = base(x) + Σ_active s_i · (B_i (A_i drop(x)) + b_i)       A_i: (r_i, k)   B_i: (d, r_i)
+
+(b_i, PEFT's ``lora_bias``, only where the adapter has one.)
 
 A DoRA adapter (``use_dora``) also has a magnitude m_i (d,) and replaces W by m_i ⊙ (W + s_i B_i A_i) / ‖·‖
 (row norms); see :mod:`lorakit.ops.dora`.
@@ -34,11 +36,12 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def supports(module: nn.Module) -> bool:
     """Whether lorakit can wrap this module."""
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_hf_conv1d(module) or (
-        isinstance(module, nn.Conv2d) and module.groups == 1
-    )
+    return isinstance(module, (nn.Linear, nn.Embedding, *_CONVS)) or is_hf_conv1d(module)
 
 
 class LoraLayer(nn.Module):
@@ -49,6 +52,7 @@ class LoraLayer(nn.Module):
         lora_A / lora_B: ParameterDicts, name → (r, k) / (d, r).
         scaling: name → s.   r: name → rank.   dropout_p: name → dropout probability.
         lora_magnitude: ParameterDict, name → m (d,) for DoRA adapters (absent for plain LoRA).
+        lora_bias: ParameterDict, name → b (d,) for adapters with a bias on B (PEFT's ``lora_bias``).
         init_factors: name → (A₀, B₀) for adapters whose init moved s·B₀A₀ out of W (PiSSA, OLoRA), so
             that saving can express the adapter against the original W.
         active_adapters: names whose updates are added in forward (their updates add).
@@ -57,6 +61,7 @@ class LoraLayer(nn.Module):
     """
 
     layout: Layout = "linear"
+    supports_bias = True  # whether adapters here may have a lora_bias (PEFT refuses it for embeddings)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -64,6 +69,7 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()
+        self.lora_bias = nn.ParameterDict()
         self.init_factors: dict[str, tuple[Tensor, Tensor]] = {}
         self._merge_norms: dict[str, Tensor] = {}  # DoRA: the row norms a merge divided by, for unmerge
         self.scaling: dict[str, float] = {}
@@ -108,7 +114,7 @@ class LoraLayer(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
-                    use_dora: bool = False) -> None:
+                    use_dora: bool = False, bias: bool = False) -> None:
         """Create adapter ``name`` (PEFT's ``init_lora_weights`` semantics for each ``init``):
 
         * "kaiming": A Kaiming-uniform (nn.Linear's default), B = 0, so ΔW = 0 — PEFT's default;
@@ -118,6 +124,7 @@ class LoraLayer(nn.Module):
           :meth:`LoraLinear.mutating_init`); only linear layers.
         Embedding adapters follow PEFT: A = 0, B ~ N(0, 1) for every init but "nonzero" (both N(0, 1)).
         ``use_dora``: add the DoRA magnitude m = ‖W + s·B A‖ (row norms), so the output is unchanged at init.
+        ``bias``: add a bias b (d,) on B (PEFT's ``lora_bias``), zero unless ``init`` is "nonzero".
         """
         if name in self.lora_A:
             raise AdapterNameError(f"adapter {name!r} already exists in this layer; delete it first or pick another name")
@@ -125,13 +132,22 @@ class LoraLayer(nn.Module):
             raise UnsupportedModuleError(
                 f"{'DoRA' if use_dora else 'init ' + repr(init)} changes or reads the base weight, which is 4-bit "
                 "(NF4) here; use a plain LoRA init (kaiming, gaussian) on a quantized base, or quantize after")
+        if bias and (use_dora or not self.supports_bias):
+            what = "DoRA" if use_dora else f"a {type(self.base_layer).__name__}"
+            raise UnsupportedModuleError(f"lora_bias is not supported with {what} (nor in PEFT); drop lora_bias or this target")
         device, wdtype = self._base_device_dtype()
         dtype = wdtype if wdtype in (torch.float32, torch.float64) else torch.float32
         A = torch.empty(r, self.in_features, device=device, dtype=dtype)
-        B = torch.zeros(self.out_features, r, device=device, dtype=dtype)
+        B = torch.zeros(self.lora_b_shape(r), device=device, dtype=dtype)
         self._init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        if bias:
+            b = torch.zeros(self.out_features, device=device, dtype=dtype)
+            if init == "nonzero":  # nn.Linear's default bias init, as PEFT's lora_B has with init_lora_weights=False
+                bound = 1 / math.sqrt(B.shape[1])
+                nn.init.uniform_(b, -bound, bound)
+            self.lora_bias[name] = nn.Parameter(b)
         self.scaling[name], self.r[name], self.dropout_p[name] = float(scale), r, float(dropout)
         if init_kind(init) in MUTATING_INITS:
             try:
@@ -150,6 +166,18 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init == "nonzero":
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+
+    def lora_b_shape(self, r: int) -> tuple[int, ...]:
+        """The shape of B for rank r: (d, r)."""
+        return (self.out_features, r)
+
+    def trainable(self, name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter ``name`` in this layer (what training updates)."""
+        return [d[name] for d in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_bias) if name in d]
+
+    def bias_term(self, name: str) -> Tensor | None:
+        """s·b of adapter ``name`` (None when it has no lora_bias)."""
+        return self.lora_bias[name] * self.scaling[name] if name in self.lora_bias else None
 
     def mutating_init(self, name: str, init: str) -> None:
         """PiSSA / OLoRA: set A, B from W and move s·B A out of W; only layers with a (d, k) weight have it."""
@@ -177,6 +205,8 @@ class LoraLayer(nn.Module):
         del self.lora_A[name], self.lora_B[name]
         if name in self.lora_magnitude:
             del self.lora_magnitude[name]
+        if name in self.lora_bias:
+            del self.lora_bias[name]
         for table in (self.scaling, self.r, self.dropout_p):
             del table[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -225,7 +255,7 @@ class LoraLayer(nn.Module):
                     weight.copy_(new)
                 self._merge_norms[name] = norm
             else:
-                add_delta(self.base_weight(), delta, +1, what=f"adapter {name!r}")
+                self._add(name, delta, +1)
             self.merged_adapters.append(name)
 
     def unmerge(self, names: list[str] | None = None) -> None:
@@ -238,8 +268,20 @@ class LoraLayer(nn.Module):
                         weight.copy_(self._undo_dora_merge(name, weight))
                     del self._merge_norms[name]
                 else:
-                    add_delta(weight, self.delta_weight(name), -1, what=f"adapter {name!r}")
+                    self._add(name, self.delta_weight(name), -1)
                 self.merged_adapters.remove(name)
+
+    def _add(self, name: str, delta: Tensor, sign: int) -> None:
+        """W ← W ± ΔW and, with a lora_bias, bias ← bias ± s·b; both checked before either changes."""
+        bias = self.bias_term(name)
+        base_bias = getattr(self.base_layer, "bias", None)
+        if bias is not None and base_bias is None:
+            raise MergeError(f"adapter {name!r} has a lora_bias but the base layer has no bias to merge it into")
+        if bias is not None:
+            add_delta(base_bias.detach().clone(), bias.detach(), sign, what=f"adapter {name!r}'s bias")  # a check only
+        add_delta(self.base_weight(), delta, sign, what=f"adapter {name!r}")
+        if bias is not None:
+            add_delta(base_bias, bias.detach(), sign, what=f"adapter {name!r}'s bias")
 
     def _undo_dora_merge(self, name: str, weight: Tensor) -> Tensor:
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -315,8 +357,8 @@ class LoraLinear(LoraLayer):
         (merged, disabled, several active, DoRA, a transposed Conv1D weight, or a 4-bit base): the state in which callers
         that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
         names = self._unmerged_active()  # [] when disabled
-        if len(names) == 1 and names[0] in self.lora_magnitude:
-            return None  # DoRA is not the LoRA product those callers compute
+        if len(names) == 1 and (names[0] in self.lora_magnitude or names[0] in self.lora_bias):
+            return None  # DoRA or a lora_bias: not the LoRA product those callers compute
         if self.quantized():
             return None  # a 4-bit base is computed only by its own op, which never keeps the dequantised weight
         return names[0] if len(names) == 1 and self.layout == "linear" else None
@@ -351,6 +393,8 @@ class LoraLinear(LoraLayer):
                 out = lora_linear(x, W, self.base_layer.bias, A, B, s, p, seed)
             else:
                 out = out + lora_linear(x, None, None, A, B, s, p, seed)
+            if name in self.lora_bias:
+                out = out + self.bias_term(name).to(out.dtype)
         return out
 
     def _forward_nf4(self, x: Tensor, names: list[str]) -> Tensor:
@@ -363,6 +407,8 @@ class LoraLinear(LoraLayer):
                 out = nf4_lora_linear(x, base.nf4(), base.bias, A, B, s, p, seed)
             else:
                 out = out + lora_linear(x, None, None, A, B, s, p, seed)
+            if name in self.lora_bias:
+                out = out + self.bias_term(name).to(out.dtype)
         return out
 
     def mutating_init(self, name: str, init: str) -> None:
@@ -413,6 +459,7 @@ class LoraEmbedding(LoraLayer):
     """
 
     layout = "embedding"
+    supports_bias = False
 
     @property
     def in_features(self) -> int:
@@ -451,41 +498,93 @@ class LoraEmbedding(LoraLayer):
         return out
 
 
-class LoraConv2d(LoraLayer):
-    """LoRA around ``nn.Conv2d`` (groups = 1): A acts as a conv with the base's kernel, stride and
-    padding into r channels, B as a 1×1 conv back to d channels; A is stored flattened (r, in·kh·kw)."""
+class LoraConv(LoraLayer):
+    """LoRA around ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, as PEFT builds it.
+
+    A acts as a convolution with the base's kernel, stride, padding and dilation from all ``in``
+    input channels into r channels; B as a 1×…×1 convolution from r to d channels in the base's
+    ``groups`` groups:  h = conv(x; W) + s · (conv_g(conv(x; A); B) + b).  A is stored flattened
+    (r, in·∏kernel), B as (d, r/groups).  With groups = 1, ΔW = s·BA reshaped to W's shape; with
+    groups > 1 the update is a full (ungrouped) convolution that W cannot hold, so such adapters
+    cannot be merged (as in PEFT) and r must be a multiple of groups.
+    """
 
     layout = "conv"
 
     @property
     def in_features(self) -> int:
-        w = self.base_weight()
-        return w.shape[1] * w.shape[2] * w.shape[3]
+        base = self.base_layer
+        return base.in_channels * math.prod(base.kernel_size)
 
     @property
     def out_features(self) -> int:
-        return self.base_weight().shape[0]
+        return self.base_layer.out_channels
+
+    def dora_norm(self, name: str) -> Tensor:
+        """DoRA's n per output channel.  With groups > 1 this is PEFT's: the norm of W + s·L where L is
+        B viewed as (d/groups, r) times A, laid out in W's grouped shape (PEFT's ``get_lora_weight``) —
+        not the grouped update the forward applies, but what PEFT divides by, so its adapters load equal."""
+        if self.base_layer.groups == 1:
+            return super().dora_norm(name)
+        W, A, B = self.base_weight().detach(), self.lora_A[name].detach(), self.lora_B[name].detach()
+        acc = torch.float64 if torch.float64 in (W.dtype, A.dtype) else torch.float32
+        L = (B.to(acc).reshape(-1, A.shape[0]) @ A.to(acc)).reshape(W.shape)
+        return (W.to(acc) + self.scaling[name] * L).flatten(1).norm(dim=1)
+
+    def lora_b_shape(self, r: int) -> tuple[int, ...]:
+        groups = self.base_layer.groups
+        if r % groups:
+            raise UnsupportedModuleError(
+                f"a {type(self.base_layer).__name__} with groups={groups} needs a rank that is a multiple of {groups} "
+                f"(PEFT's rule), got r={r}: change r or rank_pattern for this layer"
+            )
+        return (self.out_features, r // groups)
+
+    def lora_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(A's kernel shape after r, B's after (d, r/groups)) in PEFT's convolution-weight layout."""
+        base = self.base_layer
+        return (base.in_channels, *base.kernel_size), (1,) * len(base.kernel_size)
+
+    def delta_weight(self, name: str) -> Tensor:
+        groups = self.base_layer.groups
+        if groups > 1:
+            raise MergeError(
+                f"adapter {name!r} adapts a convolution with groups={groups}: its update is an ungrouped convolution "
+                "that the grouped weight cannot hold, so it cannot be merged (PEFT cannot either); keep it unmerged"
+            )
+        return super().delta_weight(name)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         base = self.base_layer
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(base.kernel_size) - 1]
+        a_shape, b_shape = self.lora_shapes()
+        channel = (1, -1) + b_shape  # a (d,) vector over the output's channels
         for name in self._unmerged_active():
             p = self.dropout_p[name] if self.training else 0.0
-            A = self.lora_A[name].reshape(-1, *base.weight.shape[1:]).to(x.dtype)  # (r, in, kh, kw)
-            B = self.lora_B[name][:, :, None, None].to(x.dtype)  # (d, r, 1, 1)
+            A = self.lora_A[name].reshape(-1, *a_shape).to(x.dtype)  # (r, in, *kernel)
+            B = self.lora_B[name].reshape(*self.lora_B[name].shape, *b_shape).to(x.dtype)  # (d, r/groups, 1, ...)
             xd = F.dropout(x, p, True) if p else x
-            low = F.conv2d(xd, A, None, base.stride, base.padding, base.dilation)
-            delta = F.conv2d(low, B) * self.scaling[name]
+            low = conv(xd, A, None, base.stride, base.padding, base.dilation)
+            bias = self.lora_bias[name].to(x.dtype) if name in self.lora_bias else None
+            delta = conv(low, B, bias, groups=base.groups) * self.scaling[name]
             if name in self.lora_magnitude:  # DoRA as PEFT: + (f − 1) ⊙ conv(x̃, W) + f ⊙ update, f per channel
-                f = (self.lora_magnitude[name] / self.dora_norm(name)).to(x.dtype).view(1, -1, 1, 1)
+                f = (self.lora_magnitude[name] / self.dora_norm(name)).to(x.dtype).view(channel)
                 if p:
-                    base_out = F.conv2d(xd, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation)
+                    base_out = conv(xd, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation)
                 else:  # what the base (and earlier adapters) gave, without the bias
-                    base_out = out if base.bias is None else out - base.bias.to(out.dtype).view(1, -1, 1, 1)
+                    base_out = out if base.bias is None else out - base.bias.to(out.dtype).view(channel)
                 out = out + (f - 1) * base_out + f * delta
             else:
                 out = out + delta
         return out
+
+
+LoraConv2d = LoraConv  # the name it had when only nn.Conv2d was supported
+
+
+#: The module types lorakit adapts, as error messages name them.
+ADAPTABLE = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped too)"
 
 
 def wrap(module: nn.Module, qualified_name: str) -> LoraLayer:
@@ -494,11 +593,10 @@ def wrap(module: nn.Module, qualified_name: str) -> LoraLayer:
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return LoraConv2d(module)
+    if isinstance(module, _CONVS):
+        return LoraConv(module)
     raise UnsupportedModuleError(
-        f"module {qualified_name!r} is a {type(module).__name__}; lorakit adapts nn.Linear, transformers Conv1D, "
-        "nn.Embedding and nn.Conv2d (groups=1). Remove it from target_modules."
+        f"module {qualified_name!r} is a {type(module).__name__}; lorakit adapts {ADAPTABLE}. Remove it from target_modules."
     )
 
 

@@ -117,6 +117,10 @@ class _MixedBatch:
                     f"layer {qualified!r} is a {type(layer).__name__}; mixed-adapter batches support nn.Linear, "
                     "transformers Conv1D and nn.Embedding layers: leave it out of these adapters' target_modules"
                 )
+            if any(n in layer.lora_bias for n in present):
+                raise UnsupportedModuleError(
+                    f"layer {qualified!r}: adapters with a lora_bias cannot be mixed in one batch; batch them separately"
+                )
             # this layer's slot of each batch-wide slot (-1: the adapter does not adapt this layer)
             local = tuple(present.index(n) if n in present else -1 for n in self.unique)
             self.layers[layer] = (_Stacks(layer, present), local)

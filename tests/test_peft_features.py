@@ -1,0 +1,143 @@
+"""The PEFT layer kinds and options beyond plain Linear LoRA: N-d and grouped convolutions, lora_bias,
+refusal of PEFT variants lorakit lacks, PEFT-lenient matching of configs read from files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit.config import unsupported
+from lorakit.errors import MergeError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
+
+
+def _randomise(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for p in layer.trainable("default"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("conv", "shape"), [(nn.Conv1d, (2, 4, 9)), (nn.Conv3d, (2, 4, 5, 5, 5))])
+def test_conv_nd_matches_float64_reference(conv, shape):
+    """h = conv(x; W) + s·conv(conv(x; A); B) + s·b, against the same sum written out with ΔW = s·BA reshaped."""
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(4, 6, 3, stride=2, padding=1, dilation=1)).double().eval()
+    base = copy.deepcopy(net)
+    lorakit.inject(net, lorakit.LoraConfig(r=3, alpha=6, target_modules=["0"], lora_bias=True))
+    _randomise(net)
+    layer = net[0]
+    x = torch.randn(shape, dtype=torch.float64)
+    W, b = base[0].weight, base[0].bias
+    delta = (layer.lora_B["default"] @ layer.lora_A["default"]).reshape(W.shape) * 2.0
+    fn = F.conv1d if conv is nn.Conv1d else F.conv3d
+    want = fn(x, W + delta, b + 2.0 * layer.lora_bias["default"], stride=2, padding=1)
+    assert torch.allclose(net(x), want, atol=1e-12)
+    lorakit.merge(net)  # weight and bias both take the update
+    assert torch.allclose(net(x), want, atol=1e-12)
+    lorakit.unmerge(net)
+    assert torch.allclose(layer.base_layer.bias, b, atol=1e-12) and torch.allclose(layer.base_layer.weight, W, atol=1e-12)
+
+
+def test_grouped_conv_update_and_refusals():
+    """groups > 1 (PEFT's way): A an ungrouped conv to r channels, B a grouped 1×1 conv; ΔW is an ungrouped conv
+    the grouped weight cannot hold, so merging is refused and leaves the weight alone; r must divide by groups."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)).double().eval()
+    with pytest.raises(UnsupportedModuleError, match="multiple of 2"):
+        lorakit.inject(copy.deepcopy(net), lorakit.LoraConfig(r=3, target_modules=["0"]))
+    lorakit.inject(net, lorakit.LoraConfig(r=4, alpha=4, target_modules=["0"]))
+    _randomise(net)
+    layer = net[0]
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    A = layer.lora_A["default"].reshape(4, 4, 3, 3)  # (r, in, kh, kw): all input channels
+    B = layer.lora_B["default"]  # (d, r/groups)
+    assert B.shape == (6, 2)
+    B_full = torch.zeros(6, 4, dtype=torch.float64)  # the block-diagonal B the grouped 1×1 conv applies
+    B_full[:3, :2], B_full[3:, 2:] = B[:3], B[3:]
+    want = layer.base_layer(x) + F.conv2d(x, torch.einsum("or,rikl->oikl", B_full, A))
+    assert torch.allclose(net(x), want, atol=1e-12)
+    before = layer.base_layer.weight.clone()
+    with pytest.raises(MergeError, match="groups=2"):
+        lorakit.merge(net)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged_adapters
+
+
+def test_lora_bias_merge_needs_a_base_bias_and_embeddings_refuse_it():
+    net = nn.Sequential(nn.Linear(4, 3, bias=False)).eval()
+    lorakit.inject(net, lorakit.LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+    _randomise(net)
+    before = net[0].base_layer.weight.clone()
+    with pytest.raises(MergeError, match="no bias"):
+        lorakit.merge(net)
+    assert torch.equal(net[0].base_layer.weight, before)
+    with pytest.raises(UnsupportedModuleError, match="lora_bias"):
+        lorakit.inject(nn.Sequential(nn.Embedding(5, 3)), lorakit.LoraConfig(target_modules=["0"], lora_bias=True))
+
+
+def test_wrappers_follow_the_models_training_mode():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    lorakit.inject(net, lorakit.LoraConfig(r=2, dropout=0.5, target_modules=["0"], modules_to_save=["1"]))
+    assert not any(m.training for m in net.modules())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("use_dora", True, "DoRA"), ("velora_config", {"num_groups": 2}, "VeLoRA"), ("kasa_config", {"beta": 1}, "KaSA"),
+        ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"), ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+        ("alora_invocation_tokens", [5, 6], "Activated LoRA"), ("use_qalora", True, "QA-LoRA"),
+        ("layer_replication", [[0, 2]], "layer replication"), ("arrow_config", {"top_k": 2}, "Arrow"),
+        ("init_lora_weights", "corda", "CorDA"), ("init_lora_weights", "loftq", "LoftQ"),
+        ("init_lora_weights", "lora_ga", "LoRA-GA"), ("bias", "all", "bias='all'"),
+    ],
+)
+def test_peft_variants_lorakit_lacks_are_refused_by_name(field, value, words, tmp_path):
+    if field in {f for f in lorakit.LoraConfig.__dataclass_fields__}:
+        pytest.skip(f"lorakit supports {field} now")
+    data = lorakit.LoraConfig(target_modules=["0"]).to_peft_dict() | {field: value}
+    with pytest.raises(UnsupportedFeatureError, match=f"this adapter uses .*{words}.*which lorakit does not support"):
+        lorakit.LoraConfig.from_peft_dict(data)
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_inits_that_leave_a_plain_lora_are_accepted(init):
+    """These only choose the starting A and B (MiCA also freezes B while training); the saved adapter is plain LoRA."""
+    assert unsupported(lorakit.LoraConfig(target_modules=["0"]).to_peft_dict() | {"init_lora_weights": init}) is None
+
+
+def test_modules_to_save_from_a_file_match_as_peft_does(tmp_path):
+    """A SEQ_CLS file lists ["classifier", "score"] whatever the model has; PEFT matches any suffix; exclude_modules
+    may remove a listed target. A config a user writes keeps lorakit's typo check."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.classifier = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    base = copy.deepcopy(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["body"], modules_to_save=["classifier"]))
+    _randomise(model)
+    with torch.no_grad():
+        model.classifier.copies["default"].weight.add_(1.0)
+    path = lorakit.save_adapter(model, tmp_path / "a")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config |= {"modules_to_save": ["classifier", "score"], "target_modules": ["body", "classifier", "q_proj"],
+               "exclude_modules": ["classifier"], "task_type": "SEQ_CLS"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    loaded = lorakit.load_adapter(copy.deepcopy(base), path)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(TargetError, match="score"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["body"], modules_to_save=["classifier", "score"]))
