@@ -74,13 +74,15 @@ def unsupported(data: Mapping[str, Any], fields: set[str] | None = None) -> str 
         if key not in fields and data.get(key) not in neutral:
             return what
     init = data.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        return f"init_lora_weights={short(init)}"
     if init not in _PLAIN_PEFT_INITS:
         base = init.split("_niter")[0] if isinstance(init, str) else init
         if base not in INITS:  # an init lorakit implements is its business (it knows how to load such files)
             name = _BASE_CHANGING_INITS.get(base)
-            return f"init_lora_weights={init!r}" + (f" ({name}, which changes the base weights)" if name else "")
+            return f"init_lora_weights={short(init)}" + (f" ({name}, which changes the base weights)" if name else "")
     if data.get("bias", "none") not in ("none", None):
-        return f"bias={data['bias']!r} (training the base models' biases)"
+        return f"bias={short(data["bias"])} (training the base models' biases)"
     return None
 
 
@@ -187,10 +189,11 @@ class LoraConfig:
             set_(field, dict(pattern))
         for field in ("lora_bias", "strict_targets"):
             if not isinstance(getattr(self, field), bool):
-                raise ConfigError(f"{field} must be True or False, got {getattr(self, field)!r}")
+                raise ConfigError(f"{field} must be True or False, got {short(getattr(self, field))}")
         if self.target_parameters is not None:
-            if isinstance(self.target_parameters, str):
-                raise ConfigError("target_parameters must be a list of '<module>.<parameter>' names, e.g. ['experts.down_proj']")
+            if isinstance(self.target_parameters, str) or not isinstance(self.target_parameters, (list, tuple)):
+                raise ConfigError("target_parameters must be a list of '<module>.<parameter>' names, e.g. "
+                                  f"['experts.down_proj'], got {short(self.target_parameters)}")
             set_("target_parameters", _names_or_regex("target_parameters", list(self.target_parameters)))
         set_("trainable_token_indices", _token_indices(self.trainable_token_indices))
         if self.target_modules == () and not self.target_parameters:
@@ -307,10 +310,10 @@ def _token_indices(value: Any) -> Mapping[str, tuple[int, ...]] | tuple[int, ...
 
     def ids(where: str, items: Any) -> tuple[int, ...]:
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-            raise ConfigError(f"trainable_token_indices{where} must be a non-empty list of token ids, got {items!r}")
+            raise ConfigError(f"trainable_token_indices{where} must be a non-empty list of token ids, got {short(items)}")
         out = tuple(items)
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in out) or len(set(out)) != len(out):
-            raise ConfigError(f"trainable_token_indices{where} must hold distinct token ids ≥ 0, got {list(out)!r}")
+            raise ConfigError(f"trainable_token_indices{where} must hold distinct token ids ≥ 0, got {short(list(out))}")
         return out
 
     if isinstance(value, Mapping):
@@ -318,8 +321,8 @@ def _token_indices(value: Any) -> Mapping[str, tuple[int, ...]] | tuple[int, ...
             return None
         for key in value:
             if not isinstance(key, str) or not key:
-                raise ConfigError(f"trainable_token_indices keys must be embedding module names, got {key!r}")
-        return {key: ids(f"[{key!r}]", items) for key, items in value.items()}
+                raise ConfigError(f"trainable_token_indices keys must be embedding module names, got {short(key)}")
+        return {key: ids(f"[{short(key)}]", items) for key, items in value.items()}
     return ids("", value)
 
 
