@@ -82,7 +82,7 @@ def unsupported(data: Mapping[str, Any], fields: set[str] | None = None) -> str 
             name = _BASE_CHANGING_INITS.get(base)
             return f"init_lora_weights={short(init)}" + (f" ({name}, which changes the base weights)" if name else "")
     if data.get("bias", "none") not in ("none", None):
-        return f"bias={short(data["bias"])} (training the base models' biases)"
+        return f"bias={short(data['bias'])} (training the base models' biases)"
     return None
 
 
