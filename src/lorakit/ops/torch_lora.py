@@ -24,6 +24,7 @@ on the host, the dropout path is not traceable: under ``torch.compile`` it runs 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .dropout import dropped_positions
@@ -32,9 +33,14 @@ from .dropout import dropped_positions
 MERGED_WEIGHT = False
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # A cast that is a no-op still costs a dispatch (host time, per call and layer): skip it in Python.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def input_product(x: Tensor, A: Tensor) -> Tensor:
     """u = x Aᵀ (N, r) in x's dtype."""
-    return x @ A.to(x.dtype).t()
+    return F.linear(x, _as(A, x.dtype))
 
 
 def _dropped_input_times(x2: Tensor, pos: Tensor, A: Tensor) -> Tensor:
@@ -65,15 +71,14 @@ def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tenso
     """(h, u) for x: (N, k): h = x Wᵀ + b + s·u Bᵀ with u = c·drop(x) Aᵀ (N, r); u comes back empty, (0, r),
     unless ``need_u``.  A caller that already holds u = x Aᵀ passes it (p = 0)."""
     dt = x.dtype
-    B_ = B.to(dt)
-    bias_ = None if bias is None else bias.to(dt)
+    B_ = _as(B, dt)
+    bias_ = None if bias is None else _as(bias, dt)
     h = None
     if weight is not None:  # the big GEMM first: the skinny x Aᵀ then reads x while it is still in cache
-        W = weight.to(dt)
-        h = torch.addmm(bias_, x, W.t()) if bias_ is not None else x @ W.t()  # (N, d)
+        h = F.linear(x, _as(weight, dt), bias_)  # (N, d)
     if u is None:
-        A_ = A.to(dt)
-        u = x @ A_.t()  # (N, r)
+        A_ = _as(A, dt)
+        u = F.linear(x, A_)  # (N, r)
         if p:  # u = c·(x − x|_D) Aᵀ
             u.sub_(_dropped_input_times(x, dropped_positions(x.numel(), p, seed, x.device), A_))
             u.mul_(1.0 / (1.0 - p))
@@ -86,17 +91,17 @@ def lora_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tenso
 
 def grad_B(g: Tensor, u: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """∂L/∂B = s·gᵀu (d, r) in ``dtype``."""
-    return (u.t() @ g).mul_(scale).t().to(dtype)  # uᵀg is the faster GEMM shape
+    return _as((u.t() @ g).mul_(scale).t(), dtype)  # uᵀg is the faster GEMM shape
 
 
 def branch_grad(g: Tensor, B: Tensor, scale: float) -> Tensor:
     """v = s·g B (N, r) in g's dtype."""
-    return (g @ B.to(g.dtype)).mul_(scale)
+    return (g @ _as(B, g.dtype)).mul_(scale)
 
 
 def grad_A(x: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
     """∂L/∂A = vᵀx (r, k) in ``dtype``."""
-    return (v.t() @ x).to(dtype)
+    return _as(v.t() @ x, dtype)
 
 
 def add_grad_x(acc: Tensor | None, g: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, v: Tensor | None,
@@ -104,9 +109,9 @@ def add_grad_x(acc: Tensor | None, g: Tensor, weight: Tensor | None, A: Tensor, 
     """acc + g W + v A (acc None: a fresh tensor), accumulated in place; B and s are already in v."""
     dt = g.dtype
     if weight is not None:
-        acc = g @ weight.to(dt) if acc is None else acc.addmm_(g, weight.to(dt))
-        return acc.addmm_(v, A.to(dt))
-    return v @ A.to(dt) if acc is None else acc.addmm_(v, A.to(dt))
+        acc = g @ _as(weight, dt) if acc is None else acc.addmm_(g, _as(weight, dt))
+        return acc.addmm_(v, _as(A, dt))
+    return v @ _as(A, dt) if acc is None else acc.addmm_(v, _as(A, dt))
 
 
 def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Tensor, u: Tensor, scale: float,
@@ -116,7 +121,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
     grad_x = grad_a = grad_b = None
     # Without dropout the big GEMM g W goes first, so the skinny products after it find g in cache.
     if need_x and not p and weight is not None:
-        grad_x = g @ weight.to(g.dtype)
+        grad_x = g @ _as(weight, g.dtype)
     if need_x or need_A:
         v = branch_grad(g, B, scale / (1.0 - p))  # (N, r), with dropout's c folded in
     if need_B:
@@ -127,7 +132,7 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
         if need_A:
             grad_a = grad_A(x, v, A.dtype)
         if need_x:
-            A_ = A.to(x.dtype)
+            A_ = _as(A, x.dtype)
             grad_x = v @ A_ if grad_x is None else grad_x.addmm_(v, A_)  # + v A in place
         return grad_x, grad_a, grad_b
     # With dropout one (N, k) buffer serves twice: first as drop(x) for ∂L/∂A, then it receives the
@@ -137,9 +142,9 @@ def lora_backward(g: Tensor, x: Tensor, weight: Tensor | None, A: Tensor, B: Ten
     buf = x.clone()
     buf.view(-1)[pos] = 0
     if need_A:
-        grad_a = (v.t() @ buf).to(A.dtype)  # (r, k)
+        grad_a = _as(v.t() @ buf, A.dtype)  # (r, k)
     if need_x:
-        torch.mm(v, A.to(x.dtype), out=buf)
+        torch.mm(v, _as(A, x.dtype), out=buf)
         buf.view(-1)[pos] = 0  # dropped inputs get no gradient through the branch
-        grad_x = buf if weight is None else buf.addmm_(g, weight.to(x.dtype))
+        grad_x = buf if weight is None else buf.addmm_(g, _as(weight, x.dtype))
     return grad_x, grad_a, grad_b
