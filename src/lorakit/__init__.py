@@ -45,6 +45,7 @@ from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoraConv, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .multi import batch_adapters, hot_swap
+from .optim import lora_plus_param_groups
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .share import share_inputs, unshare_inputs
 
@@ -96,6 +97,7 @@ __all__ = [
     "hot_swap",
     "inject",
     "load_adapter",
+    "lora_plus_param_groups",
     "lora_layers",
     "merge",
     "merge_and_unload",

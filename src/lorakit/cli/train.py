@@ -44,7 +44,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                       schedule="linear"),
 }
 _COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5,
-               fuse=True, kernels="liger", checkpointing="off", quantize=None)
+               fuse=True, kernels="liger", checkpointing="off", quantize=None, dora=False,
+               lora_plus_ratio=None)
 
 # Where each option lives in a checkpoint's state.json "config" (see Trainer.run_config).
 _SAVED = {
@@ -55,6 +56,7 @@ _SAVED = {
     "save_every": ("train", "save_every"), "keep": ("train", "keep"), "seed": ("train", "seed"),
     "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "fuse": ("train", "fuse"),
     "kernels": ("train", "kernels"), "checkpointing": ("train", "checkpointing"), "quantize": ("train", "quantize"),
+    "dora": ("lora", "use_dora"), "lora_plus_ratio": ("train", "lora_plus_ratio"),
     "task": ("task",), "model": ("model",),
     "data": ("data_file",),
     "eval_data": ("eval_data_file",), "source": ("source",), "max_length": ("max_length",),
@@ -82,8 +84,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, help="α; the update is scaled by α / r")
     g.add_argument("--dropout", type=float, help="dropout on the LoRA branch's input")
     g.add_argument("--targets", help="modules to adapt: names (q_proj,v_proj), a regex, or all-linear")
+    g.add_argument("--dora", action="store_true", default=None,
+                   help="DoRA: train a magnitude per output row too (W' = m ⊙ (W + sBA) / ‖W + sBA‖)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    g.add_argument("--lora-plus-ratio", type=float, metavar="R",
+                   help="LoRA+: B factors learn at R × --lr (the LoRA+ paper suggests 16)")
     g.add_argument("--epochs", type=int, help="passes over the data (ignored with --max-steps)")
     g.add_argument("--max-steps", type=int, help="optimizer steps to run")
     g.add_argument("--batch-size", type=int, help="examples per micro-batch")
@@ -240,12 +246,13 @@ def run(args: argparse.Namespace) -> int:
     targets = v.get("targets") or task.default_targets
     lora = LoraConfig(r=v["r"], alpha=v["alpha"], dropout=v["dropout"], target_modules=targets,
                       task_type={"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}.get(v["task"], "FEATURE_EXTRACTION"),
-                      base_model_name_or_path=v["model"])
+                      base_model_name_or_path=v["model"], use_dora=bool(v["dora"]))
     config = TrainConfig(
         lr=v["lr"], epochs=v["epochs"], max_steps=v["max_steps"], batch_size=v["batch_size"], grad_accum=v["grad_accum"],
         warmup=v["warmup"], schedule=v["schedule"], eval_every=v["eval_every"], save_every=v["save_every"],
         keep=v["keep"], seed=v["seed"], bf16=bool(v["bf16"]), max_bad_steps=v["max_bad_steps"], fuse=bool(v["fuse"]),
         kernels=v["kernels"], checkpointing=v["checkpointing"], quantize=v["quantize"],
+        lora_plus_ratio=v["lora_plus_ratio"],
     )
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}

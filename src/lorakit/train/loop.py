@@ -104,6 +104,8 @@ class TrainConfig:
     #: "nf4": the frozen base's linear weights are stored in 4 bits (QLoRA), quantised layer by layer onto
     #: the training device; None: as loaded
     quantize: str | None = None
+    #: LoRA+: B factors (and 1-D trainables) learn at this multiple of lr (lorakit.lora_plus_param_groups); None: off
+    lora_plus_ratio: float | None = None
     #: progress line every N steps when stderr is not a terminal
     log_every: int = 10
 
@@ -122,6 +124,8 @@ class TrainConfig:
             (self.kernels in KERNELS, f"--kernels must be one of {KERNELS}, got {self.kernels!r}"),
             (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
             (self.quantize in (None, "nf4"), f"--quantize must be nf4 (or left out), got {self.quantize!r}"),
+            (self.lora_plus_ratio is None or (self.lora_plus_ratio > 0 and math.isfinite(self.lora_plus_ratio)),
+             f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -237,9 +241,14 @@ class Trainer:
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [p for _, p in self.params], lr=config.lr, weight_decay=config.weight_decay
-        )
+        if config.lora_plus_ratio is None:
+            groups: list[dict[str, Any]] = [{"params": [p for _, p in self.params]}]
+        else:
+            groups = lorakit.lora_plus_param_groups(self.base, config.lr, config.lora_plus_ratio)
+            names = {id(p): n for n, p in self.params}
+            # the optimizer numbers parameters group by group; checkpoints rely on self.params in that order
+            self.params = [(names[id(p)], p) for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(len(task.train_examples) / (config.batch_size * config.grad_accum * self.world_size))
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
@@ -421,7 +430,7 @@ class Trainer:
                 micro, next_epoch, next_index = self.step_indices(epoch, index)
                 lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ groups keep their ratio
                 n_step = self.step_examples(micro)
                 examples += n_step
                 loss_sum = 0.0
