@@ -48,7 +48,8 @@ def lora_linear(
         bias: (d,) or None.
         lora_A: (r, k).   lora_B: (d, r).   scale: s.
         dropout_p: dropout probability on the branch's input; the mask is a function of ``seed``
-            (and of the device type): the same seed gives the same mask.
+            (and of the backend, ``ops.backends``: device type and row count): the same seed gives the
+            same mask for the same input shape and device.
         seed: identifies the dropout mask; pass a fresh one for every training call (an int, or a
             0-d integer CPU tensor — what a layer passes under ``torch.compile``, so that drawing it
             does not break the graph).
