@@ -80,8 +80,9 @@ def test_trainer_saves_peft_layout_resumes_exactly_and_loads_in_lorakit_and_peft
     trainer = run_trainer(llama, tmp_path / "run", 4)
     ckpt = tmp_path / "run" / "checkpoint-2"
     files = set(os.listdir(ckpt))
-    assert {CONFIG_NAME, WEIGHTS_NAME, hf.INDEX_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
-    assert not files & {"model.safetensors", "pytorch_model.bin", "config.json"}
+    assert {CONFIG_NAME, WEIGHTS_NAME, hf.TRAINER_WEIGHTS_NAME, "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert not files & {"pytorch_model.bin", "config.json"}
+    assert (ckpt / hf.TRAINER_WEIGHTS_NAME).read_bytes() == (ckpt / WEIGHTS_NAME).read_bytes()
     keys = set(tensors(ckpt))
     assert PREFIX + "model.layers.0.mlp.down_proj.lora_A.weight" in keys and PREFIX + "lm_head.weight" in keys
     assert all(k.startswith(PREFIX) and "base_layer" not in k and ".default" not in k for k in keys)
@@ -122,6 +123,21 @@ def test_trainer_saves_peft_layout_resumes_exactly_and_loads_in_lorakit_and_peft
     torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(llama, tmp_path):
+    model = lora(llama)
+    # the "best" checkpoint is the one with the highest eval loss: the first, not the last (lr 1e-2)
+    args = trainer_args(tmp_path / "run", 4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                        metric_for_best_model="loss", greater_is_better=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=token_data(), eval_dataset=token_data(4))
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-2"
+    best = tensors(Path(trainer.state.best_model_checkpoint))
+    now = lorakit.io.adapter_state(trainer.model, "default")
+    assert best.keys() == now.keys() and all(torch.equal(best[k], now[k]) for k in best)
+    last = tensors(tmp_path / "run" / "checkpoint-4")
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
 def test_readme_example_runs(llama, tmp_path, monkeypatch):
     """The README's diff, its lorakit side run as written (model, args and ds supplied)."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -156,7 +172,7 @@ def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_
     compiled = run_trainer(llama, tmp_path / "compiled", 3, args={"torch_compile": True,
                                                                  "torch_compile_backend": "aot_eager"})
     assert isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
-    assert hf.INDEX_NAME in os.listdir(tmp_path / "compiled" / "checkpoint-2")
+    assert hf.TRAINER_WEIGHTS_NAME in os.listdir(tmp_path / "compiled" / "checkpoint-2")
     plain = run_trainer(llama, tmp_path / "plain", 3, share=False, fuse=False)
     assert not any(lorakit.fuse.is_fused(m) for m in plain.model.modules())
     want = lorakit.io.adapter_state(plain.model, "default")
@@ -189,7 +205,7 @@ def test_sft_trainer_saves_resumes_and_matches_save_adapter(llama, tmp_path):
 
     trainer = run(tmp_path / "sft")
     ckpt = tmp_path / "sft" / "checkpoint-2"
-    assert not {"model.safetensors", "config.json"} & set(os.listdir(ckpt))
+    assert "config.json" not in os.listdir(ckpt)
     trainer.save_model(str(tmp_path / "final"))
     lorakit.save_adapter(trainer.model, tmp_path / "reference")
     assert_same_adapter(tmp_path / "final", tmp_path / "reference")
@@ -240,8 +256,8 @@ def test_resume_hook_checks_the_file_and_leaves_other_state_dicts_alone(llama, t
             if p.requires_grad:
                 p.add_(1.0)
     peft_keyed = tensors(tmp_path / "ckpt")
-    result = other.load_state_dict(peft_keyed, strict=False)
-    assert not result.unexpected_keys
+    result = other.load_state_dict(peft_keyed, strict=True)  # an adapter file is complete without base keys
+    assert not result.unexpected_keys and not result.missing_keys
     for key, value in other.state_dict().items():
         assert torch.equal(value, before[key]), key
     # a file short of one tensor, or with a wrong shape, is refused
@@ -253,6 +269,9 @@ def test_resume_hook_checks_the_file_and_leaves_other_state_dicts_alone(llama, t
     wrong[PREFIX + "model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(3, 32)
     with pytest.raises(lorakit.AdapterMismatchError, match=r"up_proj.lora_A.weight has shape \(3, 32\)"):
         other.load_state_dict(wrong, strict=False)
+    # after those failed loads, a partial state dict of lorakit's own keys still reports its missing keys
+    partial = {k: v for k, v in before.items() if "lora_" in k}
+    assert len(other.load_state_dict(partial, strict=False).missing_keys) == len(before) - len(partial)
 
 
 @pytest.mark.parametrize("options", [{"init": "pissa"}, {"init": "olora"}, {"use_dora": True}], ids=["pissa", "olora", "dora"])
@@ -299,8 +318,7 @@ def test_save_pretrained_keeps_other_files_and_takes_values_from_a_given_state_d
     assert not [p for p in out.iterdir() if p.name.startswith(".lorakit-save-")]
     saved = tensors(out)
     assert torch.equal(saved[PREFIX + "model.layers.0.self_attn.q_proj.lora_B.weight"], state[key])
-    index = json.loads((out / hf.INDEX_NAME).read_text())
-    assert set(index["weight_map"]) == set(model.state_dict()) and set(index["weight_map"].values()) == {WEIGHTS_NAME}
+    assert (out / hf.TRAINER_WEIGHTS_NAME).read_bytes() == (out / WEIGHTS_NAME).read_bytes()
     model.save_pretrained(tmp_path / "not-main", is_main_process=False)
     assert not (tmp_path / "not-main").exists()
     # what the Trainer passes when it was handed a torch.compile'd model: refused, nothing written

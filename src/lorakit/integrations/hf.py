@@ -17,15 +17,18 @@ Accelerate is patched:
   layout with ``modules_to_save``, bit-identical tensors and the same config and metadata as
   :func:`lorakit.save_adapter` — instead of the whole model with lorakit's internal keys.  The Trainer
   then adds its own files (optimizer, scheduler, RNG, ``trainer_state.json``, tokenizer) as usual.
-* **resuming** — for a model that is not a ``peft.PeftModel``, ``Trainer.train(resume_from_checkpoint=...)``
-  (and TRL's trainers, which inherit it) reads weights through a safetensors index,
-  ``model.safetensors.index.json``, and ``model.load_state_dict(file, strict=False)``.  The index written
-  beside the adapter names the adapter file for every key of the model's state dict (so the Trainer
-  reports nothing missing; the frozen base keeps the values the model was built with, exactly as with
-  PEFT), and a ``load_state_dict`` pre-hook on the model maps the file's PEFT keys onto the adapter's
-  parameters — every tensor of the adapter must be there with its shape, or loading raises
-  :class:`lorakit.AdapterMismatchError`.  Optimizer, scheduler, RNG and data position are restored by the
-  Trainer itself.  The checkpoint has no ``config.json``, so nothing mistakes it for a full model.
+* **resuming and the best checkpoint** — for a model that is not a ``peft.PeftModel``,
+  ``Trainer.train(resume_from_checkpoint=...)`` (and TRL's trainers, which inherit it) and
+  ``load_best_model_at_end`` read a checkpoint's ``model.safetensors`` and call
+  ``model.load_state_dict(tensors, strict=False)``.  ``save_pretrained`` therefore gives the adapter file a
+  second name, ``model.safetensors`` (a hard link where the file system has them, else a copy: the
+  adapter's tensors under their PEFT keys, nothing else), and a ``load_state_dict`` pre-hook on the model
+  maps those keys onto the adapter's parameters — every tensor of the adapter must be there with its
+  shape, or loading raises :class:`lorakit.AdapterMismatchError` — while a post-hook drops the frozen base
+  keys from the missing keys (they keep the values the model was built with, exactly as with PEFT).
+  Optimizer, scheduler, RNG and data position are restored by the Trainer itself.  The checkpoint has no
+  ``config.json``, so nothing mistakes it for a full model; ``from_pretrained`` on it goes through
+  ``adapter_config.json`` (transformers' PEFT integration).
 * **Accelerate loops** — :func:`register_accelerate_hooks` uses ``Accelerator.register_save_state_pre_hook``
   / ``register_load_state_pre_hook``: ``accelerator.save_state(dir)`` writes ``dir/lorakit_adapter``
   (PEFT layout) instead of the whole model, and ``accelerator.load_state(dir)`` copies it back.
@@ -34,10 +37,9 @@ The speed paths stay on: :func:`get_lora_model` applies :func:`lorakit.share_inp
 :func:`lorakit.fuse_mlps` (same values and gradients, less work and memory), and the trainers'
 ``torch_compile=True`` compiles the model as it is (saving always sees the uncompiled module).
 
-Tested: one process and ``torchrun`` DDP (CPU, gloo), gradient checkpointing, ``torch_compile=True``.
-Not covered: ``load_best_model_at_end=True`` (the Trainer loads the best checkpoint through a code path
-that only knows ``PeftModel`` adapters and full weight files — load ``trainer.state.best_model_checkpoint``
-with :func:`load_adapter_weights` after training instead), and DeepSpeed / FSDP through the Trainer
+Tested: one process and ``torchrun`` DDP (CPU, gloo), gradient checkpointing, ``torch_compile=True``,
+``load_best_model_at_end``.
+Not covered: DeepSpeed / FSDP through the Trainer
 (untested: their checkpoints go through their own engines; ``save_pretrained`` takes the adapter's values
 from a gathered ``state_dict`` when one is passed, but also reads the live, sharded parameters).
 """
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -70,12 +71,13 @@ from ..layers import LoraLayer
 from ..multi import _check_fingerprint
 from ..share import share_inputs
 
-#: transformers' SAFE_WEIGHTS_INDEX_NAME: the file Trainer resumes a non-PEFT model's sharded weights from.
-INDEX_NAME = "model.safetensors.index.json"
+#: transformers' SAFE_WEIGHTS_NAME: the file the Trainer resumes (and loads the best checkpoint of) a
+#: model that is not a PeftModel from; save_pretrained makes it a second name of the adapter file.
+TRAINER_WEIGHTS_NAME = "model.safetensors"
 #: The directory :func:`register_accelerate_hooks` writes inside ``accelerator.save_state``'s directory
 #: (``lorakit_adapter_<i>`` for the i-th prepared model when i > 0, as Accelerate names ``model_<i>``).
 ACCELERATE_DIR = "lorakit_adapter"
-_STATE = "_lorakit_hf"  # model.__dict__ entry: the pre-hook's handle, so enabling twice replaces it
+_STATE = "_lorakit_hf"  # model.__dict__ entry: the load hooks' handle ids, so enabling twice replaces them
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule: its state-dict keys' prefix
 # Wrapper prefixes that parameter names carry inside FSDP / activation checkpointing / torch.compile
 # wrappers but that the gathered state dicts those wrappers return do not.
@@ -130,20 +132,22 @@ def enable_peft_checkpoints(model: nn.Module, adapter_name: str | None = None) -
     disable_peft_checkpoints(model)
     # A partial, not a closure: the model still pickles and deep-copies with its hook.
     model.save_pretrained = functools.partial(save_pretrained, model, adapter_name=adapter_name)
+    loader = PeftKeyLoader(adapter_name)
     register = getattr(model, "register_load_state_dict_pre_hook", None)  # public from torch 2.5
-    hook = PeftKeyLoader(adapter_name)
-    handle = register(hook) if register is not None else model._register_load_state_dict_pre_hook(hook, with_module=True)
-    model.__dict__[_STATE] = handle.id
+    pre = register(loader) if register is not None else model._register_load_state_dict_pre_hook(loader, with_module=True)
+    post = model.register_load_state_dict_post_hook(loader.after)
+    model.__dict__[_STATE] = (pre.id, post.id)
     return model
 
 
 def disable_peft_checkpoints(model: nn.Module) -> bool:
     """Undo :func:`enable_peft_checkpoints`; returns whether it was enabled."""
-    hook_id = model.__dict__.pop(_STATE, None)
-    if hook_id is None:
+    ids = model.__dict__.pop(_STATE, None)
+    if ids is None:
         return False
     model.__dict__.pop("save_pretrained", None)
-    model._load_state_dict_pre_hooks.pop(hook_id, None)
+    model._load_state_dict_pre_hooks.pop(ids[0], None)
+    model._load_state_dict_post_hooks.pop(ids[1], None)
     return True
 
 
@@ -156,11 +160,12 @@ def save_pretrained(
     is_main_process: bool = True,
     **kwargs: Any,
 ) -> Path:
-    """Write the adapter into ``save_directory`` as ``lorakit.save_adapter`` does, plus the resume index.
+    """Write the adapter into ``save_directory`` as ``lorakit.save_adapter`` does, and the same tensors
+    as ``model.safetensors`` for the Trainer (see the module docstring).
 
     ``save_directory`` may hold other files (a Trainer's output directory): only
-    ``adapter_config.json``, ``adapter_model.safetensors`` and ``model.safetensors.index.json`` are
-    replaced, each with one rename.  ``state_dict`` (what the Trainer passes under FSDP / DeepSpeed:
+    ``adapter_config.json``, ``adapter_model.safetensors`` and ``model.safetensors`` are replaced, each
+    with one rename.  ``state_dict`` (what the Trainer passes under FSDP / DeepSpeed:
     the gathered full state dict) supplies the adapter's values when given.  Options of
     ``PreTrainedModel.save_pretrained`` that do not apply to an adapter (``safe_serialization``,
     ``max_shard_size``, ...) are accepted and ignored: lorakit always writes one safetensors file.
@@ -190,18 +195,12 @@ def save_pretrained(
         saved = save_adapter(model, tmp / "adapter", name)
         if state_dict is not None:
             _rewrite_from_state_dict(model, name, saved / WEIGHTS_NAME, state_dict)
-        keys = state_dict.keys() if state_dict is not None else model.state_dict().keys()
-        index = {
-            "metadata": {
-                "format": "lorakit-adapter",
-                "note": f"a LoRA adapter only ({WEIGHTS_NAME}, PEFT layout); this index lets transformers' "
-                "Trainer resume from it through the model's lorakit load_state_dict hook",
-            },
-            "weight_map": {key: WEIGHTS_NAME for key in keys},
-        }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-        fsync(tmp / INDEX_NAME)
-        for src in (saved / WEIGHTS_NAME, saved / CONFIG_NAME, tmp / INDEX_NAME):
+        try:  # the Trainer's name for the same file: a hard link costs no space
+            os.link(saved / WEIGHTS_NAME, tmp / TRAINER_WEIGHTS_NAME)
+        except OSError:
+            shutil.copyfile(saved / WEIGHTS_NAME, tmp / TRAINER_WEIGHTS_NAME)
+            fsync(tmp / TRAINER_WEIGHTS_NAME)
+        for src in (saved / WEIGHTS_NAME, tmp / TRAINER_WEIGHTS_NAME, saved / CONFIG_NAME):
             os.replace(src, directory / src.name)
         fsync(directory)
     finally:
@@ -238,15 +237,19 @@ def load_adapter_weights(
 
 
 class PeftKeyLoader:
-    """``load_state_dict`` pre-hook: PEFT-layout adapter keys → the adapter's parameters (see the module docstring).
+    """``load_state_dict`` hooks for PEFT-layout adapter keys (see the module docstring).
 
-    A state dict without PEFT keys passes through untouched.
+    The pre-hook (``__call__``) maps the keys onto the adapter's parameters; ``after``, the post-hook,
+    drops the model's other keys from the missing keys of that load (an adapter file holds no base
+    weights).  A state dict without PEFT keys passes through both untouched.
     """
 
     def __init__(self, adapter_name: str | None) -> None:
         self.adapter_name = adapter_name
+        self._loaded_under: str | None = None  # the prefix of the load in progress that held PEFT keys
 
     def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        self._loaded_under = None  # (a load that raised after the last pre-hook never reached ``after``)
         head = prefix + PREFIX
         keys = [k for k in state_dict if k.startswith(head)]
         if not keys:
@@ -257,6 +260,15 @@ class PeftKeyLoader:
             del state_dict[k]
         for internal, value in values.items():
             state_dict[prefix + internal] = value
+        self._loaded_under = prefix
+
+    def after(self, module: nn.Module, incompatible_keys: Any) -> None:
+        prefix, self._loaded_under = self._loaded_under, None
+        if prefix is not None:
+            incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaded_under": None}
 
 
 def register_accelerate_hooks(accelerator: Any, adapter_name: str | None = None) -> tuple[Any, Any]:
@@ -400,7 +412,7 @@ def _strip_wrappers(name: str) -> str:
 
 __all__ = [
     "ACCELERATE_DIR",
-    "INDEX_NAME",
+    "TRAINER_WEIGHTS_NAME",
     "PeftKeyLoader",
     "TrainerSetupError",
     "disable_peft_checkpoints",
