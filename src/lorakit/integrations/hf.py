@@ -37,10 +37,9 @@ The speed paths stay on: :func:`get_lora_model` applies :func:`lorakit.share_inp
 :func:`lorakit.fuse_mlps` (same values and gradients, less work and memory), and the trainers'
 ``torch_compile=True`` compiles the model as it is (saving always sees the uncompiled module).
 
-Tested: one process and ``torchrun`` DDP (CPU, gloo), gradient checkpointing, ``torch_compile=True``,
-``load_best_model_at_end``.
-Not covered: DeepSpeed / FSDP through the Trainer
-(untested: their checkpoints go through their own engines; ``save_pretrained`` takes the adapter's values
+Covered by tests (CPU): one process, gradient checkpointing, ``torch_compile=True``, ``load_best_model_at_end``;
+``torchrun`` DDP (2 processes, gloo) was checked by hand.  Not covered: DeepSpeed / FSDP through the
+Trainer (their checkpoints go through their own engines; ``save_pretrained`` takes the adapter's values
 from a gathered ``state_dict`` when one is passed, but also reads the live, sharded parameters).
 """
 
