@@ -169,3 +169,26 @@ def test_dora_is_refused_where_lorakit_computes_plain_lora(tmp_path):
     with pytest.raises(lorakit.ConfigError, match="DoRA"):
         with lorakit.batch_adapters(model, ["default", "plain", None]):
             pass
+
+
+def test_quantizing_a_dora_model_is_refused_and_changes_nothing():
+    from lorakit.quant import QuantizationError, quantize_base
+
+    model = lorakit.inject(Net(), lorakit.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
+    with pytest.raises(QuantizationError, match="DoRA"):
+        quantize_base(model)
+    assert isinstance(model.lin.base_layer, nn.Linear) and isinstance(model.out, nn.Linear)
+
+
+def test_dora_layers_are_left_alone_by_share_inputs_and_fuse_mlps():
+    from tests.conftest import tiny_llama
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    cfg = lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                             init="nonzero", use_dora=True)
+    model = lorakit.inject(tiny_llama(), cfg)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        lorakit.share_inputs(model)
+        lorakit.fuse_mlps(model)
+        assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)

@@ -272,6 +272,12 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, include_head: bo
             raise QuantizationError(f"quantize_base: modules {sorted(unknown)[:3]} are not plain nn.Linear layers "
                                     "of this model (or are the output head: pass include_head=True)")
         chosen = [(n, m) for n, m in chosen if n in wanted or n.removesuffix(".base_layer") in wanted]
+    for name, _ in chosen:  # DoRA's forward reads the full-precision weight (its row norms): refuse, change nothing
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child == "base_layer" and getattr(parent, "lora_magnitude", None):
+            raise QuantizationError(f"quantize_base: {parent_name} has a DoRA adapter, which lorakit computes on a "
+                                    "full-precision base only; quantize a model with plain LoRA adapters")
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
