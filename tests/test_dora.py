@@ -192,3 +192,13 @@ def test_dora_layers_are_left_alone_by_share_inputs_and_fuse_mlps():
         lorakit.share_inputs(model)
         lorakit.fuse_mlps(model)
         assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
+
+
+def test_inspect_names_dora_and_refuses_vllm(tmp_path):
+    from lorakit.cli.inspect import describe
+
+    model = lorakit.inject(Net(), lorakit.LoraConfig(r=2, target_modules=["lin"], use_dora=True))
+    lorakit.save_adapter(model, tmp_path / "a")
+    lines = describe(tmp_path / "a")
+    assert any(line.startswith("variant: DoRA") for line in lines)
+    assert any(line.startswith("vLLM: no") and "DoRA" in line for line in lines)

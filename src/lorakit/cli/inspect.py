@@ -84,6 +84,8 @@ def describe(path: str | Path) -> list[str]:
         f"alpha: {cfg.alpha:g}; scale {scale}" + (" (rsLoRA)" if cfg.use_rslora else "")
         + (f"; alpha_pattern {dict(cfg.alpha_pattern)}" if cfg.alpha_pattern else ""),
         f"dropout: {cfg.dropout:g}",
+        "variant: " + ("DoRA (a trained magnitude per output row: lora_magnitude_vector)" if cfg.use_dora else "LoRA")
+        + ("" if cfg.init == "kaiming" else f"; init {cfg.init}"),
         f"modules_to_save: {', '.join(cfg.modules_to_save) or 'none'}",
         f"parameters: {lora_params + saved_params:,} ({lora_params:,} LoRA, {saved_params:,} in saved modules); "
         f"dtype {', '.join(dtypes)}",
@@ -131,6 +133,8 @@ def _peft_problems(af: Any) -> list[str]:
 
 def _vllm_problems(af: Any, modules: dict[str, dict[str, Any]], ranks: list[int]) -> tuple[list[str], list[str]]:
     cfg, problems, notes = af.config, [], []
+    if cfg.use_dora:
+        problems.append("vLLM does not load DoRA adapters; serve a merged model (lorakit merge) instead")
     if cfg.modules_to_save:
         problems.append(f"vLLM does not load modules_to_save ({', '.join(cfg.modules_to_save)}); serve a merged model "
                         "(lorakit merge) instead")
