@@ -141,3 +141,70 @@ def test_modules_to_save_from_a_file_match_as_peft_does(tmp_path):
         assert torch.equal(loaded(x), model(x))
     with pytest.raises(TargetError, match="score"):
         lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["body"], modules_to_save=["classifier", "score"]))
+
+
+class _Experts(nn.Module):
+    """An MoE block whose experts are 3-D parameters (no nn.Linear), like transformers' Llama4 / Qwen-MoE ones."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        self.is_transposed = transposed  # experts stored (E, in, out) instead of (E, out, in)
+        self.gate_up_proj = nn.Parameter(torch.randn(3, 6, 8) if transposed else torch.randn(3, 8, 6))
+        self.down_proj = nn.Parameter(torch.randn(3, 8, 6) if transposed else torch.randn(3, 6, 8))
+
+    def forward(self, x):  # x: (E, n, 6), one token group per expert
+        up = x @ self.gate_up_proj if self.is_transposed else x @ self.gate_up_proj.transpose(1, 2)
+        up = torch.relu(up)
+        return up @ self.down_proj if self.is_transposed else up @ self.down_proj.transpose(1, 2)
+
+
+class _Moe(nn.Module):
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        self.experts = _Experts(transposed)
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_target_parameters_on_3d_experts_match_peft_both_ways(transposed, tmp_path):
+    """PEFT's ParamWrapper semantics and keys (nested wrappers for two parameters of one module), both ways, and
+    merge = unmerged forward."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _Moe(transposed).eval()
+    x = torch.randn(3, 5, 6)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=3, target_parameters=["experts.gate_up_proj", "experts.down_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    layer = ours.experts
+    assert isinstance(layer, lorakit.layers.LoraParameter) and layer.parameter_name == "down_proj"  # outermost
+    assert layer.lora_A["default"].shape == (6, 8)  # (r·E, k): k = 8 either way for down_proj
+    with torch.no_grad():
+        want = theirs(x)
+        assert torch.allclose(ours(x), want, atol=1e-5)
+        lorakit.merge(ours)
+        assert torch.allclose(ours(x), want, atol=1e-5)
+        lorakit.unmerge(ours)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(x), want, atol=1e-5)
+    # the same adapter trained from lorakit: only A and B of both wrappers get gradients
+    trained = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(
+        r=2, alpha=3, init="nonzero", target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    trained(x).square().sum().backward()
+    grads = {n for n, p in trained.named_parameters() if p.grad is not None}
+    assert grads == {n for n, _ in trained.named_parameters() if "lora_" in n} and len(grads) == 4
+
+
+def test_target_parameters_typo_and_dropout_are_refused():
+    base = _Moe(False)
+    with pytest.raises(TargetError, match="gate_proj"):
+        lorakit.inject(base, lorakit.LoraConfig(target_parameters=["experts.gate_proj"]))
+    with pytest.raises(UnsupportedModuleError, match="dropout"):
+        lorakit.inject(base, lorakit.LoraConfig(dropout=0.1, target_parameters=["experts.down_proj"]))
+    assert isinstance(base.experts, _Experts) and not any(p.requires_grad is False for p in base.parameters())

@@ -16,7 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
 from .fingerprint import WeightSample, fingerprint, weight_checksum
-from .layers import ADAPTABLE, LoraLayer, ModulesToSave, is_hf_conv1d, supports, wrap
+from .layers import ADAPTABLE, LoraLayer, LoraParameter, ModulesToSave, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
 from .quant import NF4Linear
 
@@ -47,6 +47,11 @@ def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
             name = prefix + child_name
             if isinstance(child, LoraLayer):
                 yield name, child, child.base_layer
+                inner = child.base_layer
+                while isinstance(inner, LoraLayer):  # nested parameter wrappers: PEFT's <module>.base_layer
+                    name += ".base_layer"
+                    yield name, inner, inner.base_layer
+                    inner = inner.base_layer
             elif isinstance(child, ModulesToSave):
                 yield name, child, child.original_module
             else:
@@ -102,9 +107,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         TargetError: no target_modules given, an entry that matches nothing, or nothing matched.
         UnsupportedModuleError: a matched module that lorakit cannot adapt.
     """
-    for field, what in (("target_parameters", "target_parameters"), ("trainable_token_indices", "trainable tokens")):
-        if getattr(config, field):
-            raise UnsupportedFeatureError(f"this adapter uses {what} ({field}), which lorakit does not support yet")
+    if config.trainable_token_indices:
+        raise UnsupportedFeatureError("this adapter uses trainable tokens (trainable_token_indices), which lorakit does "
+                                      "not support yet")
     spec = config.target_modules
     if spec is None and config.target_parameters:
         spec = ()
@@ -152,6 +157,48 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return targets
 
 
+def resolve_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, list[str]]]:
+    """(module name, its parameter names to adapt, innermost wrapper first) for ``config.target_parameters``.
+
+    An entry names ``<module>.<parameter>`` in full or by a dotted suffix, as in PEFT; a module's
+    parameters nest in the order the module registers them, and a parameter some earlier adapter
+    already wraps keeps its wrapper.  Raises TargetError for an entry that matches nothing (from a
+    user's config) or when nothing matches (from a file).
+    """
+    entries = config.target_parameters or ()
+    found: list[tuple[str, list[str]]] = []
+    used: set[str] = set()
+    for name, module, base in candidates(model):
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+            continue
+        if name.endswith(".base_layer") and isinstance(module, LoraParameter):
+            continue  # an inner wrapper: its module is listed once, under the outermost wrapper's name
+        owner = module.module() if isinstance(module, LoraParameter) else module
+        wrapped = _wrapped_parameters(module)
+        names = list(wrapped)
+        for pname, _ in owner.named_parameters(recurse=False):
+            hits = [e for e in entries if name_matches(e, f"{name}.{pname}")]
+            used.update(hits)
+            if hits and pname not in names:
+                names.append(pname)
+        if len(names) > len(wrapped) or any(name_matches(e, f"{name}.{p}") for e in entries for p in wrapped):
+            found.append((name, names))
+    unmatched = [e for e in entries if e not in used]
+    if entries and (unmatched and config.strict_targets or len(unmatched) == len(entries)):
+        raise TargetError(f"target_parameters entries {unmatched} match no parameter of the model (name them "
+                          "'<module>.<parameter>', e.g. 'mlp.experts.gate_up_proj')")
+    return found
+
+
+def _wrapped_parameters(module: nn.Module) -> list[str]:
+    """The parameters a chain of parameter wrappers adapts, innermost first."""
+    out: list[str] = []
+    while isinstance(module, LoraParameter):
+        out.insert(0, module.parameter_name)
+        module = module.base_layer
+    return out
+
+
 def _quantized(module: nn.Module) -> bool:
     """A quantized base lorakit cannot compute with (bitsandbytes' own layers); lorakit's NF4Linear it can."""
     if isinstance(module, NF4Linear):
@@ -186,6 +233,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         raise AdapterNameError(f"the model already has an adapter named {adapter_name!r}; pick another name or delete it")
     targets = resolve_targets(model, config)
     to_save = resolve_modules_to_save(model, config)
+    parameters = resolve_parameters(model, config)
     modules = dict((name, (module, base)) for name, module, base in candidates(model))
     replaced: list[tuple[str, nn.Module]] = []
     added: list[nn.Module] = []
@@ -205,6 +253,26 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                 bias=config.lora_bias,
             )
             added.append(module)
+        for name, pnames in parameters:
+            module, _ = modules[name]
+            if isinstance(module, LoraLayer) and not isinstance(module, LoraParameter):
+                raise UnsupportedModuleError(f"module {name!r} is both a target_modules target and holds target_parameters; "
+                                             "adapt it one way (as PEFT requires)")
+            outer = module
+            for pname in pnames[len(_wrapped_parameters(module)):]:
+                outer = LoraParameter(outer, pname)
+                outer.train(module.training)
+            if outer is not module:
+                _set_child(model, name, outer)
+                replaced.append((name, module))
+            wrapper = outer
+            while isinstance(wrapper, LoraParameter):
+                key = f"{name}.{wrapper.parameter_name}"
+                if any(name_matches(e, key) for e in config.target_parameters or ()):
+                    wrapper.add_adapter(adapter_name, config.rank_for(key), config.scale_for(key), config.dropout,
+                                        config.init, config.use_dora, bias=config.lora_bias)
+                    added.append(wrapper)
+                wrapper = wrapper.base_layer
         for name in to_save:
             module, base = modules[name]
             if not isinstance(module, ModulesToSave):

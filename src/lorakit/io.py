@@ -47,8 +47,8 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .fingerprint import describe_mismatch, dumps, fingerprint
-from .inject import unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave
+from .inject import resolve_parameters, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraParameter, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -306,7 +306,8 @@ def _saved_targets(model: nn.Module, adapter_name: str) -> list[str]:
     they suffice (what vLLM expects), else full names."""
     from .inject import candidates
 
-    adapted = {name for name, m in _modules_with(model, adapter_name) if isinstance(m, LoraLayer)}
+    adapted = {name for name, m in _modules_with(model, adapter_name)
+               if isinstance(m, LoraLayer) and not isinstance(m, LoraParameter)}
     leaves = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     selected = {name for name, _, _ in candidates(model) if any(name_matches(leaf, name) for leaf in leaves)}
     return leaves if selected == adapted else sorted(adapted)
@@ -335,7 +336,10 @@ def save_adapter(
     if name_or_path is None:
         name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(m, "layout", "") == "transposed" for _, m in _modules_with(model, adapter_name))
-    saved = config.replace(target_modules=_saved_targets(model, adapter_name), exclude_modules=None)
+    parameters = sorted({f"{name.removesuffix('.base_layer' * name.count('.base_layer'))}.{m.parameter_name}"
+                         for name, m in _modules_with(model, adapter_name) if isinstance(m, LoraParameter)})
+    saved = config.replace(target_modules=_saved_targets(model, adapter_name) if config.target_modules else None,
+                           exclude_modules=None, target_parameters=parameters or None)
     if any(isinstance(m, LoraLayer) and adapter_name in m.init_factors for _, m in _modules_with(model, adapter_name)):
         saved = _converted_config(saved)
     peft_config = saved.to_peft_dict(fan_in_fan_out=fan_in_fan_out)
@@ -431,11 +435,12 @@ def load_adapter(
     try:
         targets = resolve_targets(model, config)
         to_save = resolve_modules_to_save(model, config)
+        parameters = resolve_parameters(model, config)
     except (UnsupportedFeatureError, UnsupportedModuleError):
         raise
     except LorakitError as err:
         raise AdapterMismatchError(f"{adapter.path / CONFIG_NAME} does not fit this model: {err}") from None
-    expected = _expected_shapes(model, config, targets, to_save)
+    expected = _expected_shapes(model, config, targets, to_save) | _parameter_shapes(model, config, parameters)
     found = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
@@ -541,6 +546,27 @@ def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[s
     if adapter_name in module.lora_bias:
         params["lora_B.bias"] = module.lora_bias[adapter_name]
     return params
+
+
+def _parameter_shapes(model: nn.Module, config: LoraConfig, parameters: list[tuple[str, list[str]]]) -> dict[str, tuple]:
+    """PEFT keys → shapes for the target_parameters adapters: A (r·E, k), B (d, r·E) per wrapped parameter, the
+    wrapper of the i-th of n parameters of a module (innermost first) at ``<module>`` + ``.base_layer`` × (n−1−i)."""
+    from .inject import candidates
+
+    modules = {name: module for name, module, _ in candidates(model)}
+    shapes: dict[str, tuple] = {}
+    for name, pnames in parameters:
+        owner = modules[name].module() if isinstance(modules[name], LoraParameter) else modules[name]
+        for i, pname in enumerate(pnames):
+            key = f"{name}.{pname}"
+            if not any(name_matches(e, key) for e in config.target_parameters or ()):
+                continue
+            probe = LoraParameter(owner, pname)  # reads the shape only; the module is not changed
+            rE = config.rank_for(key) * probe.num_experts
+            prefix = name + ".base_layer" * (len(pnames) - 1 - i)
+            shapes[f"{prefix}.lora_A.weight"] = (rE, probe.in_features)
+            shapes[f"{prefix}.lora_B.weight"] = (probe.out_features, rE)
+    return shapes
 
 
 def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, tuple]:

@@ -583,6 +583,107 @@ class LoraConv(LoraLayer):
 LoraConv2d = LoraConv  # the name it had when only nn.Conv2d was supported
 
 
+class LoraParameter(LoraLayer):
+    """LoRA on one parameter P of a module (PEFT's ``target_parameters`` / ``ParamWrapper``), e.g. the
+    3-D expert weights of MoE layers that no nn.Linear holds; the module's forward runs with P + ΔP.
+
+    P of shape (X, Y): ΔP = s·B A with A (r, Y), B (X, r).  P of shape (E, X, Y) (E experts): A is
+    (r·E, k) and B (d, r·E) — PEFT's layout: expert e uses rows e·r … e·r+r−1 of A and columns
+    e, e+E, e+2E, … of B (B viewed as (d, r, E)) — and ΔP[e] = s·B_e A_e with k = Y, d = X, or, when
+    the module says ``is_transposed`` (experts stored (E, in, out)), ΔP[e] = s·(B_e A_e)ᵀ with k = X,
+    d = Y.  As in PEFT there is no dropout (x cannot be factored out of the module's own forward), no
+    lora_bias and no DoRA.  Several parameters of one module nest: the wrapper of the first parameter
+    (in the module's registration order) is innermost, and is saved under ``<module>.base_layer``.
+    """
+
+    supports_bias = False
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
+        super().__init__(base_layer)
+        self.parameter_name = parameter_name
+        shape = self.base_weight().shape
+        if len(shape) not in (2, 3):
+            raise UnsupportedModuleError(
+                f"parameter {parameter_name!r} has {len(shape)} dimensions; target_parameters takes 2-D and 3-D ones")
+        self.num_experts = shape[0] if len(shape) == 3 else 1
+        self.transposed = len(shape) == 3 and bool(getattr(self.module(), "is_transposed", False))
+
+    def module(self) -> nn.Module:
+        """The module that owns the parameter (inside any nested parameter wrappers)."""
+        inner = self.base_layer
+        while isinstance(inner, LoraParameter):
+            inner = inner.base_layer
+        return inner
+
+    def base_weight(self) -> Tensor:
+        return getattr(self.module(), self.parameter_name)
+
+    def _base_shape(self) -> torch.Size:
+        return self.base_weight().shape
+
+    def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        w = self.base_weight()
+        return w.device, w.dtype
+
+    @property
+    def in_features(self) -> int:
+        shape = self.base_weight().shape
+        return shape[-2] if self.transposed else shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        shape = self.base_weight().shape
+        return shape[-1] if self.transposed else shape[-2]
+
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
+                    use_dora: bool = False, bias: bool = False) -> None:
+        where = f"parameter {self.parameter_name!r} (target_parameters)"
+        if dropout:
+            raise UnsupportedModuleError(f"{where} cannot take lora dropout (nor in PEFT): set dropout=0")
+        if use_dora:
+            raise UnsupportedModuleError(f"{where} cannot take DoRA (nor in PEFT): drop use_dora")
+        super().add_adapter(name, r * self.num_experts, scale, dropout, init, use_dora, bias)
+        self.r[name] = r
+
+    def _init_factors(self, A: Tensor, B: Tensor, init: str) -> None:
+        if init == "gaussian":  # PEFT's std is 1/r, r the rank per expert
+            nn.init.normal_(A, std=self.num_experts / A.shape[0])
+        else:
+            super()._init_factors(A, B, init)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """s·ΔP in P's shape, float32 (float64 stays float64)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        return self._delta_from(A.to(dtype), B.to(dtype), self.scaling[name])
+
+    def _delta_from(self, A: Tensor, B: Tensor, scale: float) -> Tensor:
+        E = self.num_experts
+        A_e = A.reshape(E, -1, A.shape[-1])  # (E, r, k)
+        B_e = B.reshape(B.shape[0], -1, E).permute(2, 0, 1)  # (E, d, r)
+        delta = torch.bmm(B_e, A_e) * scale  # (E, d, k)
+        if self.transposed:
+            delta = delta.transpose(1, 2)
+        return delta.reshape(self.base_weight().shape)
+
+    def forward(self, *args, **kwargs):
+        names = self._unmerged_active()
+        if not names:
+            return self.base_layer(*args, **kwargs)
+        P = self.base_weight()
+        for name in names:
+            P = P + self._delta_from(self.lora_A[name].to(P.dtype), self.lora_B[name].to(P.dtype), self.scaling[name])
+        depth, inner = 0, self.base_layer
+        while isinstance(inner, LoraParameter):
+            depth, inner = depth + 1, inner.base_layer
+        path = "base_layer." * depth + self.parameter_name
+        return torch.func.functional_call(self.base_layer, {path: P}, args, kwargs, strict=False)
+
+    def extra_repr(self) -> str:
+        return f"parameter={self.parameter_name!r}, " + super().extra_repr()
+
+
+
 #: The module types lorakit adapts, as error messages name them.
 ADAPTABLE = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped too)"
 
