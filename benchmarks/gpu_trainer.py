@@ -17,7 +17,8 @@ fresh Trainer on the same model times ``steps`` steps.  Tokens/s are the Trainer
 ``train_samples_per_second`` × sequence length (its ``train_runtime`` covers the whole ``train()`` call);
 ``steady`` is the rate between the end of the timed run's first step and its last (a callback with CUDA
 synchronisation), peak memory is ``torch.cuda.max_memory_allocated`` over the timed run.  Cases left when
-the time budget (``--budget`` seconds, default 150) is spent are skipped and listed as skipped.
+the time budget (``--budget`` seconds, default 150) is spent are skipped and listed as skipped; a case
+that raises (an OOM, say) is listed as failed with its error, the others still run, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -177,14 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     say(f"env: {env}")
     say(f"Trainer + LoRA r=16 on {TARGETS}, {'tiny Llama (CPU)' if opts.tiny else 'Llama 1.14B, bf16'}, seq {seq}")
     start = time.perf_counter()
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     for batch, steps in shapes:
         for name in opts.contenders:
             if time.perf_counter() - start > opts.budget:
                 skipped.append(f"{name} {batch}x{seq}")
                 continue
-            with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
-                row = run_case(name, batch, seq, steps, warm, opts.tiny, device, scratch)
+            try:
+                with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output_dir: nothing is saved there
+                    row = run_case(name, batch, seq, steps, warm, opts.tiny, device, scratch)
+            except Exception as err:  # one failing case (an OOM, say) must not cost the others' figures
+                traceback.print_exc()
+                failed.append(f"{name} {batch}x{seq}: {type(err).__name__}: {str(err)[:300]}")
+                say(f"  {name:14s} {batch}x{seq}: FAILED {failed[-1]}")
+                continue
             rows.append(row)
             peak = f"{row['peak_GiB']:.1f} GiB" if row["peak_GiB"] is not None else "-"
             say(f"  {name:14s} {batch}x{seq}: {row['tokens_per_s']:,.0f} tok/s (Trainer), steady "
@@ -201,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         say(f"skipped (time budget {opts.budget:.0f} s): {', '.join(skipped)}")
     say(f"total {time.perf_counter() - start:.0f} s")
+    if failed:
+        say(f"failed: {'; '.join(failed)}")
     with open(os.path.join(out, "gpu_trainer.json"), "w") as f:
-        json.dump({"env": env, "rows": rows, "skipped": skipped}, f, indent=1)
+        json.dump({"env": env, "rows": rows, "skipped": skipped, "failed": failed}, f, indent=1)
     with open(os.path.join(out, "gpu_trainer.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

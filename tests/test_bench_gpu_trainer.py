@@ -28,7 +28,7 @@ def test_tiny_run_writes_json_and_table(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     result = json.loads((tmp_path / "gpu_trainer.json").read_text())
     rows = {row["contender"]: row for row in result["rows"]}
-    assert set(rows) == {"peft", "lorakit"} and not result["skipped"]
+    assert set(rows) == {"peft", "lorakit"} and not result["skipped"] and not result["failed"]
     for row in rows.values():
         assert row["batch"] == 2 and row["seq"] == 32 and row["tokens_per_s"] > 0 and row["trainable"] > 0
     # same base, same LoRA targets and rank: both train the same number of parameters
