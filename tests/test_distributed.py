@@ -322,7 +322,8 @@ def test_fsdp_refuses_the_embedding_tasks() -> None:
 
 
 def test_fsdp_cli_on_a_llama_matches_one_process(tmp_path: Path) -> None:
-    """`torchrun -m lorakit train --strategy fsdp` shards each decoder layer and writes full tensors.
+    """`torchrun -m lorakit train --strategy fsdp` shards each decoder layer and writes full tensors; its
+    layers are checkpointed with offloading (the FSDP gathers stay outside the recomputed forward).
 
     All examples have the same length, so causal-lm's token-mean equals the example-mean and a
     per-rank batch of 2 on 2 ranks is one batch of 4."""
@@ -332,7 +333,7 @@ def test_fsdp_cli_on_a_llama_matches_one_process(tmp_path: Path) -> None:
     common = ["train", "--task", "causal-lm", "--model", str(model), "--data", str(data), "--max-steps", "3", "--dropout", "0",
               "--lr", "1e-3", "--targets", "all-linear", "--seed", "1"]
     proc = torchrun("", tmp_path, *common, "--batch-size", "2", "--strategy", "fsdp", "--out", str(tmp_path / "fsdp"),
-                    module=True)
+                    "--checkpointing", "offload", module=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("done:") == 1  # rank 0 alone reports
     from lorakit.cli import main

@@ -104,7 +104,8 @@ def apply(model: nn.Module, *, device: torch.device | str | None = None, rope: b
     try:
         from liger_kernel.transformers import monkey_patch
     except ImportError as err:
-        return KernelReport(False, model_type, notes=[f"liger-kernel is not importable ({err}); pip install liger-kernel"])
+        return KernelReport(False, model_type,
+                            notes=[f"liger-kernel is not importable ({err}); pip install 'lorakit[kernels]'"])
     apply_fn = monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type) if model_type else None
     if apply_fn is None:
         return KernelReport(False, model_type, notes=[
