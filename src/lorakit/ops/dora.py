@@ -18,7 +18,8 @@ no gradient flows through it.  Backward, with g = ∂L/∂h and y = x̃ (W + sBA
 
 Memory: without dropout the function keeps x, u and its own output h — y is recovered as (h − b) / f —
 so the only extra activation over LoRA is h, which the next layer often keeps anyway (it is the same
-tensor).  With dropout it keeps y instead.
+tensor); recovering y needs m ≠ 0 (at init m = n > 0; a zero m gives a non-finite ∂m, not a wrong one).
+With dropout it keeps y instead.
 
 The norm never materialises W + sBA on the CPU path: row-wise
 

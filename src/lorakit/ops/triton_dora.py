@@ -8,7 +8,8 @@
 * backward: ∂x = g W_f (W_f rebuilt from the saved n: one pass, as LoRA rebuilds its W + sBA);
   ∂B = s·f ⊙ (gᵀu) and ∂A = s·((g ⊙ f) B)ᵀ x put f on the small factors (no (N, d) pass);
   ∂m = Σ_rows g ⊙ (h − b) / m is one Triton pass over g and h (:func:`column_dot`): y = (h − b) / f is
-  never formed, and h is the layer's own output, kept instead of any other (N, d) tensor.
+  never formed, and h is the layer's own output, kept instead of any other (N, d) tensor.  (This needs
+  m ≠ 0, as at init, where m = n > 0; a zero m gives a non-finite ∂m, never a silently wrong one.)
 
 So DoRA adds to LoRA's step one (d, k) norm loop and one read of g and h; its memory adds only h.
 """
@@ -75,9 +76,10 @@ if triton is not None:
                          (t * f[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _column_dot_kernel(g_ptr, h_ptr, bias_ptr, out_ptr, N, C, stride_g, stride_h,
-                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-        # out[cols] += Σ_{rows in this slice} g[rows, cols] · (h[rows, cols] − bias[cols]), float32 atomics.
+    def _column_dot_kernel(g_ptr, h_ptr, bias_ptr, div_ptr, out_ptr, N, C, stride_g, stride_h,
+                           HAS_BIAS: tl.constexpr, HAS_DIV: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        # out[cols] += Σ_{rows in this slice} g[rows, cols] · (h[rows, cols] − bias[cols]) / div[cols], float32
+        # atomics (each slice's partial sum is divided before it is added: the sum of the quotients is the quotient).
         cols = tl.program_id(0) * BC + tl.arange(0, BC)
         col_ok = cols < C
         n_split = tl.num_programs(1)
@@ -96,7 +98,10 @@ if triton is not None:
             if HAS_BIAS:
                 h = tl.where(ok, h - bias[None, :], 0.0)
             acc += g.to(tl.float32) * h
-        tl.atomic_add(out_ptr + cols, tl.sum(acc, axis=0), mask=col_ok)
+        total = tl.sum(acc, axis=0)
+        if HAS_DIV:
+            total = total / tl.load(div_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+        tl.atomic_add(out_ptr + cols, total, mask=col_ok)
 
 
 def scaled_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float, magnitude: Tensor | None,
@@ -126,9 +131,10 @@ def scaled_weight(weight: Tensor, A: Tensor, B: Tensor, scale: float, magnitude:
     return n, out
 
 
-def column_dot(g: Tensor, h: Tensor, bias: Tensor | None = None, *, block_m: int = 32, block_c: int = 128,
-               num_warps: int = 4) -> Tensor:
-    """Σ over rows of g ⊙ (h − b), (C,) float32, in one pass over g and h (each (N, C), rows contiguous)."""
+def column_dot(g: Tensor, h: Tensor, bias: Tensor | None = None, divisor: Tensor | None = None, *,
+               block_m: int = 32, block_c: int = 128, num_warps: int = 4) -> Tensor:
+    """Σ over rows of g ⊙ (h − b), divided by ``divisor`` (C,) if given: (C,) float32, in one pass over g and h
+    (each (N, C), rows contiguous)."""
     N, C = g.shape
     out = torch.zeros(C, dtype=torch.float32, device=g.device)
     if N == 0 or C == 0:
@@ -139,8 +145,9 @@ def column_dot(g: Tensor, h: Tensor, bias: Tensor | None = None, *, block_m: int
     n_cb = cdiv(C, block_c)
     n_split = max(1, min(cdiv(N, block_m), cdiv(4 * _sm_count(g.device), n_cb)))
     _column_dot_kernel[(n_cb, n_split)](
-        g, h, bias if bias is not None else out, out, N, C, g.stride(0), h.stride(0),
-        HAS_BIAS=bias is not None, BM=block_m, BC=block_c, num_warps=num_warps,
+        g, h, bias if bias is not None else out, divisor if divisor is not None else out, out, N, C, g.stride(0),
+        h.stride(0), HAS_BIAS=bias is not None, HAS_DIV=divisor is not None, BM=block_m, BC=block_c,
+        num_warps=num_warps,
     )
     return out
 
@@ -168,21 +175,23 @@ class _DoraLinearCuda(torch.autograd.Function):
         s = ctx.scale
         need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         g = grad_h.contiguous()
-        f = m.detach().float() / n  # (d,) float32
+        # Few launches on purpose (each eager op costs the host more than these small ones cost the GPU):
+        # fs = s·f (d,) carries both scales onto the (d, r) factors.
+        fs = torch.div(m.detach(), n).mul_(s)  # (d,) float32
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
-        if need_m:
-            grad_m = (column_dot(g, h, bias) / m.detach().float()).to(m.dtype)
-        if need_B:
-            grad_B = tall_product(g, u, s, transpose_out=True)[0].mul_(f[:, None]).to(B.dtype)
+        if need_m:  # Σ_rows g ⊙ (h − b) / m = Σ_rows g ⊙ y / n
+            grad_m = column_dot(g, h, bias, m.detach()).to(m.dtype)
+        if need_B:  # s·f ⊙ (gᵀu)
+            grad_B = tall_product(g, u, 1.0, transpose_out=True)[0].mul_(fs[:, None]).to(B.dtype)
         if need_A:
-            v = torch.mm(g, (B.float() * (f * s)[:, None]).to(x.dtype))  # (N, r) = s·(g ⊙ f) B
-            grad_A = tall_product(x, v, 1.0)[0].to(A.dtype)
+            v = torch.mm(g, torch.mul(B, fs[:, None], out=torch.empty(B.shape, dtype=x.dtype, device=x.device)))
+            grad_A = tall_product(x, v, 1.0)[0].to(A.dtype)  # vᵀx, v = s·(g ⊙ f) B: (N, r)
         if need_x or need_w:
             _, Wf = scaled_weight(weight, A, B, s, m.detach(), n, x.dtype)
             if need_x:
                 grad_x = torch.mm(g, Wf)
             if need_w:  # only when a caller unfroze the base
-                grad_w = (g * f.to(g.dtype)).t().mm(x).to(weight.dtype)
+                grad_w = (g * (fs / s).to(g.dtype)).t().mm(x).to(weight.dtype)
         if need_b and bias is not None:
             grad_b = g.sum(0).to(bias.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None
