@@ -124,7 +124,7 @@ def train_toy(out: str, max_steps: int, *, resume: bool = False, **config):
     return trainer.fit(load_checkpoint(out) if resume else None)
 
 
-if __name__ == "__main__":  # the SIGKILL test runs: python tiny_models.py OUT STEPS SAVE_EVERY
+if __name__ == "__main__":  # the SIGKILL tests run: python tiny_models.py OUT STEPS SAVE_EVERY [resume]
     import sys
 
-    train_toy(sys.argv[1], int(sys.argv[2]), save_every=int(sys.argv[3]), keep=2)
+    train_toy(sys.argv[1], int(sys.argv[2]), save_every=int(sys.argv[3]), keep=2, resume=sys.argv[4:] == ["resume"])

@@ -49,6 +49,8 @@ from .errors import (
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import resolve_parameters, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraParameter, ModulesToSave
+from .jsonfile import as_created
+from .jsonfile import dumps as strict_dumps
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -359,8 +361,9 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(strict_dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for child in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME, tmp):
+            as_created(child, directory=child == tmp)  # mkdtemp and safetensors make them owner-only
             fsync(child)
         replace_dir(tmp, path)
     finally:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import LorakitError
 from ..io import fsync
+from ..jsonfile import as_created, dumps, nan_for_null
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -45,6 +46,9 @@ _NAME = re.compile(r"step-(\d+)")
 #: Test hook: ``"<point>@<step>"`` SIGKILLs this process at that point of writing that step's checkpoint.
 FAULT_ENV = "LORAKIT_CHECKPOINT_FAULT"
 FAULT_POINTS = ("start", "trainable", "optimizer", "rng", "adapter", "state", "fsynced", "renamed", "pruning")
+#: the same hook in the final writes of a run's ``adapter/``, ``metrics.json`` and ``training.png``
+#: (Trainer.write_outputs), at the run's last step
+FINAL_FAULT_POINTS = ("final-start", "final-adapter", "final-metrics", "final-plot")
 
 
 class CheckpointError(LorakitError, OSError):
@@ -132,7 +136,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 # -- writing ------------------------------------------------------------------------------------------
 
 
-def _fault(point: str, step: int) -> None:
+def fault(point: str, step: int) -> None:
     """Die here if the test hook asks for it (see FAULT_ENV)."""
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{point}@{step}":
@@ -194,20 +198,24 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _fault("start", step)
+        fault("start", step)
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        _fault("trainable", step)
+        fault("trainable", step)
         torch.save(optimizer, tmp / "optimizer.pt")
-        _fault("optimizer", step)
+        fault("optimizer", step)
         torch.save(rng if rng is not None else capture_rng(), tmp / "rng.pt")
-        _fault("rng", step)
+        fault("rng", step)
         if write_adapter is not None:
             write_adapter(tmp / "adapter")
-        _fault("adapter", step)
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        _fault("state", step)
+        fault("adapter", step)
+        # strict JSON: a skipped step's NaN loss is written as null (nan_for_null reads it back)
+        (tmp / "state.json").write_text(dumps(state, indent=1, sort_keys=True) + "\n")
+        fault("state", step)
+        for dirpath, _dirnames, filenames in os.walk(tmp):  # safetensors writes owner-only files
+            for filename in filenames:
+                as_created(os.path.join(dirpath, filename))
         _fsync_tree(tmp)
-        _fault("fsynced", step)
+        fault("fsynced", step)
     except BaseException:  # e.g. a full disk: leave nothing half-written (a crash leaves tmp for clean_stale)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,7 +224,7 @@ def save_checkpoint(
         discard(final, root)
     os.rename(tmp, final)
     fsync(root)
-    _fault("renamed", step)
+    fault("renamed", step)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             discard(old, root, step=step)
@@ -229,7 +237,7 @@ def discard(path: Path, root: Path, step: int | None = None) -> None:
     os.rename(path, trash)
     fsync(root)
     if step is not None:
-        _fault("pruning", step)
+        fault("pruning", step)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -259,6 +267,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError, RuntimeError) as err:
+        for records in state.get("history", {}).values():
+            nan_for_null(records)
+    except (OSError, ValueError, RuntimeError, AttributeError, TypeError) as err:
         raise CheckpointError(f"{path}: cannot read checkpoint ({err}); resume from an older one under {path.parent}") from None
     return Checkpoint(path, trainable, optimizer, rng, state)

@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -137,6 +138,31 @@ def init_process_group(timeout: float = DEFAULT_TIMEOUT) -> None:
             "node runs the same torchrun command (same --nnodes, --nproc_per_node, --rdzv-endpoint) and can reach "
             "the others, or raise --dist-timeout"
         ) from None
+
+
+# what gloo and NCCL say when another process is gone or a collective waited too long
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+              "end of file", "socket closed", "remote process exited")
+_TIMED_OUT = ("timed out", "timeout", "watchdog")
+
+
+def communication_failure(err: BaseException, timeout: float) -> str | None:
+    """One sentence on what a failed collective means, or None if ``err`` is not a communication failure."""
+    text = str(err)
+    low = text.lower()
+    is_dist = isinstance(err, dist.DistError) or any(w in low for w in ("gloo", "nccl", "processgroup", "c10d"))
+    first = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [""])[0])  # gloo's "[file.cc:553] "
+    first = first.split(". ")[0][:200]
+    if any(w in low for w in _PEER_GONE) and (is_dist or "peer" in low):
+        return (f"another process of the run stopped during training ({first}); see its own error above, fix it and "
+                "continue with --resume from the last checkpoint")
+    if any(w in low for w in _TIMED_OUT) and is_dist:
+        return (f"a collective waited more than --dist-timeout {timeout:g} s for the other processes ({first}); one is "
+                "stuck or much slower (raise --dist-timeout if it is only slow), continue with --resume from the last "
+                "checkpoint")
+    if isinstance(err, dist.DistError):
+        return f"the communication between the processes failed during training ({first}); continue with --resume"
+    return None
 
 
 def shutdown() -> None:
@@ -302,7 +328,7 @@ class DistributedTrainer(Trainer):
                 "that differs between processes, and FSDP needs the same gathers on every process; use --strategy ddp"
             )
         init_process_group(timeout)
-        self.strategy, self.rank, self.world_size = strategy, rank(), world_size()
+        self.strategy, self.rank, self.world_size, self.timeout = strategy, rank(), world_size(), timeout
         self._gathered: dict[str, Any] | None = None
         extra = dict(extra or {})
         if self.world_size > 1:  # compared on resume (see check_resume); absent for 1 process, as in Trainer
@@ -310,6 +336,17 @@ class DistributedTrainer(Trainer):
         super().__init__(task, lora, config, out, extra=extra, log=log, device=device or local_device())
         if self.rank > 0:  # same LoRA init everywhere (seeded in Trainer), different dropout masks per rank
             _reseed(config.seed, self.rank)
+
+    def fit(self, resume: Checkpoint | None = None, *, force: bool = False) -> Any:
+        """:meth:`Trainer.fit`; a failure of the communication during the run (a peer died, a collective
+        timed out) ends it with a :class:`DistributedError` naming this rank and what happened."""
+        try:
+            return super().fit(resume, force=force)
+        except RuntimeError as err:
+            what = communication_failure(err, self.timeout)
+            if what is None:
+                raise
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: {what}") from None
 
     # -- seams of the loop -------------------------------------------------------------------------
     @property

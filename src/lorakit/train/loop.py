@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -42,6 +42,7 @@ import lorakit
 
 from ..config import LoraConfig
 from ..errors import LorakitError
+from ..jsonfile import dumps, write_atomic
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -49,6 +50,7 @@ from .checkpoint import (
     checkpoint_step,
     clean_stale,
     discard,
+    fault,
     list_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -57,6 +59,9 @@ from .progress import Progress, format_duration
 from .task import Task
 
 SCHEDULES = ("cosine", "linear", "constant")
+#: the largest --lr accepted: far above any useful AdamW rate, and far below where AdamW's float32
+#: arithmetic overflows (≈ 3.4e37)
+MAX_LR = 1e3
 KERNELS = ("liger", "none")
 CHECKPOINTING = ("off", "on", "offload")
 
@@ -111,12 +116,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0, got {self.lr}"),
+            (0 < self.lr <= MAX_LR, f"--lr must be a number in (0, {MAX_LR:g}], got {self.lr}"),
             (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, got {self.max_steps}"),
             (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"--grad-accum must be ≥ 1, got {self.grad_accum}"),
-            (self.warmup >= 0, f"--warmup must be ≥ 0 (steps, or a fraction < 1), got {self.warmup}"),
+            (0 <= self.warmup < math.inf, f"--warmup must be ≥ 0 (steps, or a fraction < 1), got {self.warmup}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
             (self.eval_every >= 0 and self.save_every >= 0, "--eval-every and --save-every must be ≥ 0"),
             (self.keep >= 0, f"--keep must be ≥ 0 (0 keeps all), got {self.keep}"),
@@ -394,6 +399,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in clean_stale(ckpt_dir):
                 self._print(f"removed an incomplete checkpoint left by a crash: {stale}")
+            for stale in _stale_outputs(self.out):
+                self._print(f"removed an incomplete output left by a crash: {stale}")
         problem = self._later_checkpoints(ckpt_dir, resume, force) if self.is_main else ""
         if self.mean_over_processes(float(bool(problem))) > 0:  # every process stops, not only the main one
             raise CheckpointError(problem or "the main process refused the output directory (see its error)")
@@ -550,20 +557,24 @@ class Trainer:
         """The run's results in ``out``: adapter/, metrics.json and training.png."""
         if not self.is_main:
             return
-        lorakit.save_adapter(self.base, self.out / "adapter")
+        step = result.steps
+        fault("final-start", step)
+        lorakit.save_adapter(self.base, self.out / "adapter")  # atomic: a temp dir swapped in whole
+        fault("final-adapter", step)
         metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
                    "trainable_parameters": result.trainable, "total_parameters": result.total,
                    "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
                    "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after,
                    "history": result.history,
                    "config": self.run_config(), **_task_info(self.task)}
-        # written beside and renamed, so a crash never leaves a truncated file in place of a good one
-        tmp = self.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-        os.replace(tmp, self.out / "metrics.json")
+        # strict JSON (a skipped step's NaN loss is null), written beside, fsynced and renamed: a crash never
+        # leaves a truncated file in place of a good one
+        write_atomic(self.out / "metrics.json", dumps(metrics, indent=1) + "\n")
+        fault("final-metrics", step)
         from .plot import plot_history  # matplotlib is only needed here
 
         tmp = plot_history(result.history, self.out / ".training.tmp.png", title=f"lorakit train --task {self.task.name}")
+        fault("final-plot", step)
         os.replace(tmp, self.out / "training.png")
 
     def _summary(self, result: TrainResult) -> None:
@@ -581,6 +592,17 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             lines.append(f"  {result.tokens_per_s:,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
         self._print(*lines)
+
+
+def _stale_outputs(out: Path) -> list[Path]:
+    """Remove the temporaries of write_outputs that a crash left in ``out`` (never a finished output)."""
+    stale = [p for pattern in (".adapter.tmp-*", ".metrics.json.tmp-*", ".training.tmp.png") for p in out.glob(pattern)]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def _task_info(task: Task) -> dict[str, Any]:
