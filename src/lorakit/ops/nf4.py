@@ -191,7 +191,9 @@ GEMV_MAX_TOKENS = 16
 class _NF4LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, bias, A, B, scale, p, seed, cuda):  # type: ignore[override]
-        # cuda: whether the Triton kernels run (the caller decides by device; tests pass True under the interpreter)
+        # cuda: whether the LoRA pieces run on triton_lora (as ``backends.backend_for`` picks for a bf16 base,
+        # so a seed gives the same dropout mask as there) rather than torch_lora; tests pass True under the
+        # interpreter.  Dequantisation runs the Triton kernel for any CUDA tensor.
         from . import torch_lora
 
         ctx.t, ctx.scale, ctx.p, ctx.seed, ctx.has_bias, ctx.cuda = t, scale, p, seed, bias is not None, cuda
@@ -212,7 +214,7 @@ class _NF4LoraLinear(torch.autograd.Function):
                 h, u = triton_lora.lora_forward(x, W, bias, A, B, scale, p, seed, need_u)
             ctx.save_for_backward(x, A, B, u)
             return h
-        h, u = torch_lora.lora_forward(x, dequantize_nf4_reference(t, x.dtype), bias, A, B, scale, p, seed, True)
+        h, u = torch_lora.lora_forward(x, dequantize_nf4(t, x.dtype), bias, A, B, scale, p, seed, True)
         ctx.save_for_backward(x, A, B, u)  # not Ŵ: backward dequantises again
         return h
 
@@ -240,7 +242,7 @@ class _NF4LoraLinear(torch.autograd.Function):
                 gx, gA, gB = triton_lora.lora_backward(g, x, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_x,
                                                        need_A, need_B)
             return gx, None, grad_b, gA, gB, None, None, None, None
-        W = dequantize_nf4_reference(ctx.t, x.dtype) if need_x else None
+        W = dequantize_nf4(ctx.t, x.dtype) if need_x else None
         gx, gA, gB = torch_lora.lora_backward(g, x, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_x, need_A, need_B)
         return gx, None, grad_b, gA, gB, None, None, None, None
 
@@ -250,7 +252,7 @@ def _dequantize(t: NF4Tensors, dtype: torch.dtype, cuda: bool) -> Tensor:
         from . import triton_nf4
 
         return triton_nf4.dequantize(t, dtype)
-    return dequantize_nf4_reference(t, dtype)
+    return dequantize_nf4(t, dtype)
 
 
 def _triton_ok() -> bool:
@@ -288,6 +290,9 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
         u = None if lora_A is None else triton_lora.xa(x2, lora_A)
         h = triton_nf4.gemv(x2, t, bias, u, lora_B, float(scale))
     else:
+        from .backends import backend_for
+        from . import triton_lora
+
         h = _NF4LoraLinear.apply(x2, t, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),
-                                 x2.is_cuda and _triton_ok())
+                                 _triton_ok() and backend_for(x2) is triton_lora)
     return h.view(*x.shape[:-1], h.shape[-1])

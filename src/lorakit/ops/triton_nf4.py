@@ -100,6 +100,11 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_ok[:, None] & row_ok[None, :])
 
 
+# m̂ = e[a]·M + μ and ŵ = c[q]·m̂ are two roundings each in bitsandbytes (and the torch reference); a fused
+# multiply-add would round once and differ in the last bit (seen on the H200: 5 % of float32 values).
+_EXACT = {"enable_fp_fusion": False}
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -119,7 +124,7 @@ def dequantize(t: NF4Tensors, dtype: torch.dtype = torch.bfloat16, *, block: int
     out = torch.empty(t.shape, dtype=dtype, device=t.packed.device)
     n = t.numel
     if n:
-        _dequant_kernel[(cdiv(n, block),)](*_state(t), out, n, BLOCK_N=block)
+        _dequant_kernel[(cdiv(n, block),)](*_state(t), out, n, BLOCK_N=block, **_EXACT)
     return out
 
 
@@ -132,7 +137,7 @@ def merged(t: NF4Tensors, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype
     out = torch.empty((D, K), dtype=dtype, device=t.packed.device)
     _merged_kernel[(cdiv(D, block_d), cdiv(K, block_k))](
         *_state(t), B.contiguous(), A.contiguous(), out, D, K, R, float(scale), R_PAD=max(16, next_pow2(R)),
-        BD=block_d, BK=block_k, PRECISION=_precision(torch.float32), num_warps=num_warps)
+        BD=block_d, BK=block_k, PRECISION=_precision(torch.float32), num_warps=num_warps, **_EXACT)
     return out
 
 
@@ -152,7 +157,7 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, u: Tensor | None 
         x, *_state(t), u.contiguous() if u is not None else x, B.contiguous() if B is not None else x,
         bias if bias is not None else x, out, N, D, K, R, x.stride(0), float(scale),
         HAS_LORA=u is not None, HAS_BIAS=bias is not None, R_PAD=max(16, next_pow2(R)), BN=BN, BD=block_d,
-        BK=block_k, PRECISION=_precision(x.dtype), num_warps=num_warps)
+        BK=block_k, PRECISION=_precision(x.dtype), num_warps=num_warps, **_EXACT)
     return out
 
 
