@@ -5,6 +5,12 @@
     python benchmarks/gpu_shapes.py --contenders lorakit,peft --shapes 1x2048 --modes eager,reduce-overhead
     python benchmarks/gpu_shapes.py --tiny                # a 2-layer model on the CPU (the test's smoke run)
 
+Issue 21 (liger-kernel's fused kernels, checkpointing modes; contenders outside the default run):
+    python benchmarks/gpu_shapes.py --contenders frozen,frozen-liger,peft,peft-liger,lorakit,lorakit-liger,\
+        lorakit-liger-ckpt,lorakit-liger-offload --modes eager,compile
+    python benchmarks/gpu_shapes.py --model 8b --contenders lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload \
+        --shapes 1x2048,8x2048 --modes eager --no-decode --steps 3     # the 8B memory table (bf16)
+
 Writes gpu_shapes.json and gpu_shapes.txt under $OUT (or ./bench_out).
 
 The model (issue #19): a Llama-architecture 1.14B (hidden 2048, 16 layers, MLP 8192, 16/8 heads, vocab
@@ -86,6 +92,7 @@ class ModelShape:
 
 
 LLAMA_1B = ModelShape(hidden=2048, layers=16, mlp=8192, heads=16, kv_heads=8, vocab=32000)
+LLAMA_8B = ModelShape(hidden=4096, layers=32, mlp=14336, heads=32, kv_heads=8, vocab=128256)  # issue 21's memory table
 TINY = ModelShape(hidden=64, layers=2, mlp=128, heads=4, kv_heads=2, vocab=256)
 SHAPES = "1x512,1x2048,2x1024,8x2048"
 QUICK_SHAPES = "1x512,8x2048"
@@ -230,6 +237,63 @@ def build_peft_dora(ctx: Ctx) -> Built:
     m = peft_model(ctx, fp32_adapters=False, use_dora=True)
     m.train()
     return Built(m, trainable(m), lora_r=ctx.r)
+
+
+# ----------------------------------------------- liger-kernel's fused kernels and checkpointing (issue 21)
+def with_kernels(ctx: Ctx, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with liger-kernel's fused loss, RMSNorm, RoPE and SwiGLU (``lorakit.fused_kernels.apply``)."""
+    from lorakit import fused_kernels
+
+    ctx.note(str(fused_kernels.apply(model)))
+    return model
+
+
+def lorakit_liger(ctx: Ctx, mode: str) -> Built:
+    """inject → fused kernels → share_inputs + fuse_mlps (lorakit's fused MLP replaces liger's SwiGLU) →
+    checkpointing ``mode``: what ``lorakit train --checkpointing mode`` does on a GPU."""
+    import lorakit
+
+    m = lorakit.inject(ctx.base_model(), lorakit.LoraConfig(r=ctx.r, alpha=ctx.alpha, target_modules=TARGETS))
+    with_kernels(ctx, m)
+    ctx.note(f"lorakit: {lorakit.share_inputs(m)} shared-input groups, {lorakit.fuse_mlps(m)} fused MLPs, "
+             f"checkpointing {mode} on {lorakit.checkpointing(m, mode)} layers")
+    m.train()
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("frozen-liger", default=False)
+def build_frozen_liger(ctx: Ctx) -> Built:
+    """The frozen limit with liger's fused kernels (the limit at large batch: no full logits)."""
+    built = build_frozen(ctx)
+    with_kernels(ctx, built.model)
+    return built
+
+
+@contender("peft-liger", default=False)
+def build_peft_liger(ctx: Ctx) -> Built:
+    """PEFT (bf16 adapters) with liger's kernels on the model inside it."""
+    m = peft_model(ctx, fp32_adapters=False)
+    with_kernels(ctx, m.base_model.model)
+    m.train()
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("lorakit-liger", default=False)
+def build_lorakit_liger(ctx: Ctx) -> Built:
+    """lorakit + liger's kernels, no checkpointing."""
+    return lorakit_liger(ctx, "off")
+
+
+@contender("lorakit-liger-ckpt", default=False)
+def build_lorakit_liger_ckpt(ctx: Ctx) -> Built:
+    """lorakit + liger's kernels, each decoder layer recomputed in backward."""
+    return lorakit_liger(ctx, "on")
+
+
+@contender("lorakit-liger-offload", default=False)
+def build_lorakit_liger_offload(ctx: Ctx) -> Built:
+    """lorakit + liger's kernels, layers recomputed and their inputs kept in pinned CPU memory."""
+    return lorakit_liger(ctx, "offload")
 
 
 # ------------------------------------------------------------------------------------ FLOPs and bytes
@@ -538,7 +602,11 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, ModelSha
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return device, dtype, (TINY if args.tiny else LLAMA_1B)
+    return device, dtype, model_shape(args)
+
+
+def model_shape(args: argparse.Namespace) -> ModelShape:
+    return TINY if args.tiny else LLAMA_8B if args.model == "8b" else LLAMA_1B
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -549,6 +617,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", help=f"of {','.join(MODES)} (default all; --quick eager,compile)")
     p.add_argument("--quick", action="store_true", help="a subset: shapes 1x512,8x2048, modes eager,compile")
     p.add_argument("--tiny", action="store_true", help=f"a tiny model ({TINY}) for a CPU smoke test")
+    p.add_argument("--model", choices=("1b", "8b"), default="1b",
+                   help=f"1b: {LLAMA_1B} (default); 8b: {LLAMA_8B} (issue 21's memory table)")
     p.add_argument("--static", action="store_true", help="compile per shape (dynamic=False) instead of once")
     p.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check (never for figures you keep)")
@@ -681,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {"env": env(), "args": {k: v for k, v in vars(args).items() if k != "check_shape"},
-                               "model": dataclasses.asdict(TINY if args.tiny else LLAMA_1B), "contenders": {},
+                               "model": dataclasses.asdict(model_shape(args)), "contenders": {},
                                "compilation": "regional: layer.compile() on each decoder layer, dynamic="
                                               + ("False" if args.static else "True")}
     print(f"env: {results['env']}", flush=True)

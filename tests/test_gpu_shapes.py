@@ -66,6 +66,20 @@ def test_registry_adds_a_row(bench, tmp_path):
         bench.CONTENDERS.pop("frozen_again", None)
 
 
+def test_issue21_rows_run_on_cpu(bench, tmp_path):
+    """The fused-kernel / checkpointing contenders build and train (on the CPU the kernels are skipped with a note)."""
+    names = ["frozen-liger", "peft-liger", "lorakit-liger", "lorakit-liger-ckpt", "lorakit-liger-offload"]
+    argv = ["--tiny", "--in-process", "--no-check", "--no-decode", "--contenders", ",".join(names), "--shapes", "1x8",
+            "--modes", "eager", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    rows = json.loads((tmp_path / "gpu_shapes.json").read_text())["contenders"]
+    for name in names:
+        assert rows[name]["train"]["eager/1x8"]["tokens_per_s"] > 0 and not rows[name]["errors"], name
+        assert any("runs on cpu" in note for note in rows[name]["notes"]), name
+    assert any("checkpointing offload on 2 layers" in note for note in rows["lorakit-liger-offload"]["notes"])
+    assert bench.model_shape(bench.parse_args(["--model", "8b"])).params() > 8e9
+
+
 def test_counts_match_the_model(bench):
     """ModelShape.params() against the transformers model it describes; FLOPs against a hand count."""
     shape = bench.TINY
