@@ -202,3 +202,71 @@ def test_inspect_names_dora_and_refuses_vllm(tmp_path):
     lines = describe(tmp_path / "a")
     assert any(line.startswith("variant: DoRA") for line in lines)
     assert any(line.startswith("vLLM: no") and "DoRA" in line for line in lines)
+
+
+def test_training_with_dropout_matches_peft_given_the_same_mask(monkeypatch):
+    """PEFT's dropout semantics — (f − 1)·x̃Wᵀ + f·s·x̃AᵀBᵀ on top of the base — with PEFT's dropout module
+    replaced by lorakit's mask for the same seed: outputs and gradients agree in float64."""
+    from lorakit.ops.dora import dropped_copy
+
+    p, seed = 0.3, 4321
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    pristine = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=2, lora_alpha=3, lora_dropout=p, target_modules=["0", "2"], init_lora_weights=False,
+                          use_dora=True)
+    theirs = peft.get_peft_model(base, cfg)
+
+    class SameMask(nn.Module):
+        def forward(self, x):
+            return dropped_copy(x.reshape(-1, x.shape[-1]), p, seed).reshape(x.shape)
+
+    for name in ("0", "2"):
+        theirs.base_model.model.get_submodule(name).lora_dropout["default"] = SameMask()
+    tmp = {k.replace("base_model.model.", ""): v for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    ours = lorakit.inject(pristine, lorakit.LoraConfig(r=2, alpha=3, dropout=p, target_modules=["0", "2"], use_dora=True))
+    with torch.no_grad():
+        for name, layer in lorakit.lora_layers(ours):
+            layer.lora_A["default"].copy_(tmp[f"{name}.lora_A.weight"])
+            layer.lora_B["default"].copy_(tmp[f"{name}.lora_B.weight"])
+            layer.lora_magnitude["default"].copy_(tmp[f"{name}.lora_magnitude_vector"])
+    monkeypatch.setattr(lorakit.LoraLayer, "_dropout_and_seed", lambda self, name: (p, seed) if self.training else (0.0, 0))
+    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for model in (ours.train(), theirs.train()):
+        out = model(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(outs[0], _eval_out(ours, x), atol=1e-6), "dropout must change the output"
+    for name, layer in lorakit.lora_layers(ours):
+        mod = theirs.base_model.model.get_submodule(name)
+        for ours_p, theirs_p in ((layer.lora_A["default"], mod.lora_A["default"].weight),
+                                 (layer.lora_B["default"], mod.lora_B["default"].weight),
+                                 (layer.lora_magnitude["default"], mod.lora_magnitude_vector["default"].weight)):
+            assert torch.allclose(ours_p.grad, theirs_p.grad, rtol=1e-10, atol=1e-12)
+
+
+def _eval_out(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train()
+    return out
+
+
+def test_trainer_trains_and_saves_dora(tmp_path):
+    import io
+
+    from tiny_models import ToyTask
+
+    from lorakit.train.loop import TrainConfig, Trainer
+
+    task = ToyTask(n=12)
+    initial = {name: torch.linalg.norm(task.model[int(name)].weight.detach(), dim=1) for name in task.default_targets}
+    cfg = lorakit.LoraConfig(r=2, target_modules=task.default_targets, use_dora=True)
+    Trainer(task, cfg, TrainConfig(max_steps=3, lr=1e-2, batch_size=4), tmp_path, log=io.StringIO(), device="cpu").fit()
+    saved = lorakit.read_adapter(tmp_path / "adapter")
+    assert saved.config.use_dora
+    for name, norm in initial.items():  # m starts at the row norms of W (B = 0) and training moves it
+        m = saved.tensors[f"base_model.model.{name}.lora_magnitude_vector"]
+        assert m.shape == norm.shape and not torch.allclose(m, norm, atol=1e-4)

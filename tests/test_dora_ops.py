@@ -82,7 +82,7 @@ def test_gradcheck(p):
     n = dora_weight_norm(W, A, B, 0.9)
     W.requires_grad_()  # an unfrozen base gets its gradient too
     b.requires_grad_()
-    fn = lambda x, W, b, A, B, m: dora_linear(x, W, b, A, B, 0.9, m, n, p, 77)  # noqa: E731
+    fn = lambda x, W, b, A, B, m: dora_linear(x, W, b, A, B, 0.9, m, n, p, 77)
     assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (x, W, b, A, B, m)])
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ToyTask, train_toy
 from torch import nn
 
 import lorakit
@@ -15,7 +16,6 @@ from lorakit.cli import build_parser
 from lorakit.cli.train import resolve
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint
 from lorakit.train.loop import TrainConfig, Trainer
-from tiny_models import ToyTask, train_toy
 
 
 class Net(nn.Module):

@@ -62,7 +62,7 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
             merged = W.double() + 0.4 * B.double() @ A.double()
             n_ref = merged.norm(dim=1)
             n, Wf = T.scaled_weight(W, A, B, 0.4, m, block_d=16, block_k=32)
-            n2, Wf2 = T.scaled_weight(W, A, B, 0.4, m, n)  # the saved-norm route of backward
+            _, Wf2 = T.scaled_weight(W, A, B, 0.4, m, n)  # the saved-norm route of backward
             e = [_rel(n, n_ref), _rel(Wf, (m.double() / n_ref)[:, None] * merged), _rel(Wf2, Wf),
                  _rel(T.weight_norm(W, A, B, 0.4), n_ref)]
             if max(e) > 1e-6:
