@@ -272,8 +272,9 @@ def _silent_acceptance(path: Path) -> str:
     return ""
 
 
-def run(n: int, seed: int = 0, workdir: Path | None = None) -> dict:
-    """Run ``n`` cases; returns counts and the problems found (empty when the loader holds)."""
+def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 0) -> dict:
+    """Run ``n`` cases; returns counts and the problems found (empty when the loader holds).
+    ``report_every``: print the running counts (and each problem at once) to stderr every so many cases."""
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     root = Path(tmp.name if tmp else workdir)
     seeds = seed_adapters(root)
@@ -316,6 +317,11 @@ def run(n: int, seed: int = 0, workdir: Path | None = None) -> dict:
         counts[outcome] += 1
         if problem:
             problems.append(f"case {i} (seed {seed}, {what}): {problem}")
+            if report_every:
+                print(problems[-1], file=sys.stderr, flush=True)
+        if report_every and (i + 1) % report_every == 0:
+            print(f"{i + 1} cases, {len(problems)} problems, {dict(counts)}, slowest {slowest[0]:.4f} s CPU "
+                  f"({slowest[1]}), {time.monotonic() - wall0:.0f} s", file=sys.stderr, flush=True)
             model, snap = build_model(), None
             snap = _state(model)
     if tmp:
@@ -326,7 +332,8 @@ def run(n: int, seed: int = 0, workdir: Path | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    result = run(int(sys.argv[1]) if len(sys.argv) > 1 else 2000, int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    result = run(int(sys.argv[1]) if len(sys.argv) > 1 else 2000, int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+                 report_every=1000)
     problems = result.pop("problems")
     print(json.dumps(result, indent=1))
     for line in problems[:50]:

@@ -196,7 +196,20 @@ def test_inspect_flags_what_vllm_cannot_serve(tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "r: 32 (per module: [4, 32])" in out and "scale α/√r = 1.414 (rsLoRA)" in out
     assert "parameters: 560 (560 LoRA, 0 in saved modules)" in out  # 32·(8+8) + 4·(8+4)
-    assert "vLLM: no: vLLM uses one r and α for all modules" in out and "PEFT: yes" in out
+    # vLLM (0.32) applies the top-level α/√r = 8/√32 to every module; module 2's own scale is 8/√4 = 4
+    assert "vLLM: no: vLLM loads rank_pattern/alpha_pattern adapters but scales every module by the top-level " \
+           "α/√r = 1.414; 1 module(s) have another scale (e.g. 2: 4)" in out and "PEFT: yes" in out
+
+
+def test_inspect_says_vllm_serves_patterns_whose_scales_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    cfg = lorakit.LoraConfig(r=8, alpha=16, target_modules=["0", "2"], rank_pattern={"2": 4}, alpha_pattern={"2": 8})
+    lorakit.save_adapter(lorakit.inject(model, cfg), tmp_path / "a")  # scales 16/8 and 8/4: both 2
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM: yes (note: rank_pattern/alpha_pattern: vLLM takes each module's rank from its tensors and applies " \
+           "the top-level α/r = 2, which is every module's scale here" in out
+    assert out.rstrip().endswith("rules checked against vLLM 0.32)")
 
 
 def test_inspect_embedding_and_conv_verdicts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

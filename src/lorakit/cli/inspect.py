@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,18 @@ Shows the targets, r, α and the scale s = α/r (α/√r with rsLoRA), parameter
 of the base weights it was trained on, file sizes, and whether HF PEFT and vLLM can load it (and why not).
 """
 
-# The vLLM rules below follow vLLM's own loader (vllm/lora/peft_helper.py: modules_to_save and DoRA are
-# refused, r must not exceed --max-lora-rank, one scale α/r or α/√r for the whole adapter) and its LoRA
-# layers (linear and vocab-parallel embedding layers; no convolutions). Ranks vLLM accepts for
-# --max-lora-rank (vllm/config/lora.py, MaxLoRARanks); its default is 16.
+# The vLLM rules below were checked against vLLM 0.32's LoRA loader (VLLM_CHECKED): its source
+# (vllm/lora/peft_helper.py, lora_weights.py, lora_model.py, config/lora.py, lora/layers/) and a vLLM
+# 0.32 CPU build serving a lorakit adapter (greedy tokens equal to lorakit's).  Per rule:
+#   modules_to_save, DoRA: refused (PEFTHelper._validate_features).
+#   rank: the config's r must not exceed --max-lora-rank (PEFTHelper.validate_legal); each module's rank is
+#     its tensors' (LoRAModel.from_lora_tensors), so rank_pattern adapters load.
+#   scale: one α/r (α/√r with use_rslora) from the top-level r and lora_alpha for every module
+#     (PEFTHelper.__post_init__ → LoRALayerWeights.from_config); alpha_pattern is not read.  A module whose
+#     own scale differs is served scaled wrongly, so such an adapter is a "no".
+#   layers: linear and vocab-parallel embedding LoRA layers; no convolutions (vllm/lora/layers/).
+#   --max-lora-rank values (vllm/config/lora.py, MaxLoRARanks); the default is 16.
+VLLM_CHECKED = "vLLM 0.32"
 _VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -144,7 +153,19 @@ def _vllm_problems(af: Any, modules: dict[str, dict[str, Any]], ranks: list[int]
         notes.append("embedding LoRA is served for input embeddings (not the output head) of models whose "
                      "vLLM implementation lists them as LoRA modules")
     if cfg.rank_pattern or cfg.alpha_pattern:
-        problems.append("vLLM uses one r and α for all modules; rank_pattern/alpha_pattern are not honoured")
+        formula = "α/√r" if cfg.use_rslora else "α/r"
+        served = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        own = {name: cfg.scale_for(name) for name in modules}
+        off = sorted(name for name, s in own.items() if not math.isclose(s, served, rel_tol=1e-9))
+        if off:
+            problems.append(
+                f"vLLM loads rank_pattern/alpha_pattern adapters but scales every module by the top-level {formula} = "
+                f"{served:.4g}; {len(off)} module(s) have another scale (e.g. {off[0]}: {own[off[0]]:.4g}), so vLLM would "
+                "serve another model: give every module the same scale, or serve a merged model (lorakit merge)"
+            )
+        else:
+            notes.append(f"rank_pattern/alpha_pattern: vLLM takes each module's rank from its tensors and applies the "
+                         f"top-level {formula} = {served:.4g}, which is every module's scale here")
     top = max(ranks or [cfg.r])
     if top > 512:
         problems.append(f"r = {top} exceeds vLLM's largest --max-lora-rank (512)")
@@ -155,6 +176,7 @@ def _vllm_problems(af: Any, modules: dict[str, dict[str, Any]], ranks: list[int]
     if task not in (None, "CAUSAL_LM"):
         notes.append(f"task type {task}: vLLM serves LoRA mainly on generative models")
     notes.append("the base architecture must support LoRA in vLLM")
+    notes.append(f"rules checked against {VLLM_CHECKED}")
     return problems, notes
 
 
