@@ -171,6 +171,10 @@ def test_quantize_base_then_inject_trains_and_saves_for_the_full_precision_base(
     assert meta["lorakit_base_quantization"] == "nf4"
     # the adapter loads onto the full-precision base (same fingerprint: the NF4 layers remember the source)
     lorakit.load_adapter(full, out)
+    # and onto a freshly quantised base, where it gives the trained model's outputs
+    again = lorakit.load_adapter(quantize_base(_tiny_llama(), "nf4"), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits)
 
 
 def test_inject_then_quantize_base_matches_and_merge_and_unload_dequantizes():
