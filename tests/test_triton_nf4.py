@@ -85,13 +85,13 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
             t = _nf4(48, 256, N)
             gen = torch.Generator().manual_seed(N)
             x = torch.randn(N, 256, generator=gen).to(dtype)
-            u = torch.randn(N, 4, generator=gen).to(dtype) if lora else None
+            A = torch.randn(4, 256, generator=gen) / 16 if lora else None
             B = torch.randn(48, 4, generator=gen) if lora else None
             b = torch.randn(48, generator=gen) if bias else None
-            got = T.gemv(x, t, b, u, B, 0.5, block_d=16, block_k=64)
+            got = T.gemv(x, t, b, A, B, 0.5, block_d=16, block_k=64)
             ref = x.double() @ dequantize_nf4_reference(t, dtype).double().t()
             if lora:
-                ref = ref + 0.5 * u.double() @ B.double().t()
+                ref = ref + 0.5 * (x.double() @ A.to(dtype).double().t()) @ B.double().t()
             if bias:
                 ref = ref + b.double()
             err = _rel(got, ref)

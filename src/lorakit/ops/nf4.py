@@ -285,10 +285,9 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
         v is not None and v.requires_grad for v in (x, bias, lora_A, lora_B))
     if not needs_grad and x2.is_cuda and x2.shape[0] <= GEMV_MAX_TOKENS and (lora_A is None or not dropout_p) \
             and _triton_ok():
-        from . import triton_lora, triton_nf4
+        from . import triton_nf4
 
-        u = None if lora_A is None else triton_lora.xa(x2, lora_A)
-        h = triton_nf4.gemv(x2, t, bias, u, lora_B, float(scale))
+        h = triton_nf4.gemv(x2, t, bias, lora_A, lora_B, float(scale))
     else:
         from .backends import backend_for
         from . import triton_lora

@@ -6,8 +6,9 @@
   many tokens the GEMM that follows (cuBLAS) is compute-bound and the pass is small beside it.
 * :func:`merged` writes Ŵ' = Ŵ + s·B A instead: the LoRA update folded into the dequantisation pass, so a
   training step's forward and input gradient are one GEMM each, as on a bf16 base (``ops.triton_lora``).
-* :func:`gemv` computes h = x Ŵᵀ + s·u Bᵀ + b for a few tokens (decode) from the packed codes: the weight
-  is read once at 4.13 bits instead of being written and read back at 16.
+* :func:`gemv` computes h = x Ŵᵀ + s·(x Aᵀ) Bᵀ + b for a few tokens (decode) from the packed codes, in one
+  launch: the weight is read once at 4.13 bits instead of being written and read back at 16, and the host
+  (which bounds eager decode) issues one kernel a layer.
 
 Every value is formed as in :func:`lorakit.ops.nf4.dequantize_nf4_reference` (float32 product, rounded
 once to the output dtype), so the kernels' Ŵ equals bitsandbytes' dequantisation bit for bit.
@@ -71,15 +72,18 @@ if triton is not None:
         tl.store(out_ptr + idx, merged.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, u_ptr, b_ptr,
+    def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, a_ptr, b_ptr,
                      bias_ptr, out_ptr, N, D, K, R, stride_xn, scale, HAS_LORA: tl.constexpr,
                      HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      BK: tl.constexpr, PRECISION: tl.constexpr):
-        # out[tok, rows] = x[tok] Ŵ[rows]ᵀ (+ s · u[tok] B[rows]ᵀ) (+ bias[rows])
+        # out[tok, rows] = x[tok] Ŵ[rows]ᵀ (+ s · (x[tok] Aᵀ) B[rows]ᵀ) (+ bias[rows])
+        # Every program also forms u = x Aᵀ (r·k, read from L2 by each): one launch for the whole layer.
         tok = tl.program_id(1) * BN + tl.arange(0, BN)
         rows = tl.program_id(0) * BD + tl.arange(0, BD)
         tok_ok, row_ok = tok < N, rows < D
+        rr = tl.arange(0, R_PAD)
         acc = tl.zeros((BN, BD), dtype=tl.float32)
+        u = tl.zeros((BN, R_PAD), dtype=tl.float32)
         for k0 in range(0, K, BK):
             cols = k0 + tl.arange(0, BK)
             col_ok = cols < K
@@ -89,11 +93,12 @@ if triton is not None:
             w = _weights(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, idx,
                          row_ok[:, None] & col_ok[None, :])
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+            if HAS_LORA:
+                a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
+                u = tl.dot(x, tl.trans(a.to(x.dtype)), u, input_precision=PRECISION)
         if HAS_LORA:
-            rr = tl.arange(0, R_PAD)
-            u = tl.load(u_ptr + tok[:, None] * R + rr[None, :], mask=tok_ok[:, None] & (rr < R)[None, :], other=0.0)
             b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
-            acc += scale * tl.dot(u.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision=PRECISION)
+            acc += scale * tl.dot(u, tl.trans(b.to(tl.float32)), input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + tok[:, None].to(tl.int64) * D + rows[None, :]
@@ -141,10 +146,10 @@ def merged(t: NF4Tensors, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype
     return out
 
 
-def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, u: Tensor | None = None, B: Tensor | None = None,
+def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None = None, B: Tensor | None = None,
          scale: float = 1.0, *, block_d: int = 16, block_k: int = 128, num_warps: int = 4) -> Tensor:
-    """h = x Ŵᵀ + s · u Bᵀ + b for x: (N, k) with few rows, from the packed weight; u: (N, r), B: (d, r)
-    (both or neither).  Returns (N, d) in x's dtype."""
+    """h = x Ŵᵀ + s · (x Aᵀ) Bᵀ + b for x: (N, k) with few rows, from the packed weight, in one launch;
+    A: (r, k), B: (d, r) (both or neither; x Aᵀ is kept in float32).  Returns (N, d) in x's dtype."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     N, K = x.shape
     D = t.shape[0]
@@ -154,9 +159,9 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, u: Tensor | None 
     BN = 16  # tl.dot's smallest tile; decode's single row is padded to it
     R = B.shape[1] if B is not None else 1
     _gemv_kernel[(cdiv(D, block_d), cdiv(N, BN))](
-        x, *_state(t), u.contiguous() if u is not None else x, B.contiguous() if B is not None else x,
+        x, *_state(t), A.contiguous() if A is not None else x, B.contiguous() if B is not None else x,
         bias if bias is not None else x, out, N, D, K, R, x.stride(0), float(scale),
-        HAS_LORA=u is not None, HAS_BIAS=bias is not None, R_PAD=max(16, next_pow2(R)), BN=BN, BD=block_d,
+        HAS_LORA=A is not None, HAS_BIAS=bias is not None, R_PAD=max(16, next_pow2(R)), BN=BN, BD=block_d,
         BK=block_k, PRECISION=_precision(x.dtype), num_warps=num_warps, **_EXACT)
     return out
 
