@@ -8,8 +8,9 @@
 Issue 21 (liger-kernel's fused kernels, checkpointing modes; contenders outside the default run):
     python benchmarks/gpu_shapes.py --contenders frozen,frozen-liger,peft,peft-liger,lorakit,lorakit-liger,\
         lorakit-liger-ckpt,lorakit-liger-offload --modes eager,compile
-    python benchmarks/gpu_shapes.py --model 8b --contenders lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload \
-        --shapes 1x2048,8x2048 --modes eager --no-decode --steps 3     # the 8B memory table (bf16)
+    python benchmarks/gpu_shapes.py --model 8b --contenders lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload,\
+        qlora-liger,qlora-liger-ckpt,qlora-liger-offload --shapes 1x2048,8x2048 --modes eager --no-decode --steps 3
+        # the 8B memory table, bf16 and NF4 bases
 
 Writes gpu_shapes.json and gpu_shapes.txt under $OUT (or ./bench_out).
 
@@ -248,12 +249,14 @@ def with_kernels(ctx: Ctx, model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def lorakit_liger(ctx: Ctx, mode: str) -> Built:
-    """inject → fused kernels → share_inputs + fuse_mlps (lorakit's fused MLP replaces liger's SwiGLU) →
-    checkpointing ``mode``: what ``lorakit train --checkpointing mode`` does on a GPU."""
+def lorakit_liger(ctx: Ctx, mode: str, nf4: bool = False) -> Built:
+    """inject (→ NF4 base, ``lorakit.quantize_base``) → fused kernels → share_inputs + fuse_mlps (lorakit's fused
+    MLP replaces liger's SwiGLU) → checkpointing ``mode``: what ``lorakit train --checkpointing mode`` does on a GPU."""
     import lorakit
 
     m = lorakit.inject(ctx.base_model(), lorakit.LoraConfig(r=ctx.r, alpha=ctx.alpha, target_modules=TARGETS))
+    if nf4:
+        lorakit.quantize_base(m, "nf4")
     with_kernels(ctx, m)
     ctx.note(f"lorakit: {lorakit.share_inputs(m)} shared-input groups, {lorakit.fuse_mlps(m)} fused MLPs, "
              f"checkpointing {mode} on {lorakit.checkpointing(m, mode)} layers")
@@ -294,6 +297,24 @@ def build_lorakit_liger_ckpt(ctx: Ctx) -> Built:
 def build_lorakit_liger_offload(ctx: Ctx) -> Built:
     """lorakit + liger's kernels, layers recomputed and their inputs kept in pinned CPU memory."""
     return lorakit_liger(ctx, "offload")
+
+
+@contender("qlora-liger", default=False)
+def build_qlora_liger(ctx: Ctx) -> Built:
+    """lorakit on an NF4 base (quantize_base) + liger's kernels, no checkpointing."""
+    return lorakit_liger(ctx, "off", nf4=True)
+
+
+@contender("qlora-liger-ckpt", default=False)
+def build_qlora_liger_ckpt(ctx: Ctx) -> Built:
+    """lorakit on an NF4 base + liger's kernels, layers recomputed."""
+    return lorakit_liger(ctx, "on", nf4=True)
+
+
+@contender("qlora-liger-offload", default=False)
+def build_qlora_liger_offload(ctx: Ctx) -> Built:
+    """lorakit on an NF4 base + liger's kernels, layers recomputed, inputs in pinned CPU memory."""
+    return lorakit_liger(ctx, "offload", nf4=True)
 
 
 # ------------------------------------------------------------------------------------ FLOPs and bytes

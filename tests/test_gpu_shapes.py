@@ -68,7 +68,8 @@ def test_registry_adds_a_row(bench, tmp_path):
 
 def test_issue21_rows_run_on_cpu(bench, tmp_path):
     """The fused-kernel / checkpointing contenders build and train (on the CPU the kernels are skipped with a note)."""
-    names = ["frozen-liger", "peft-liger", "lorakit-liger", "lorakit-liger-ckpt", "lorakit-liger-offload"]
+    names = ["frozen-liger", "peft-liger", "lorakit-liger", "lorakit-liger-ckpt", "lorakit-liger-offload",
+             "qlora-liger-offload"]
     argv = ["--tiny", "--in-process", "--no-check", "--no-decode", "--contenders", ",".join(names), "--shapes", "1x8",
             "--modes", "eager", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
     assert bench.main(argv) == 0

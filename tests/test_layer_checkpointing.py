@@ -1,5 +1,5 @@
-"""lorakit.checkpointing on a tiny Llama with LoRA (dropout on), shared inputs and fused MLPs: "on" and
-"offload" give exactly the loss and adapter gradients of "off" (the layers really are recomputed, the
+"""lorakit.checkpointing on a tiny Llama with LoRA (dropout on; also on an NF4 base), shared inputs and fused
+MLPs: "on" and "offload" give exactly the loss and adapter gradients of "off" (the layers really are recomputed, the
 offload hooks really hold the layer inputs), and through ``lorakit train`` with grad accumulation and
 --resume the adapters agree."""
 
@@ -22,8 +22,10 @@ from tiny_models import make_llama
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(mode: str, dropout: float = 0.1):
+def _model(mode: str, dropout: float = 0.1, nf4: bool = False):
     model = lorakit.inject(tiny_llama(0), lorakit.LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=TARGETS))
+    if nf4:  # QLoRA: the frozen linears in 4 bits
+        lorakit.quantize_base(model, "nf4")
     torch.manual_seed(1)
     for _, layer in lorakit.lora_layers(model):
         for B in layer.lora_B.values():
@@ -53,13 +55,13 @@ def _count_mlp_calls(model) -> list[int]:
     return count
 
 
-@pytest.mark.parametrize("mode", ["on", "offload"])
-def test_same_loss_and_adapter_gradients_as_off(mode: str) -> None:
-    model = _model("off")
+@pytest.mark.parametrize("mode, nf4", [("on", False), ("offload", False), ("offload", True)])
+def test_same_loss_and_adapter_gradients_as_off(mode: str, nf4: bool) -> None:
+    model = _model("off", nf4=nf4)
     calls = _count_mlp_calls(model)
     loss0, grads0 = _step(model, steps=2)
     assert calls[0] == 4  # 2 micro-batches × 2 fused MLPs
-    model = _model(mode)
+    model = _model(mode, nf4=nf4)
     calls = _count_mlp_calls(model)
     loss, grads = _step(model, steps=2)
     assert calls[0] == 8  # each layer ran again in backward
