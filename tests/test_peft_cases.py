@@ -268,7 +268,7 @@ LACKING = [
     ("use_bdlora", False, "BD-LoRA", UnsupportedFeatureError),
     ("trainable_token_indices", False, "trainable tokens", UnsupportedFeatureError),
 ]
-MHA_SUPPORTED = False
+MHA_SUPPORTED = True
 
 
 def _refusal(model_id: str, *kwargs: dict) -> tuple[str, type] | None:

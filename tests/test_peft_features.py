@@ -208,3 +208,32 @@ def test_target_parameters_typo_and_dropout_are_refused():
     with pytest.raises(UnsupportedModuleError, match="dropout"):
         lorakit.inject(base, lorakit.LoraConfig(dropout=0.1, target_parameters=["experts.down_proj"]))
     assert isinstance(base.experts, _Experts) and not any(p.requires_grad is False for p in base.parameters())
+
+
+def test_multihead_attention_update_merge_and_refusals():
+    """in_proj gets s·BA, out_proj c·s·B'A' with PEFT's c = 2 (a float64 reference with the weights set by hand);
+    merge gives the same output and unmerge restores both weights; out_proj alone is refused (MHA never calls it)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.MultiheadAttention(8, 2)).double().eval()
+    net = copy.deepcopy(base)
+    lorakit.inject(net, lorakit.LoraConfig(r=2, alpha=3, init="nonzero", target_modules=["0"]))
+    layer = net[0]
+    x = torch.randn(5, 8, dtype=torch.float64)
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        ref[0].in_proj_weight += 1.5 * layer.lora_B["default"] @ layer.lora_A["default"]
+        ref[0].out_proj.weight += 2 * 1.5 * layer.out_B["default"] @ layer.out_A["default"]
+        want = ref[0](x, x, x)[0]
+        assert torch.allclose(net[0](x, x, x)[0], want, atol=1e-12)
+        lorakit.merge(net)
+        assert torch.allclose(net[0](x, x, x)[0], want, atol=1e-12)
+        lorakit.unmerge(net)
+        assert torch.allclose(layer.base_layer.out_proj.weight, base[0].out_proj.weight, atol=1e-12)
+        assert torch.allclose(layer.base_layer.in_proj_weight, base[0].in_proj_weight, atol=1e-12)
+    net[0](x, x, x)[0].sum().backward()
+    assert {n for n, p in net.named_parameters() if p.grad is not None} == {
+        "0.lora_A.default", "0.lora_B.default", "0.out_A.default", "0.out_B.default"}
+    with pytest.raises(UnsupportedModuleError, match="out_proj"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["out_proj"]))
+    with pytest.raises(TargetError, match="all-linear"):  # all-linear skips an attention's out_proj: nothing left here
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules="all-linear"))

@@ -120,8 +120,15 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     targets: list[str] = []
     unsupported: list[str] = []
     used_entries: set[str] = set()
+    # nn.MultiheadAttention never calls its out_proj's forward (it reads the weight): adapt the attention itself
+    inside_attention = {name + ".out_proj" for name, _, base in candidates(model) if isinstance(base, nn.MultiheadAttention)}
     for name, _, base in candidates(model):
         if name in saved or any(name.startswith(s + ".") for s in saved) or _matches(config.exclude_modules, name, "exclude_modules"):
+            continue
+        if name in inside_attention:
+            if spec != ALL_LINEAR and _matches(spec, name):
+                unsupported.append(f"{name} (the out_proj of an nn.MultiheadAttention: target the attention module)")
+                used_entries.update(entry for entry in spec if isinstance(spec, tuple) and name_matches(entry, name))
             continue
         if spec == ALL_LINEAR:
             if _is_linear(base) and base is not head:
@@ -311,7 +318,7 @@ def unmerged_base_weight(layer: nn.Module) -> torch.Tensor | WeightSample:
         shape = (base.out_features, base.in_features)
         return WeightSample(shape, base.source_checksum or weight_checksum(base.dequantize()))
     if not isinstance(layer, LoraLayer):
-        return layer.weight
+        return layer.in_proj_weight if isinstance(layer, nn.MultiheadAttention) else layer.weight
     return layer.original_weight()
 
 

@@ -48,7 +48,7 @@ from .errors import (
 )
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import resolve_parameters, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraParameter, ModulesToSave
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave
 from .jsonfile import as_created
 from .jsonfile import dumps as strict_dumps
 
@@ -281,7 +281,13 @@ def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict
         out["lora_magnitude_vector"] = module.lora_magnitude[adapter_name].reshape(_magnitude_shape(module))
     if adapter_name in module.lora_bias:
         out["lora_B.bias"] = module.lora_bias[adapter_name]
+    if isinstance(module, LoraMultiheadAttention):
+        out[_MHA_OUT[0]], out[_MHA_OUT[1]] = module.out_A[adapter_name], module.out_B[adapter_name]
     return out
+
+
+# PEFT wraps nn.MultiheadAttention's out_proj inside the attention's base layer.
+_MHA_OUT = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")
 
 
 def _keys(module: LoraLayer) -> tuple[str, str]:
@@ -548,6 +554,8 @@ def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[s
         params["lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
     if adapter_name in module.lora_bias:
         params["lora_B.bias"] = module.lora_bias[adapter_name]
+    if isinstance(module, LoraMultiheadAttention):
+        params[_MHA_OUT[0]], params[_MHA_OUT[1]] = module.out_A[adapter_name], module.out_B[adapter_name]
     return params
 
 
@@ -587,6 +595,9 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], t
             shapes[f"{name}.lora_magnitude_vector"] = _magnitude_shape(probe)
         if config.lora_bias:
             shapes[f"{name}.lora_B.bias"] = (probe.out_features,)
+        if isinstance(probe, LoraMultiheadAttention):
+            e = probe.base_layer.embed_dim
+            shapes[f"{name}.{_MHA_OUT[0]}"], shapes[f"{name}.{_MHA_OUT[1]}"] = (r, e), (e, r)
     for name in to_save:
         for key, tensor in bases[name].state_dict().items():
             shapes[f"{name}.{key}"] = tuple(tensor.shape)

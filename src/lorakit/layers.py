@@ -41,7 +41,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def supports(module: nn.Module) -> bool:
     """Whether lorakit can wrap this module."""
-    return isinstance(module, (nn.Linear, nn.Embedding, *_CONVS)) or is_hf_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, *_CONVS)) or is_hf_conv1d(module) or (
+        isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
+    )
 
 
 class LoraLayer(nn.Module):
@@ -583,6 +585,79 @@ class LoraConv(LoraLayer):
 LoraConv2d = LoraConv  # the name it had when only nn.Conv2d was supported
 
 
+class LoraMultiheadAttention(LoraLayer):
+    """LoRA on ``nn.MultiheadAttention`` as PEFT applies it: one adapter on the packed input projection
+    (``in_proj_weight``, (3E, E): A (r, E), B (3E, r)) and one on ``out_proj`` (``out_A`` (r, E),
+    ``out_B`` (E, r)); the attention runs with
+
+        W_in + s·B A   and   W_out + c·s·B_out A_out,   c = ``OUT_PROJ_FACTOR`` = 2.
+
+    c = 2 is what PEFT computes (up to at least 0.21.2 its MultiheadAttention merge adds the out_proj
+    update twice, in the unmerged forward too; huggingface/peft PR #3774), so adapters trained there
+    load with the function they were trained as, and lorakit's files load in PEFT unchanged.  As in
+    PEFT (which merges the weights for each call) there is no lora dropout, DoRA or lora_bias, and
+    query, key and value must share the embedding size.
+    """
+
+    supports_bias = False
+    OUT_PROJ_FACTOR = 2.0
+
+    def __init__(self, base_layer: nn.MultiheadAttention) -> None:
+        super().__init__(base_layer)
+        self.out_A = nn.ParameterDict()
+        self.out_B = nn.ParameterDict()
+
+    def base_weight(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    def _base_shape(self) -> torch.Size:
+        return self.base_layer.in_proj_weight.shape
+
+    def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        w = self.base_layer.in_proj_weight
+        return w.device, w.dtype
+
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
+                    use_dora: bool = False, bias: bool = False) -> None:
+        if use_dora:
+            raise UnsupportedModuleError("nn.MultiheadAttention cannot take DoRA (nor in PEFT): drop use_dora or this target")
+        super().add_adapter(name, r, scale, dropout, init, use_dora, bias)
+        A, B = torch.empty_like(self.lora_A[name]), torch.zeros_like(self.lora_B[name][: self.base_layer.embed_dim])
+        self._init_factors(A, B, init)
+        self.out_A[name], self.out_B[name] = nn.Parameter(A), nn.Parameter(B)
+
+    def trainable(self, name: str) -> list[nn.Parameter]:
+        return super().trainable(name) + [d[name] for d in (self.out_A, self.out_B) if name in d]
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        del self.out_A[name], self.out_B[name]
+
+    def out_delta(self, name: str) -> Tensor:
+        """c·s·B_out A_out (E, E), float32 (float64 stays float64)."""
+        return delta_weight(self.out_A[name], self.out_B[name], self.OUT_PROJ_FACTOR * self.scaling[name], "linear",
+                            self.base_layer.out_proj.weight.shape)
+
+    def _add(self, name: str, delta: Tensor, sign: int) -> None:
+        out_weight = self.base_layer.out_proj.weight
+        add_delta(out_weight.detach().clone(), self.out_delta(name), sign, what=f"adapter {name!r}")  # a check only
+        super()._add(name, delta, sign)
+        add_delta(out_weight, self.out_delta(name), sign, what=f"adapter {name!r}")
+
+    def forward(self, query: Tensor, *args, **kwargs):
+        names = self._unmerged_active()
+        if not names:
+            return self.base_layer(query, *args, **kwargs)
+        base = self.base_layer
+        W_in, W_out = base.in_proj_weight, base.out_proj.weight
+        for name in names:
+            s = self.scaling[name]
+            W_in = W_in + s * (self.lora_B[name] @ self.lora_A[name]).to(W_in.dtype)
+            W_out = W_out + (self.OUT_PROJ_FACTOR * s) * (self.out_B[name] @ self.out_A[name]).to(W_out.dtype)
+        return torch.func.functional_call(base, {"in_proj_weight": W_in, "out_proj.weight": W_out}, (query, *args),
+                                          kwargs, strict=False)
+
+
 class LoraParameter(LoraLayer):
     """LoRA on one parameter P of a module (PEFT's ``target_parameters`` / ``ParamWrapper``), e.g. the
     3-D expert weights of MoE layers that no nn.Linear holds; the module's forward runs with P + ΔP.
@@ -685,7 +760,8 @@ class LoraParameter(LoraLayer):
 
 
 #: The module types lorakit adapts, as error messages name them.
-ADAPTABLE = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped too)"
+ADAPTABLE = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped too), nn.MultiheadAttention "
+             "(same q/k/v size)")
 
 
 def wrap(module: nn.Module, qualified_name: str) -> LoraLayer:
@@ -696,6 +772,8 @@ def wrap(module: nn.Module, qualified_name: str) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, _CONVS):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        return LoraMultiheadAttention(module)
     raise UnsupportedModuleError(
         f"module {qualified_name!r} is a {type(module).__name__}; lorakit adapts {ADAPTABLE}. Remove it from target_modules."
     )
