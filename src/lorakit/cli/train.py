@@ -45,7 +45,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5,
                fuse=True, kernels="liger", checkpointing="off", quantize=None, dora=False,
-               lora_plus_ratio=None)
+               lora_plus_ratio=None, compile="auto")
 
 # Where each option lives in a checkpoint's state.json "config" (see Trainer.run_config).
 _SAVED = {
@@ -57,6 +57,7 @@ _SAVED = {
     "bf16": ("train", "bf16"), "max_bad_steps": ("train", "max_bad_steps"), "fuse": ("train", "fuse"),
     "kernels": ("train", "kernels"), "checkpointing": ("train", "checkpointing"), "quantize": ("train", "quantize"),
     "dora": ("lora", "use_dora"), "lora_plus_ratio": ("train", "lora_plus_ratio"),
+    "compile": ("train", "compile"),
     "task": ("task",), "model": ("model",),
     "data": ("data_file",),
     "eval_data": ("eval_data_file",), "source": ("source",), "max_length": ("max_length",),
@@ -98,7 +99,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=float, help="warmup steps (≥ 1) or fraction of the run (< 1)")
     g.add_argument("--schedule", choices=("cosine", "linear", "constant"), help="lr decay after warmup")
     g.add_argument("--seed", type=int, help="seeds data order, LoRA init and dropout")
-    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (CUDA only)")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="keep the frozen base in bfloat16 and compute in bfloat16 (CUDA only; a bfloat16 checkpoint "
+                        "stays bfloat16 without it); adapters and optimizer state stay float32")
+    g.add_argument("--compile", choices=("off", "default", "reduce-overhead"),
+                   help="torch.compile each decoder layer (reduce-overhead: with CUDA graphs); the first steps "
+                        "compile. Default: off (on CUDA the measured faster choice, see README)")
     g.add_argument("--no-fuse", dest="fuse", action="store_false", default=None,
                    help="train the layers one by one: no shared q/k/v (gate/up) input pass, no fused SwiGLU MLPs "
                         "(both are exact; this is for comparing or debugging)")
@@ -253,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         keep=v["keep"], seed=v["seed"], bf16=bool(v["bf16"]), max_bad_steps=v["max_bad_steps"], fuse=bool(v["fuse"]),
         kernels=v["kernels"], checkpointing=v["checkpointing"], quantize=v["quantize"],
         lora_plus_ratio=v["lora_plus_ratio"],
+        compile=v["compile"],
     )
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}

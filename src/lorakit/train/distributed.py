@@ -356,7 +356,7 @@ class DistributedTrainer(Trainer):
     def wrap(self, model: nn.Module) -> nn.Module:
         self._check_agreement(model)
         if self.strategy == "fsdp":
-            return wrap_fsdp(model, self.device, param_dtype=torch.bfloat16 if self.config.bf16 else None)
+            return wrap_fsdp(model, self.device, param_dtype=self.amp_dtype)
         return wrap_ddp(model, self.device)
 
     def step_indices(self, epoch: int, index: int) -> tuple[list[list[int]], int, int]:

@@ -55,6 +55,15 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .compute import (
+    COMPILE_MODES,
+    base_dtype,
+    cast_base,
+    compile_model,
+    eager,
+    resolve_compile,
+    trainable_to_float32,
+)
 from .progress import Progress, format_duration
 from .task import Task
 
@@ -98,7 +107,12 @@ class TrainConfig:
     seed: int = 0
     #: stop after this many non-finite steps in a row
     max_bad_steps: int = 5
+    #: keep the frozen base in bfloat16 and compute in bfloat16 autocast (CUDA only; a bfloat16 checkpoint
+    #: is kept in bfloat16 without it); adapters and their optimizer state stay float32
     bf16: bool = False
+    #: torch.compile the decoder layers: "off", "default", "reduce-overhead" (CUDA graphs), or "auto"
+    #: (see lorakit.train.compute.resolve_compile)
+    compile: str = "auto"
     #: share one pass over q/k/v's (gate/up's) input and fuse SwiGLU MLPs: exact, less work and memory
     fuse: bool = True
     #: "liger": liger-kernel's fused loss (no full logits), norms, RoPE and SwiGLU on CUDA; "none"
@@ -131,6 +145,8 @@ class TrainConfig:
             (self.quantize in (None, "nf4"), f"--quantize must be nf4 (or left out), got {self.quantize!r}"),
             (self.lora_plus_ratio is None or (self.lora_plus_ratio > 0 and math.isfinite(self.lora_plus_ratio)),
              f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}"),
+            (self.compile in ("auto", *COMPILE_MODES),
+             f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,7 +155,7 @@ class TrainConfig:
 
 # Fields that may differ from a checkpoint's without changing what is being resumed.
 _FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps", "fuse",
-                   "kernels", "checkpointing"}
+                   "kernels", "checkpointing", "compile"}
 # LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
 _STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
 
@@ -224,6 +240,10 @@ class Trainer:
         self.lora = lora.replace(modules_to_save=saved) if saved != tuple(lora.modules_to_save) else lora
         torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
         random.seed(config.seed)
+        # The frozen base in its training dtype before LoRA wraps it, so the adapters are made float32 from
+        # the start; then anything else trained (modules_to_save copies) to float32 too (compute.py).
+        self.base_dtype = base_dtype(task.model, self.device, config.bf16)
+        cast_base(task.model, self.base_dtype)
         model = lorakit.inject(task.model, self.lora)
         #: what was done to the model besides LoRA (kernels, fusion, checkpointing), printed when fit starts
         self.setup_notes: list[str] = []
@@ -233,6 +253,9 @@ class Trainer:
             self.setup_notes.append(f"base quantised to {config.quantize}: {count} linear layer(s), 4.13 bits a weight")
         if config.kernels == "liger":  # before fuse_mlps, whose fused MLP then replaces liger's SwiGLU
             self.setup_notes.append(str(lorakit.fused_kernels.apply(model, device=self.device)))
+        trainable_to_float32(model)
+        #: autocast dtype of forward passes (None: float32 throughout)
+        self.amp_dtype = torch.bfloat16 if self.base_dtype == torch.bfloat16 else None
         if config.fuse:
             # Exact rewrites that only save work and memory: q/k/v and gate/up share one pass over their
             # input, and SwiGLU MLPs keep gate/up instead of their product for backward (docs/gpu-notes.md).
@@ -245,6 +268,9 @@ class Trainer:
             self.setup_notes.append(f"activation checkpointing ({config.checkpointing}): {layers} layer(s)")
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
+        self.compile_mode = resolve_compile(config.compile, self.device)
+        #: regions compiled in place (nn.Module.compile): names and state dicts stay the plain model's
+        self.compiled_regions = compile_model(model, self.compile_mode) if self.compile_mode != "off" else 0
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
         if config.lora_plus_ratio is None:
             groups: list[dict[str, Any]] = [{"params": [p for _, p in self.params]}]
@@ -370,7 +396,7 @@ class Trainer:
         """Task metrics, without disturbing any random generator the training uses."""
         py_state = random.getstate()
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast(), eager(self.base):
             self.model.eval()
             try:
                 metrics = {k: float(v) for k, v in self.task.evaluate(self.base).items()}
@@ -380,8 +406,8 @@ class Trainer:
         return metrics
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.config.bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if self.amp_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     def _print(self, *lines: str) -> None:
@@ -410,7 +436,12 @@ class Trainer:
             f"{self.total} steps of {cfg.batch_size}×{cfg.grad_accum} on {self.device.type}",
             f"trainable parameters: {report.trainable:,} of {report.total:,} ({report.percent:.3f}%)",
             *self.setup_notes,
+            f"frozen base in {str(self.base_dtype).removeprefix('torch.')}, trained parameters and optimizer state "
+            "in float32" + (f", {str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else ""),
         )
+        if self.compiled_regions:
+            self._print(f"torch.compile (mode {self.compile_mode}): {self.compiled_regions} layer(s) compile on first "
+                        "use; the first steps take longer while they do (evaluation runs eagerly)")
         step = epoch = index = skipped = bad_run = 0
         history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         if resume is not None:
@@ -433,7 +464,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         restore_sigint = self._catch_interrupt()
         try:
+            first_step = step
             while step < self.total:
+                t_step = time.monotonic()
                 micro, next_epoch, next_index = self.step_indices(epoch, index)
                 lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
                 for group in self.optimizer.param_groups:
@@ -442,6 +475,8 @@ class Trainer:
                 examples += n_step
                 loss_sum = 0.0
                 for k, ids in enumerate(micro):
+                    if self.compile_mode == "reduce-overhead":  # CUDA-graph outputs of the last pass may be reused
+                        torch.compiler.cudagraph_mark_step_begin()
                     batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
                     tokens += _count_tokens(batch)
                     # each micro-batch counts by its share of the step's examples (a short last one counts less);
@@ -468,6 +503,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step, epoch, index = step + 1, next_epoch, next_index
                 history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
+                if self.compiled_regions and step == first_step + 1:
+                    note = "; ".join(filter(None, [note, f"first step {time.monotonic() - t_step:.1f} s, compilation included"]))
                 if progress is not None:
                     progress.update(step, loss_sum, lr, n_step, note)
                 if bad_run >= cfg.max_bad_steps:

@@ -60,7 +60,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 def load_model(path: str | os.PathLike[str], auto_class: str, *, seed: int = 0, **kwargs: Any) -> torch.nn.Module:
-    """``transformers.<auto_class>.from_pretrained(path, local_files_only=True, **kwargs)`` in float32.
+    """``transformers.<auto_class>.from_pretrained(path, local_files_only=True, **kwargs)`` in the
+    checkpoint's own dtype (the trainer decides what to keep it in: lorakit.train.compute), so a
+    bfloat16 checkpoint is never held in float32 on its way to the GPU.
 
     The global torch generator is seeded first, so weights the checkpoint lacks (a fresh
     classification head) are the same in every run with this seed — which exact resume relies on.
@@ -70,7 +72,7 @@ def load_model(path: str | os.PathLike[str], auto_class: str, *, seed: int = 0, 
     d = model_dir(path)
     torch.manual_seed(seed)
     try:
-        return getattr(transformers, auto_class).from_pretrained(str(d), local_files_only=True, dtype=torch.float32, **kwargs)
+        return getattr(transformers, auto_class).from_pretrained(str(d), local_files_only=True, dtype="auto", **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(
             f"{d}: transformers cannot load it as {auto_class} ({err}); is this the right --task for this model?"

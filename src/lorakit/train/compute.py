@@ -1,0 +1,121 @@
+"""How the training step computes: the dtypes the frozen base and the adapters are kept in, and torch.compile.
+
+Dtypes.  On a CUDA GPU the frozen base stays in bfloat16 when the checkpoint is bfloat16 or ``--bf16``
+asks for it; everything trained (LoRA factors, ``modules_to_save`` copies) is float32, and so is
+AdamW's state, which takes its parameters' dtype.  The step then runs under bfloat16 autocast.  Holding
+the base in float32 and relying on autocast would keep two bytes per frozen weight more for nothing:
+every product is computed in bfloat16 anyway.  On the CPU everything is float32.
+
+Compilation.  ``--compile default`` / ``reduce-overhead`` compile each decoder layer alone
+(``layer.compile()``, regional compilation): one compilation serves every layer, a model's outer parts
+(embedding, loss) stay eager, and — since ``nn.Module.compile`` compiles in place — parameter names and
+state dicts stay the plain module's (no ``_orig_mod.``), so checkpoints, ``--resume`` and adapter files
+are the same whether a run was compiled or not.  Layers are compiled with ``dynamic=True``: batches are
+padded to their longest example, so sequence lengths change from step to step and a shape-specialised
+graph would recompile at each new length.  Evaluation runs eagerly (:func:`eager`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..layer_checkpointing import decoder_layers
+
+#: values of ``--compile``; "auto" is what the option defaults to (see :func:`resolve_compile`)
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+# The default on CUDA, chosen by measurement (issue #19's table, H200, 1.14B Llama): compiled whole,
+# a lorakit model ran slower than eager (1×1024: 15.1k tokens/s) and CUDA graphs failed in the LoRA
+# ops; so compiling stays opt-in until benchmarks/gpu_shapes.py measures a compiled mode ahead.
+CUDA_DEFAULT_COMPILE = "off"
+
+
+def base_dtype(model: nn.Module, device: torch.device, bf16: bool) -> torch.dtype:
+    """The dtype the frozen base is kept in: bfloat16 on CUDA when ``bf16`` or when most of the
+    checkpoint's floating-point parameters (by count) are bfloat16; float32 otherwise (always on the CPU)."""
+    if device.type != "cuda":
+        return torch.float32
+    if bf16:
+        return torch.bfloat16
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return torch.bfloat16 if counts and max(counts, key=counts.__getitem__) == torch.bfloat16 else torch.float32
+
+
+def cast_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating-point parameters to ``dtype``, except those of modules transformers keeps in float32
+    (``_keep_in_fp32_modules``) when ``dtype`` is lower.  Buffers (e.g. rotary frequencies) stay as the
+    model made them: they are small, and some must stay float32."""
+    keep: set[str] = set()
+    if dtype != torch.float32:
+        for m in model.modules():
+            keep.update(getattr(m, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if keep and any(k in name.split(".") for k in keep):
+                continue
+            p.data = p.data.to(dtype)
+
+
+def trainable_to_float32(model: nn.Module) -> None:
+    """Every trained parameter in float32 (so AdamW's moments are float32 too)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """``--compile``'s value for this run: "auto" is :data:`CUDA_DEFAULT_COMPILE` on CUDA, "off" elsewhere."""
+    if mode == "auto":
+        return CUDA_DEFAULT_COMPILE if device.type == "cuda" else "off"
+    return mode
+
+
+def compile_regions(model: nn.Module) -> list[nn.Module]:
+    """The modules ``--compile`` compiles: the model's decoder layers
+    (:func:`lorakit.layer_checkpointing.decoder_layers`, the same blocks activation checkpointing wraps),
+    else the whole model."""
+    return decoder_layers(model) or [model]
+
+
+def compile_model(model: nn.Module, mode: str) -> int:
+    """Compile ``model``'s regions (:func:`compile_regions`) in place with ``torch.compile`` mode ``mode``
+    ("default" or "reduce-overhead"); "off" undoes it.  Returns the number of regions compiled."""
+    regions = compile_regions(model)
+    if mode != "off":
+        # A LoRA layer with dropout draws its mask seed with torch.randint inside the compiled region;
+        # Inductor's own generator would draw other seeds than eager mode, so a compiled run would train
+        # another adapter than an eager one.  Falling back to torch's generator keeps them identical
+        # (one scalar draw per layer and step: no measurable cost).
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+    for region in regions:
+        if mode == "off":
+            region._compiled_call_impl = None  # what nn.Module.compile sets; None is eager again
+        else:
+            region.compile(mode=None if mode == "default" else mode, dynamic=True)
+    return 0 if mode == "off" else len(regions)
+
+
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s compiled regions eagerly inside the block (evaluation: a no-grad pass at other
+    shapes would compile a second set of graphs — and record CUDA graphs — for a small share of the run)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, fn in compiled:  # the same compiled callables: their caches are kept
+            m._compiled_call_impl = fn

@@ -1,0 +1,125 @@
+"""``lorakit train``'s compute settings: the frozen base's dtype vs the adapters', and ``--compile``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.cli import main
+from lorakit.train.causal_lm import CausalLMTask
+from lorakit.train.compute import base_dtype, cast_base, compile_regions, resolve_compile, trainable_to_float32
+from lorakit.train.loop import TrainConfig, Trainer
+from tiny_models import make_llama
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compute")
+    make_llama(root / "llama")
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(root / "llama", dtype=torch.bfloat16).save_pretrained(root / "llama_bf16")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (root / "llama" / f).exists():
+            shutil.copy(root / "llama" / f, root / "llama_bf16" / f)
+    lm = [{"prompt": f"add {i} and {i % 3}:", "completion": f" {i + i % 3}"} for i in range(16)]
+    (root / "lm.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lm))
+    return {"llama": root / "llama", "llama_bf16": root / "llama_bf16", "lm": root / "lm.jsonl"}
+
+
+def test_base_dtype_policy(files: dict[str, Path]) -> None:
+    from transformers import LlamaForCausalLM
+
+    bf16 = LlamaForCausalLM.from_pretrained(files["llama_bf16"], dtype="auto")
+    fp32 = LlamaForCausalLM.from_pretrained(files["llama"], dtype="auto")
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the checkpoint's dtype is what loads
+    assert base_dtype(bf16, CUDA, bf16=False) == torch.bfloat16  # the checkpoint's dtype on a GPU
+    assert base_dtype(fp32, CUDA, bf16=False) == torch.float32
+    assert base_dtype(fp32, CUDA, bf16=True) == torch.bfloat16  # --bf16
+    assert base_dtype(bf16, CPU, bf16=False) == torch.float32  # the CPU trains in float32
+    assert resolve_compile("auto", CPU) == "off" and resolve_compile("default", CPU) == "default"
+
+
+def test_frozen_base_bf16_adapters_and_optimizer_state_float32(files: dict[str, Path]) -> None:
+    """What the trainer does on a GPU with a bf16 checkpoint, run on the CPU: base bf16, everything
+    trained (LoRA factors and a modules_to_save copy) float32, AdamW's moments float32."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(files["llama_bf16"], dtype="auto")
+    dtype = base_dtype(model, CUDA, bf16=False)
+    cast_base(model, dtype)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear", exclude_modules=["lm_head"],
+                                             modules_to_save=["lm_head"]))
+    trainable_to_float32(model)
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert any("lora_A" in n for n in trained) and any("lm_head" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(3, 60, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    states = [s for s in opt.state.values()]
+    assert len(states) == len(trained)
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.float32 for s in states)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_trainer_on_cpu_trains_a_bf16_checkpoint_in_float32(files: dict[str, Path], tmp_path: Path) -> None:
+    task = CausalLMTask(files["llama_bf16"], files["lm"], max_length=32)
+    assert next(task.model.parameters()).dtype == torch.bfloat16  # loaded as stored
+    trainer = Trainer(task, lorakit.LoraConfig(r=4, target_modules="all-linear"), TrainConfig(max_steps=1),
+                      tmp_path, device="cpu")
+    assert {p.dtype for p in trainer.base.parameters()} == {torch.float32}
+    assert trainer.amp_dtype is None and trainer.compile_mode == "off" and trainer.compiled_regions == 0
+
+
+def test_compile_regions_are_the_decoder_layers(files: dict[str, Path]) -> None:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(files["llama"])
+    regions = compile_regions(model)
+    assert [type(m).__name__ for m in regions] == ["LlamaDecoderLayer"] * 2
+    assert compile_regions(torch.nn.Sequential(torch.nn.Linear(2, 2)))[0].__class__ is torch.nn.Sequential
+
+
+def test_compiled_run_equals_eager_and_resumes(files: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--compile default trains the same adapter as eager (dropout, grad accumulation, shared inputs and fused
+    MLPs on), saves plain names, and a compiled --resume continues an eager checkpoint exactly as eager would."""
+    common = ["train", "--task", "causal-lm", "--model", str(files["llama"]), "--data", str(files["lm"]), "-r", "4",
+              "--batch-size", "2", "--grad-accum", "2", "--dropout", "0.1", "--lr", "1e-2", "--max-length", "32",
+              "--save-every", "2", "--keep", "0", "--max-steps", "3"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main([*common, "--out", str(eager), "--compile", "off"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(compiled), "--compile", "default"]) == 0
+    err = capsys.readouterr().err
+    assert "torch.compile (mode default): 2 layer(s)" in err and "compilation included" in err
+    a = load_file(eager / "adapter" / "adapter_model.safetensors")
+    b = load_file(compiled / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+    names = list(load_file(compiled / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert names == list(load_file(eager / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert not any("_orig_mod" in n for n in names)
+    # resume the eager run's step-2 checkpoint compiled; it must land on the eager run's adapter
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(eager / "checkpoints" / "step-00000002", part / "checkpoints" / "step-00000002")
+    assert main(["train", "--resume", "--out", str(part), "--compile", "default"]) == 0
+    c = load_file(part / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
