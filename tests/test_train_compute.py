@@ -123,3 +123,17 @@ def test_compiled_run_equals_eager_and_resumes(files: dict[str, Path], tmp_path:
     c = load_file(part / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_padding_for_cuda_graphs_keeps_the_loss(files: dict[str, Path]) -> None:
+    from lorakit.train.compute import pad_for_graphs
+
+    task = CausalLMTask(files["llama"], files["lm"], max_length=32)
+    batch = task.collate(task.train_examples[:3])
+    padded = pad_for_graphs(batch, task.tokenizer.pad_token_id, multiple=64)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert int(padded["attention_mask"].sum()) == int(batch["attention_mask"].sum())
+    model = task.model.float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
+    assert pad_for_graphs(padded, 0, multiple=64) is padded and pad_for_graphs([1], 0) == [1]

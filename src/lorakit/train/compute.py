@@ -119,3 +119,30 @@ def eager(model: nn.Module) -> Iterator[None]:
     finally:
         for m, fn in compiled:  # the same compiled callables: their caches are kept
             m._compiled_call_impl = fn
+
+
+#: ``--compile reduce-overhead`` pads sequence lengths to a multiple of this (see :func:`pad_for_graphs`)
+GRAPH_LENGTH_MULTIPLE = 64
+
+
+def pad_for_graphs(batch: object, pad_token_id: int | None, multiple: int = GRAPH_LENGTH_MULTIPLE) -> object:
+    """Right-pad a token batch's sequence length to a multiple of ``multiple``, so CUDA graphs (recorded once
+    per shape) meet a few lengths instead of one per batch.
+
+    Applies to a dict with 2-D ``input_ids`` and ``attention_mask`` (B, T): every (B, T) tensor of it grows
+    to (B, T'), ``input_ids`` with ``pad_token_id`` (0 if None), ``labels`` with -100, the rest with 0.  The
+    added positions are masked out and carry no label, and come after every real token, so a causal model's
+    outputs at real tokens and the mean loss are unchanged.  Anything else is returned as it is.
+    """
+    if not isinstance(batch, dict):
+        return batch
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if not (isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and ids.dim() == 2
+            and mask.shape == ids.shape):
+        return batch
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return batch
+    fills = {"input_ids": pad_token_id or 0, "labels": -100}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fills.get(k, 0))
+            if isinstance(v, torch.Tensor) and v.shape == ids.shape else v for k, v in batch.items()}

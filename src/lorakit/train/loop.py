@@ -61,6 +61,7 @@ from .compute import (
     cast_base,
     compile_model,
     eager,
+    pad_for_graphs,
     resolve_compile,
     trainable_to_float32,
 )
@@ -479,6 +480,8 @@ class Trainer:
                         torch.compiler.cudagraph_mark_step_begin()
                     batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
                     tokens += _count_tokens(batch)
+                    if self.compile_mode == "reduce-overhead":
+                        batch = pad_for_graphs(batch, getattr(getattr(self.task, "tokenizer", None), "pad_token_id", None))
                     # each micro-batch counts by its share of the step's examples (a short last one counts less);
                     # × world_size because DDP/FSDP average the processes' gradients
                     weight = self.examples_in(ids) * self.world_size / n_step
