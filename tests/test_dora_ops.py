@@ -93,3 +93,20 @@ def test_bfloat16_activations_against_float64():
                      m.double(), 0.5)
     assert out.dtype == torch.bfloat16
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_gradients_survive_a_later_raw_write_into_the_output():
+    """Kernels after a layer (liger's RoPE, its SwiGLU backward) may overwrite the layer's output in place
+    unseen by autograd; the magnitude's gradient must not be computed from that output."""
+    x, W, b, A, B, m = _inputs()
+    c = torch.randn(x.shape[0], W.shape[0], dtype=x.dtype)
+    grads = []
+    for clobber in (False, True):
+        m_ = m.clone().requires_grad_()
+        h = dora_linear(x, W, b, A, B, 0.7, m_)
+        loss = (h * c).sum()  # mul by a constant keeps c, not h
+        if clobber:
+            h.data.fill_(123.0)
+        loss.backward()
+        grads.append(m_.grad)
+    assert torch.equal(grads[0], grads[1])

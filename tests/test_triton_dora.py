@@ -89,8 +89,15 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
         x, W, A, B, m = torch.randn(20, 32), torch.randn(16, 32), torch.randn(4, 32), torch.randn(16, 4), torch.rand(16)
         m.requires_grad_()
         h = T.dora_linear_cuda(x, W, None, A, B, 1.0, m, None)
-        h.sum().backward()
-        return "" if m.grad is not None and x.grad is None else "gradients where none were asked for"
+        loss = h.sum()
+        ok = m.grad is None
+        h.data.fill_(7.0)  # a raw in-place write into the output (as liger's RoPE does) must not change ∂m
+        loss.backward()
+        merged = W.double() + B.double() @ A.double()  # s = 1
+        expected = (x.double() @ merged.t()).sum(0) / torch.linalg.norm(merged, dim=1)
+        if not ok or m.grad is None or x.grad is not None:
+            return "gradients where none were asked for"
+        return "" if _rel(m.grad, expected) < 1e-5 else f"∂m after a write into h: {_rel(m.grad, expected):.2e}"
     return f"unknown check {name}"
 
 

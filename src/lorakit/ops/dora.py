@@ -16,10 +16,11 @@ no gradient flows through it.  Backward, with g = ∂L/∂h and y = x̃ (W + sBA
     ∂L/∂A = s · ((g ⊙ f) B)ᵀ x̃                          (r, k)
     ∂L/∂x = g W + drop'[(g ⊙ (f − 1)) W + s (g ⊙ f) B A]   (without dropout: (g ⊙ f) W + s (g ⊙ f) B A)
 
-Memory: without dropout the function keeps x, u and its own output h — y is recovered as (h − b) / f —
-so the only extra activation over LoRA is h, which the next layer often keeps anyway (it is the same
-tensor); recovering y needs m ≠ 0 (at init m = n > 0; a zero m gives a non-finite ∂m, not a wrong one).
-With dropout it keeps y instead.
+Memory: without dropout the function keeps what LoRA keeps — x and the (N, r) product u — and backward
+recomputes y = x Wᵀ + s·u Bᵀ for ∂L/∂m (one more product with W).  It does not keep its output h to
+recover y = (h − b) / f: later kernels may overwrite a layer's output in place without autograd seeing
+it (liger-kernel's RoPE rotates q and k in place; its SwiGLU backward writes its gradients into gate's
+and up's outputs), which would silently corrupt ∂m.  With dropout it keeps y (its own tensor).
 
 The norm never materialises W + sBA on the CPU path: row-wise
 
@@ -144,7 +145,7 @@ class _DoraLinear(torch.autograd.Function):
             h.addmm_(u, B_.t(), alpha=scale).mul_(f)  # f ⊙ y
             if bias is not None:
                 h.add_(bias.to(x.dtype))
-            kept = h  # y = (h − b) / f in backward: the output itself is kept, no extra (N, d) tensor
+            kept = None  # y is recomputed in backward (module docstring)
         else:
             xt = dropped_copy(x2, p, seed)  # x̃ (N, k), freed after forward
             zt = xt @ W.t()  # x̃ Wᵀ
@@ -170,12 +171,9 @@ class _DoraLinear(torch.autograd.Function):
         f = (m.to(n.dtype) / n).to(x.dtype)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
         if need_m:
-            if p:
-                y = kept
-            else:  # y = (h − b) / f
-                y = kept - bias.to(x.dtype) if bias is not None else kept
-                y = y / f
+            y = kept if p else torch.addmm(x2 @ W.t(), u, B_.t(), alpha=s)  # x̃ (W + sBA)ᵀ
             grad_m = magnitude_grad(g, y, n, m.dtype)
+            del y
         gf = g * f  # (N, d): the gradient reaching x̃ (W + sBA)ᵀ
         v = (gf @ B_).mul_(s)  # (N, r)
         if need_B:

@@ -7,11 +7,14 @@
   writes W_f; h is then ONE GEMM — the same work as lorakit's LoRA forward, which folds W + sBA the same way.
 * backward: ∂x = g W_f (W_f rebuilt from the saved n: one pass, as LoRA rebuilds its W + sBA);
   ∂B = s·f ⊙ (gᵀu) and ∂A = s·((g ⊙ f) B)ᵀ x put f on the small factors (no (N, d) pass);
-  ∂m = Σ_rows g ⊙ (h − b) / m is one Triton pass over g and h (:func:`column_dot`): y = (h − b) / f is
-  never formed, and h is the layer's own output, kept instead of any other (N, d) tensor.  (This needs
-  m ≠ 0, as at init, where m = n > 0; a zero m gives a non-finite ∂m, never a silently wrong one.)
+  ∂m = Σ_rows g ⊙ (x W_fᵀ) / m: x W_fᵀ = f ⊙ y is recomputed (one GEMM, its (N, d) result freed at once)
+  and reduced against g in one Triton pass (:func:`column_dot`).  The layer's output h is not kept
+  for this, though it holds the same values: kernels after the layer may overwrite it in place unseen
+  by autograd (ops/dora.py's docstring), so only recomputation is safe.  (∂m divides by m: m ≠ 0, as at
+  init where m = n > 0; a zero m gives a non-finite ∂m, never a silently wrong one.)
 
-So DoRA adds to LoRA's step one (d, k) norm loop and one read of g and h; its memory adds only h.
+So DoRA keeps exactly what LoRA keeps (x, u) and adds to LoRA's step one (d, k) norm loop, one GEMM and
+one read of g in backward.
 """
 
 from __future__ import annotations
@@ -165,13 +168,13 @@ class _DoraLinearCuda(torch.autograd.Function):
         del Wf
         need_u = grad_enabled and ctx.needs_input_grad[4]  # u = x Aᵀ serves ∂B only
         u = xa(x, A) if need_u else x.new_empty((0, A.shape[0]))
-        ctx.save_for_backward(x, weight, bias, A, B, m, n, u, h)
+        ctx.save_for_backward(x, weight, bias, A, B, m, n, u)
         ctx.scale = scale
         return h
 
     @staticmethod
     def backward(ctx, grad_h):  # type: ignore[override]
-        x, weight, bias, A, B, m, n, u, h = ctx.saved_tensors
+        x, weight, bias, A, B, m, n, u = ctx.saved_tensors
         s = ctx.scale
         need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         g = grad_h.contiguous()
@@ -179,19 +182,18 @@ class _DoraLinearCuda(torch.autograd.Function):
         # fs = s·f (d,) carries both scales onto the (d, r) factors.
         fs = torch.div(m.detach(), n).mul_(s)  # (d,) float32
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_m = None
-        if need_m:  # Σ_rows g ⊙ (h − b) / m = Σ_rows g ⊙ y / n
-            grad_m = column_dot(g, h, bias, m.detach()).to(m.dtype)
+        Wf = scaled_weight(weight, A, B, s, m.detach(), n, x.dtype)[1] if need_m or need_x else None
+        if need_m:  # Σ_rows g ⊙ (x W_fᵀ) / m = Σ_rows g ⊙ y / n
+            grad_m = column_dot(g, torch.mm(x, Wf.t()), None, m.detach()).to(m.dtype)
         if need_B:  # s·f ⊙ (gᵀu)
             grad_B = tall_product(g, u, 1.0, transpose_out=True)[0].mul_(fs[:, None]).to(B.dtype)
         if need_A:
             v = torch.mm(g, torch.mul(B, fs[:, None], out=torch.empty(B.shape, dtype=x.dtype, device=x.device)))
             grad_A = tall_product(x, v, 1.0)[0].to(A.dtype)  # vᵀx, v = s·(g ⊙ f) B: (N, r)
-        if need_x or need_w:
-            _, Wf = scaled_weight(weight, A, B, s, m.detach(), n, x.dtype)
-            if need_x:
-                grad_x = torch.mm(g, Wf)
-            if need_w:  # only when a caller unfroze the base
-                grad_w = (g * (fs / s).to(g.dtype)).t().mm(x).to(weight.dtype)
+        if need_x:
+            grad_x = torch.mm(g, Wf)
+        if need_w:  # only when a caller unfroze the base
+            grad_w = (g * (fs / s).to(g.dtype)).t().mm(x).to(weight.dtype)
         if need_b and bias is not None:
             grad_b = g.sum(0).to(bias.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_m, None, None, None
