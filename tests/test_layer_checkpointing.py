@@ -102,11 +102,14 @@ def test_bad_mode_and_no_layers_are_config_errors() -> None:
     assert x.grad is not None
 
 
-def test_torch_compile_with_checkpointing() -> None:
+@pytest.mark.parametrize("mode", ["on", "offload"])
+def test_torch_compile_with_checkpointing(mode: str) -> None:
     loss0, grads0 = _step(_model("off", dropout=0.0))
-    model = _model("on", dropout=0.0)
+    model = _model(mode, dropout=0.0)
     compiled = torch.compile(model, backend="aot_eager")
     loss, grads = _step(compiled)
+    if mode == "offload":  # the hooks ran around the compiled layers' saved inputs
+        assert offload_stats(model)["tensors"] >= 2
     torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
     for g, g0 in zip(grads, grads0, strict=True):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
