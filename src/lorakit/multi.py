@@ -60,7 +60,9 @@ class _Stacks:
         self.R = max(layer.r[n] for n in names)
         self._cached: tuple[tuple, tuple[Tensor, Tensor]] | None = None
         device = layer.lora_A[names[0]].device
-        self.scales = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
+        # the scales in the adapters' dtype where that is float64 (α/√r is not a float32 number); float32 else
+        dtype = torch.float64 if layer.lora_A[names[0]].dtype == torch.float64 else torch.float32
+        self.scales = torch.tensor([layer.scaling[n] for n in names], dtype=dtype, device=device)
         self.ranks = torch.tensor([layer.r[n] for n in names], dtype=torch.int32, device=device)
         ps = {layer.dropout_p[n] for n in names}
         self.dropout = ps.pop() if len(ps) == 1 else None  # None: the adapters disagree

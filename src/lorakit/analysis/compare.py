@@ -204,7 +204,7 @@ def compare_adapters(
         if sa.S.norm() == 0 or sb.S.norm() == 0:
             notes.append(f"module {name}: an update is zero; skipped")
             continue
-        # Keep only directions the update uses: σ below float64 noise carries no direction.
+        # Keep only directions the update uses: σ at the rounding noise of the factors' dtype carries no direction.
         sa, sb = sa.nonzero(), sb.nonzero()
         Ua, Ub = (sa.V, sb.V) if side == "input" else (sa.U, sb.U)
         small, large = (sa, sb) if Ua.shape[1] <= Ub.shape[1] else (sb, sa)

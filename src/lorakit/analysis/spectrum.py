@@ -29,17 +29,26 @@ _ENERGY_TOL = 1e-9
 
 @dataclasses.dataclass(frozen=True)
 class LowRankSVD:
-    """ΔW = U diag(S) Vᵀ with U: (d, m), S: (m,) descending, V: (k, m), m = min(r, d, k)."""
+    """ΔW = U diag(S) Vᵀ with U: (d, m), S: (m,) descending, V: (k, m), m = min(r, d, k).
+
+    ``eps``: the machine epsilon of the factors' dtype (what rounding them left in ΔW)."""
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+    eps: float = float(torch.finfo(torch.float64).eps)
 
-    def nonzero(self, rtol: float = 1e-10) -> LowRankSVD:
+    def nonzero(self, rtol: float | None = None) -> LowRankSVD:
         """Only the directions with σ > rtol·σ₁: a rank-deficient update's other singular vectors
-        are arbitrary (any basis of the null part), so they carry no information."""
+        are arbitrary (any basis of the null part), so they carry no information.
+
+        The default rtol = eps · max(d, k), eps of the factors' dtype, is the rank cut-off of
+        numpy.linalg.matrix_rank: factors stored in float32 (eps 1.2e-7) put rounding noise at about
+        that level of σ₁, which a float64 cut-off would count as directions."""
+        if rtol is None:
+            rtol = self.eps * max(self.U.shape[0], self.V.shape[0], 1)
         keep = self.S > self.S[0] * rtol if self.S.numel() else self.S > 0
-        return LowRankSVD(self.U[:, keep], self.S[keep], self.V[:, keep])
+        return LowRankSVD(self.U[:, keep], self.S[keep], self.V[:, keep], self.eps)
 
 
 def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> LowRankSVD:
@@ -48,15 +57,17 @@ def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> LowRank
     Args:
         A: (r, k).  B: (d, r).  scale: s.
     Returns:
-        U (d, m), S (m,), V (k, m) with m = min(r, d, k); computed in float64.
+        U (d, m), S (m,), V (k, m) with m = min(r, d, k); computed in float64; eps of the factors' dtype.
     """
+    stored = torch.promote_types(A.dtype, B.dtype)
+    eps = float(torch.finfo(stored if stored.is_floating_point else torch.float64).eps)
     A, B = A.to(torch.float64), B.to(torch.float64)
     Q_B, R_B = torch.linalg.qr(B)      # Q_B: (d, min(d, r))   R_B: (min(d, r), r)
     Q_A, R_A = torch.linalg.qr(A.T)    # Q_A: (k, min(k, r))   R_A: (min(k, r), r)
     core = scale * (R_B @ R_A.T)       # (min(d, r), min(k, r))
     U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
     U, V = Q_B @ U_c, Q_A @ Vh_c.T     # (d, m), (k, m)
-    return LowRankSVD(U, S, V)
+    return LowRankSVD(U, S, V, eps)
 
 
 def lowrank_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -169,7 +169,9 @@ def _prepare(
             )
     else:
         plan = plan_segments(torch.broadcast_to(adapter_index, lead), n)
-    scale_t = torch.as_tensor(scales, dtype=torch.float32, device=device).reshape(-1)
+    # float64 scales stay float64 (a float64 model's s = α/√r is not a float32 number); others are float32
+    wide = not isinstance(scales, Tensor) or scales.dtype == torch.float64
+    scale_t = torch.as_tensor(scales, dtype=torch.float64 if wide else torch.float32, device=device).reshape(-1)
     rank_t = None if ranks is None else torch.as_tensor(ranks, dtype=torch.int32, device=device).reshape(-1)
     if scale_t.numel() != n or (rank_t is not None and rank_t.numel() != n):
         raise SegmentError(f"scales and ranks must have one entry per adapter ({n})")
