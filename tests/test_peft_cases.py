@@ -266,7 +266,6 @@ LACKING = [
     ("kasa_config", False, "KaSA", UnsupportedFeatureError),
     ("monteclora_config", False, "MonteCLoRA", UnsupportedFeatureError),
     ("use_bdlora", False, "BD-LoRA", UnsupportedFeatureError),
-    ("trainable_token_indices", False, "trainable tokens", UnsupportedFeatureError),
 ]
 MHA_SUPPORTED = True
 

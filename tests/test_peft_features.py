@@ -237,3 +237,41 @@ def test_multihead_attention_update_merge_and_refusals():
         lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["out_proj"]))
     with pytest.raises(TargetError, match="all-linear"):  # all-linear skips an attention's out_proj: nothing left here
         lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules="all-linear"))
+
+
+def test_trainable_tokens_rows_forward_unload_and_refusals():
+    """Rows [1, 4] of the embedding take the adapter's values (others untouched); merge_and_unload writes them in;
+    disabling gives the base; only the rows' values get gradients; a LoRA on the same embedding is refused."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens, self.head = nn.Embedding(6, 3), nn.Linear(3, 2)
+
+        def forward(self, ids):
+            return self.head(self.embed_tokens(ids))
+
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    net = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["head"], trainable_token_indices=[1, 4]))
+    tokens = net.embed_tokens
+    assert isinstance(tokens, lorakit.layers.TrainableTokens) and tokens.token_indices["default"] == (1, 4)
+    new = torch.randn(2, 3)
+    with torch.no_grad():
+        tokens.copies["default"].copy_(new)
+    ids = torch.tensor([[0, 1, 4, 5]])
+    want = base.embed_tokens.weight.detach().clone()
+    want[[1, 4]] = new
+    assert torch.equal(tokens(ids), want[ids])
+    with lorakit.disable_adapters(net):
+        assert torch.equal(net.embed_tokens(ids), base.embed_tokens(ids))
+    net(ids).sum().backward()
+    assert tokens.copies["default"].grad is not None and base.embed_tokens.weight.grad is None
+    assert not tokens.original_module.weight.requires_grad
+    plain = lorakit.merge_and_unload(net)
+    assert isinstance(plain.embed_tokens, nn.Embedding) and torch.equal(plain.embed_tokens.weight, want)
+    with pytest.raises(UnsupportedFeatureError, match="trainable tokens"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["embed_tokens"],
+                                                               trainable_token_indices={"embed_tokens": [0]}))
+    with pytest.raises(TargetError, match="emb"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["head"], trainable_token_indices={"emb": [0]}))

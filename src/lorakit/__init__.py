@@ -43,7 +43,17 @@ from .errors import (
 from .fuse import fuse_mlps, unfuse_mlps
 from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
-from .layers import LoraConv, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import (
+    LoraConv,
+    LoraConv2d,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraMultiheadAttention,
+    LoraParameter,
+    ModulesToSave,
+    TrainableTokens,
+)
 from .multi import batch_adapters, hot_swap
 from .optim import lora_plus_param_groups
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
@@ -74,9 +84,12 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraMultiheadAttention",
+    "LoraParameter",
     "LorakitError",
     "MergeError",
     "ModulesToSave",
+    "TrainableTokens",
     "NF4Linear",
     "QuantizationError",
     "ParameterCount",

@@ -11,7 +11,7 @@ from torch import nn
 from .errors import AdapterNameError
 from .fuse import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer, ModulesToSave, TrainableTokens
 from .quant import NF4Linear
 
 
@@ -122,6 +122,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 module.base_layer = module.base_layer.to_linear()
             module.merge()
             _set_child(model, name, module.base_layer)
+        elif isinstance(module, TrainableTokens):
+            _set_child(model, name, module.merged_module())
         else:
             _set_child(model, name, module.current())
     unfuse_mlps(model)  # plain modules again: no MLP keeps lorakit's fused forward

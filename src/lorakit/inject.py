@@ -8,7 +8,7 @@ model is touched, and a failure while wrapping restores the model as it was.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
 from .fingerprint import WeightSample, fingerprint, weight_checksum
-from .layers import ADAPTABLE, LoraLayer, LoraParameter, ModulesToSave, is_hf_conv1d, supports, wrap
+from .layers import ADAPTABLE, LoraLayer, LoraParameter, ModulesToSave, TrainableTokens, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
 from .quant import NF4Linear
 
@@ -107,9 +107,6 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         TargetError: no target_modules given, an entry that matches nothing, or nothing matched.
         UnsupportedModuleError: a matched module that lorakit cannot adapt.
     """
-    if config.trainable_token_indices:
-        raise UnsupportedFeatureError("this adapter uses trainable tokens (trainable_token_indices), which lorakit does "
-                                      "not support yet")
     spec = config.target_modules
     if spec is None and config.target_parameters:
         spec = ()
@@ -197,6 +194,31 @@ def resolve_parameters(model: nn.Module, config: LoraConfig) -> list[tuple[str, 
     return found
 
 
+def resolve_tokens(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Embedding name → token ids for ``config.trainable_token_indices`` (PEFT's rule: a list means the
+    model's input embeddings, else a module named ``embed_tokens``; a dict names modules, full or by
+    dotted suffix).  Every entry must match an nn.Embedding."""
+    spec = config.trainable_token_indices
+    if not spec:
+        return {}
+    embeddings = {name: base for name, _, base in candidates(model) if isinstance(base, nn.Embedding)}
+    if not isinstance(spec, Mapping):
+        getter = getattr(model, "get_input_embeddings", None)
+        inputs = getter() if callable(getter) else None
+        names = [n for n, b in embeddings.items() if b is inputs] or [n for n in embeddings if name_matches("embed_tokens", n)]
+        if len(names) != 1:
+            raise TargetError("trainable_token_indices is a list but the model's input embedding is not found; give "
+                              "a dict {'<embedding module name>': [ids]}")
+        return {names[0]: tuple(spec)}
+    out: dict[str, tuple[int, ...]] = {}
+    for entry, ids in spec.items():
+        names = [n for n in embeddings if name_matches(entry, n)]
+        if not names:
+            raise TargetError(f"trainable_token_indices names {entry!r}, which matches no nn.Embedding of the model")
+        out.update({n: tuple(ids) for n in names})
+    return out
+
+
 def _wrapped_parameters(module: nn.Module) -> list[str]:
     """The parameters a chain of parameter wrappers adapts, innermost first."""
     out: list[str] = []
@@ -241,6 +263,11 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     targets = resolve_targets(model, config)
     to_save = resolve_modules_to_save(model, config)
     parameters = resolve_parameters(model, config)
+    tokens = resolve_tokens(model, config)
+    clash = sorted(set(tokens) & (set(targets) | set(to_save)))
+    if clash:
+        raise UnsupportedFeatureError(f"{clash[0]!r} has trainable tokens and is also adapted or saved whole: lorakit "
+                                      "does not support trainable tokens on a LoRA-adapted embedding; pick one")
     modules = dict((name, (module, base)) for name, module, base in candidates(model))
     replaced: list[tuple[str, nn.Module]] = []
     added: list[nn.Module] = []
@@ -288,6 +315,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                 _set_child(model, name, module)
                 replaced.append((name, base))
             module.add_adapter(adapter_name)
+            added.append(module)
+        for name, ids in tokens.items():
+            module, base = modules[name]
+            if isinstance(module, LoraLayer) or (isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens)):
+                raise UnsupportedFeatureError(f"{name!r} is adapted by another adapter; lorakit does not support "
+                                              "trainable tokens on a LoRA-adapted or saved-whole embedding")
+            if not isinstance(module, TrainableTokens):
+                module = TrainableTokens(base)
+                module.train(base.training)
+                _set_child(model, name, module)
+                replaced.append((name, base))
+            module.add_adapter(adapter_name, ids)
             added.append(module)
     except BaseException:
         for module in added:

@@ -47,8 +47,9 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .fingerprint import describe_mismatch, dumps, fingerprint
-from .inject import resolve_parameters, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave
+from .inject import candidates as candidates_of
+from .inject import resolve_parameters, resolve_tokens, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
 from .jsonfile import as_created
 from .jsonfile import dumps as strict_dumps
 
@@ -270,6 +271,8 @@ def _modules_with(model: nn.Module, adapter_name: str):
 
 def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
     """Relative key → tensor in PEFT's shapes, for one layer."""
+    if isinstance(module, TrainableTokens):
+        return {_TOKENS: module.copies[adapter_name]}
     if isinstance(module, ModulesToSave):
         return dict(module.copies[adapter_name].state_dict())
     A, B = module.lora_A[adapter_name], module.lora_B[adapter_name]
@@ -286,6 +289,7 @@ def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict
     return out
 
 
+_TOKENS = "token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: (n, dim), the rows' new values
 # PEFT wraps nn.MultiheadAttention's out_proj inside the attention's base layer.
 _MHA_OUT = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")
 
@@ -445,11 +449,14 @@ def load_adapter(
         targets = resolve_targets(model, config)
         to_save = resolve_modules_to_save(model, config)
         parameters = resolve_parameters(model, config)
+        tokens = resolve_tokens(model, config)
     except (UnsupportedFeatureError, UnsupportedModuleError):
         raise
     except LorakitError as err:
         raise AdapterMismatchError(f"{adapter.path / CONFIG_NAME} does not fit this model: {err}") from None
     expected = _expected_shapes(model, config, targets, to_save) | _parameter_shapes(model, config, parameters)
+    bases = {name: base for name, _, base in candidates_of(model)}
+    expected |= {f"{name}.{_TOKENS}": (len(ids), bases[name].embedding_dim) for name, ids in tokens.items()}
     found = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
@@ -545,6 +552,8 @@ def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Te
 
 def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
     """Relative PEFT key → the live parameter it loads into."""
+    if isinstance(module, TrainableTokens):
+        return {_TOKENS: module.copies[adapter_name]}
     if isinstance(module, ModulesToSave):
         copy = module.copies[adapter_name]
         return dict(copy.named_parameters()) | dict(copy.named_buffers())
