@@ -130,3 +130,26 @@ def test_outputs_are_readable_as_the_umask_allows(tmp_path: Path, umask: int) ->
     for name, mode in modes.items():
         want = (0o777 if (tmp_path / name).is_dir() else 0o666) & ~umask
         assert mode == want, (name, oct(mode), oct(want))
+
+
+def test_cli_checks_lr_before_loading_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import main
+
+    # the model directory does not exist either: the --lr error comes first, without a traceback
+    assert main(["train", "--task", "causal-lm", "--model", str(tmp_path / "none"), "--data", str(tmp_path / "d.jsonl"),
+                 "--lr", "1e38", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == "lorakit train: error: --lr must be a number in (0, 1000], got 1e+38\n"
+
+
+def test_strict_dumps_writes_null_for_every_non_finite_float(tmp_path: Path) -> None:
+    from lorakit.jsonfile import dumps, write_atomic
+
+    text = dumps({"a": [float("nan"), 1.5, (float("inf"), -float("inf"))], "b": {"c": float("nan")}, "d": 2})
+    assert json.loads(text) == {"a": [None, 1.5, [None, None]], "b": {"c": None}, "d": 2}
+    old = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "x.json", text)
+    finally:
+        os.umask(old)
+    assert _strict(path) == json.loads(text) and stat.S_IMODE(path.stat().st_mode) == 0o644

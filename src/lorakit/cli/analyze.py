@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from ..jsonfile import dumps
 from pathlib import Path
 
 EXAMPLES = """\
@@ -81,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
         print("\nplots: " + ", ".join(str(p) for p in written))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json).write_text(dumps(out, indent=1) + "\n")  # strict JSON: NaN → null
         print(f"json: {args.json}")
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from ..jsonfile import dumps
 from pathlib import Path
 
 EXAMPLES = """\
@@ -76,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
     if plots:
         print(f"plot: {plot_sweep(result, Path(plots) / 'sweep.png')}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        Path(args.json).write_text(dumps(result.to_dict(), indent=1) + "\n")  # strict JSON: NaN → null
         print(f"json: {args.json}")
     return 0

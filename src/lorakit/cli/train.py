@@ -246,13 +246,7 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, key, _abs(getattr(args, key)))
     v = resolve(args, ckpt.state.get("config") if ckpt else None)
     out = Path(args.out or (ckpt.path.parent.parent if ckpt and args.resume else f"lorakit-runs/{v['task']}"))
-    task = build_task(v, args.skip_bad_lines)
-    if getattr(task, "skipped", 0):
-        print(f"--skip-bad-lines: skipped {task.skipped} bad line(s) of the data", file=sys.stderr)
-    targets = v.get("targets") or task.default_targets
-    lora = LoraConfig(r=v["r"], alpha=v["alpha"], dropout=v["dropout"], target_modules=targets,
-                      task_type={"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}.get(v["task"], "FEATURE_EXTRACTION"),
-                      base_model_name_or_path=v["model"], use_dora=bool(v["dora"]))
+    # the training options are checked before the (slow) model and data loading
     config = TrainConfig(
         lr=v["lr"], epochs=v["epochs"], max_steps=v["max_steps"], batch_size=v["batch_size"], grad_accum=v["grad_accum"],
         warmup=v["warmup"], schedule=v["schedule"], eval_every=v["eval_every"], save_every=v["save_every"],
@@ -261,6 +255,13 @@ def run(args: argparse.Namespace) -> int:
         lora_plus_ratio=v["lora_plus_ratio"],
         compile=v["compile"],
     )
+    task = build_task(v, args.skip_bad_lines)
+    if getattr(task, "skipped", 0):
+        print(f"--skip-bad-lines: skipped {task.skipped} bad line(s) of the data", file=sys.stderr)
+    targets = v.get("targets") or task.default_targets
+    lora = LoraConfig(r=v["r"], alpha=v["alpha"], dropout=v["dropout"], target_modules=targets,
+                      task_type={"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS"}.get(v["task"], "FEATURE_EXTRACTION"),
+                      base_model_name_or_path=v["model"], use_dora=bool(v["dora"]))
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}
     from ..train import distributed
