@@ -275,3 +275,15 @@ def test_trainable_tokens_rows_forward_unload_and_refusals():
                                                                trainable_token_indices={"embed_tokens": [0]}))
     with pytest.raises(TargetError, match="emb"):
         lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["head"], trainable_token_indices={"emb": [0]}))
+
+
+def test_combine_and_hot_swap_refuse_the_new_kinds(tmp_path):
+    """combine and hot_swap work on plain B·A updates; an attention or parameter adapter is refused by name."""
+    base = nn.Sequential(nn.MultiheadAttention(8, 2))
+    net = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    lorakit.inject(net, lorakit.LoraConfig(r=2, target_modules=["0"]), adapter_name="b")
+    with pytest.raises(lorakit.ConfigError, match="LoraMultiheadAttention"):
+        lorakit.combine(net, {"default": 1.0, "b": 1.0}, "c")
+    path = lorakit.save_adapter(net, tmp_path / "a", "b")
+    with pytest.raises(lorakit.AdapterMismatchError, match="LoraMultiheadAttention"):
+        lorakit.hot_swap(net, "default", path)

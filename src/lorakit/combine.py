@@ -38,6 +38,7 @@ from .adapters import adapter_names, lora_layers
 from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError
 from .inject import inject, state_of
+from .layers import LoraMultiheadAttention, LoraParameter
 
 Method = Literal["linear", "cat", "svd", "ties", "dare"]
 METHODS = ("linear", "cat", "svd", "ties", "dare")
@@ -123,6 +124,8 @@ def combine(
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     energy: dict[str, float] = {}
     for qualified, layer in lora_layers(model):
+        if any(n in layer.lora_A for n in weights) and isinstance(layer, (LoraMultiheadAttention, LoraParameter)):
+            raise ConfigError(f"layer {qualified!r} is a {type(layer).__name__}; combine works on plain B·A updates only")
         if any(n in layer.lora_A and layer.lora_B[n].shape[1] != layer.lora_A[n].shape[0] for n in weights):
             raise ConfigError(f"layer {qualified!r} is a grouped convolution; combine works on plain B·A updates only")
         inputs = [(layer.lora_A[n].detach(), layer.lora_B[n].detach(), float(w) * layer.scaling[n])

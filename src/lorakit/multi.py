@@ -242,6 +242,15 @@ def hot_swap(
     if adapter.config.use_dora or state_of(model).configs[adapter_name].use_dora:
         raise AdapterMismatchError(f"{where}: hot_swap swaps plain LoRA adapters only; this one or slot "
                                    f"{adapter_name!r} is DoRA — load it with lorakit.load_adapter instead")
+    for config in (adapter.config, state_of(model).configs[adapter_name]):
+        extra = [f for f in ("lora_bias", "target_parameters", "trainable_token_indices") if getattr(config, f)]
+        if extra:
+            raise AdapterMismatchError(f"{where}: hot_swap swaps plain B·A adapters only; this one or slot "
+                                       f"{adapter_name!r} uses {extra[0]} — load it with lorakit.load_adapter instead")
+    for qualified, module in lora_layers(model):
+        if adapter_name in module.lora_A and len(layer_params(module, adapter_name)) != 2:
+            raise AdapterMismatchError(f"{where}: hot_swap swaps plain B·A adapters only; layer {qualified!r} is a "
+                                       f"{type(module).__name__} — load the adapter with lorakit.load_adapter instead")
     found: dict[str, Tensor] = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
