@@ -10,14 +10,19 @@ bit for bit, so checkpoints move between the two:
     indices into bitsandbytes' signed dynamic map e (:func:`dynamic_map`) with a float32 absmax M_B each:
     m̂_b = e[a_b] · M_{b // 256} + μ.  That 8-bit step picks the index the way bitsandbytes' CPU kernel
     does — through a 65536-entry table of [-1, 1] (see :func:`_blockwise8`), which differs from the
-    nearest code for values within ~2⁻¹⁶ of a midpoint — so the indices match it bit for bit.    Dequantised: ŵ_i = (c[q_i] · m̂_{i // 64}) rounded to the dtype.
+    nearest code for values within ~2⁻¹⁶ of a midpoint — so the indices match it bit for bit.
+    Dequantised: ŵ_i = (c[q_i] · m̂_{i // 64}) rounded to the dtype (each product rounded on its own:
+    no fused multiply-add, as in bitsandbytes).
 
 Storage per weight: 4 bits + 8/64 (a_b) + 32/16384 (M_B) + a float (μ) per matrix ≈ 4.127 bits.
 
 The linear ``h = x Ŵᵀ + b + s · drop(x) Aᵀ Bᵀ`` keeps the packed weight for backward, never Ŵ: backward
 dequantises again (∂L/∂x = g Ŵ + ...), so a layer's activation memory is that of the bf16 LoRA linear
 and the base costs 4.13 bits a weight.  On CUDA the dequantisation is a Triton kernel
-(``ops.triton_nf4``) feeding cuBLAS; few tokens (decode) use a fused dequantise-GEMV instead.
+(``ops.triton_nf4``) feeding cuBLAS — with the update folded in (Ŵ + s·B A) where the LoRA pieces run on
+``triton_lora`` — and up to ``GEMV_MAX_TOKENS`` tokens without autograd (decode) use a fused
+dequantise-GEMV instead.  The LoRA pieces follow ``backends.backend_for`` like a bf16 base, so a dropout
+seed names the same mask on either base.
 """
 
 from __future__ import annotations
