@@ -30,7 +30,9 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 # The default on CUDA, chosen by measurement (issue #19's table, H200, 1.14B Llama): compiled whole,
 # a lorakit model ran slower than eager (1×1024: 15.1k tokens/s) and CUDA graphs failed in the LoRA
-# ops; so compiling stays opt-in until benchmarks/gpu_shapes.py measures a compiled mode ahead.
+# ops; so compiling stays opt-in until benchmarks/gpu_shapes.py measures a compiled mode ahead.  Its
+# "compile" and "reduce-overhead" rows compile exactly as --compile does (each decoder layer, in place,
+# dynamic=True), so its lorakit rows are the figures that decide this constant.
 CUDA_DEFAULT_COMPILE = "off"
 
 

@@ -476,7 +476,9 @@ class Trainer:
                 examples += n_step
                 loss_sum = 0.0
                 for k, ids in enumerate(micro):
-                    if self.compile_mode == "reduce-overhead":  # CUDA-graph outputs of the last pass may be reused
+                    if self.compile_mode == "reduce-overhead" and k == 0:
+                        # A new CUDA-graph generation per optimizer step, not per micro-batch: the gradients
+                        # accumulated so far are graph outputs, which the next generation may overwrite.
                         torch.compiler.cudagraph_mark_step_begin()
                     batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
                     tokens += _count_tokens(batch)
