@@ -153,7 +153,7 @@ def layer_section() -> None:
             say(f"  {'ok  ' if ok else 'FAIL'} layer N={N} backend={which}: h/∂x/∂A/∂B rel err "
                 + " ".join(f"{e:.1e}" for e in errs))
     A16, B16 = A.detach().bfloat16(), B.detach().bfloat16()
-    for N in (1024, 4096, 8192):
+    for N in (1024, 2048, 4096, 8192, 16384):
         x = torch.randn(N, k, device=DEV, generator=gen).bfloat16().requires_grad_()
         g = torch.randn(N, d, device=DEV, generator=gen).bfloat16()
         row = results["layer"][N] = {}
@@ -230,8 +230,9 @@ def llama(seed: int = 0, dtype=torch.bfloat16, device=DEV):
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def lorakit_model(device=DEV, dtype=torch.bfloat16):
-    model = lorakit.inject(llama(0, dtype, device), lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+def lorakit_model(device=DEV, dtype=torch.bfloat16, dropout: float = 0.0):
+    model = lorakit.inject(llama(0, dtype, device),
+                           lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, target_modules=TARGETS))
     torch.manual_seed(1)
     for _, layer in lorakit.lora_layers(model):
         for B in layer.lora_B.values():
@@ -262,17 +263,18 @@ def model_section(budget: float) -> None:
     g64 = adapter_grads(ref)
     del ref
     say(f"  float64 reference loss {loss64.item():.6f}, {len(g64)} adapter tensors")
-    variants = [("eager", None), ("eager", "triton"), ("reduce-overhead", None), ("default", None),
-                ("reduce-overhead", "triton"), ("default", "triton")]
-    for mode, which in variants:
-        tag = f"{mode} backend={which or 'auto'}"
+    variants = [("eager", None, 0.0), ("eager", "triton", 0.0), ("reduce-overhead", None, 0.0),
+                ("default", None, 0.0), ("reduce-overhead", None, 0.05), ("reduce-overhead", "triton", 0.0),
+                ("default", "triton", 0.0)]
+    for mode, which, dropout in variants:
+        tag = f"{mode} backend={which or 'auto'}" + (f" dropout={dropout}" if dropout else "")
         if time.time() - T0 > budget:
             results["errors"].append(f"{tag}: skipped (budget)")
             continue
         try:
             with forced(which):
                 torch._dynamo.reset()
-                model = lorakit_model()
+                model = lorakit_model(dropout=dropout)
                 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
                 run = model if mode == "eager" else torch.compile(model, mode=mode)
                 t = time.time()
@@ -286,6 +288,9 @@ def model_section(budget: float) -> None:
                 worst = max(rel(grads[n], g64[n]) for n in g64)
                 lerr = abs(loss.item() - loss64.item()) / abs(loss64.item())
                 ok = lerr <= 1e-2 and worst <= 5e-2 and len(grads) == len(g64)
+                if dropout:  # other masks than the reference's: finite, close in loss, gradients not identical
+                    ok = len(grads) == len(g64) and all(torch.isfinite(t).all() for t in grads.values()) \
+                        and lerr <= 5e-2 and worst > 1e-3
                 results["checks"].append({"what": f"model {tag}", "loss_rel": lerr, "worst_grad_rel": worst, "ok": ok})
                 say(f"  {'ok  ' if ok else 'FAIL'} model {tag}: loss rel {lerr:.1e}, worst adapter-grad rel {worst:.1e}")
                 times = []
@@ -360,14 +365,20 @@ def generation_section() -> None:
         results["checks"].append({"what": "no_grad forward reduce-overhead", "err": err, "ok": ok})
         say(f"  {'ok  ' if ok else 'FAIL'} no_grad forward under reduce-overhead: rel err {err:.1e}")
         eager_tokens = model.generate(ids, max_new_tokens=16, do_sample=False)
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        # A static cache makes transformers compile the decoding forward itself (fullgraph, "reduce-overhead").
+        from torch._dynamo.utils import counters
+
+        before = counters["stats"]["unique_graphs"]
         t = time.time()
-        got = model.generate(ids, max_new_tokens=16, do_sample=False, cache_implementation="static")
-        got = model.generate(ids, max_new_tokens=16, do_sample=False, cache_implementation="static")
+        for _ in range(2):
+            got = model.generate(ids, max_new_tokens=16, do_sample=False, cache_implementation="static")
+        graphs = counters["stats"]["unique_graphs"] - before
         same = int((got == eager_tokens).sum()), eager_tokens.numel()
-        results["checks"].append({"what": "greedy generate, static cache, reduce-overhead", "same_tokens": same,
-                                  "ok": True, "s": time.time() - t})
-        say(f"  ok   greedy generation under reduce-overhead ran: {same[0]}/{same[1]} tokens as eager")
+        results["checks"].append({"what": "greedy generate, static cache (transformers compiles it)",
+                                  "same_tokens": same, "graphs_compiled": graphs, "ok": graphs > 0,
+                                  "s": time.time() - t})
+        say(f"  {'ok  ' if graphs else 'FAIL'} greedy generation with a static cache: {graphs} graphs compiled, "
+            f"{same[0]}/{same[1]} tokens as eager")
 
 
 def main() -> int:
