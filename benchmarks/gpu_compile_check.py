@@ -12,8 +12,8 @@ Sections (each reports and goes on if it fails; later ones are skipped once the 
 3. a 2-layer Llama (hidden 2048, MLP 8192, 16/8 heads, vocab 32k, bf16 base) with LoRA r = 16 on all seven
    projections (lorakit: inject + share_inputs + fuse_mlps): host time of a training step at 1×512 for the
    frozen model, PEFT and lorakit; then eager, torch.compile default and mode="reduce-overhead" (with the
-   Triton backend forced too): loss and adapter gradients after three steps against the same model in float64
-   on the CPU, and tokens/s of whole training steps (forward, backward, AdamW) at 1×512; no_grad forwards
+   Triton backend forced too): loss and adapter gradients after three steps against the same model in
+   float64, and tokens/s of whole training steps (forward, backward, AdamW) at 1×512; no_grad forwards
    and greedy generation under reduce-overhead against eager.
 
 Prints a table at the end and writes everything to OUT/gpu_compile_check.json.
@@ -45,7 +45,7 @@ def say(*a) -> None:
 
 
 def rel(a, b) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.double(), b.double().to(a.device)
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -139,9 +139,9 @@ def layer_section() -> None:
     for N in (1024, 8192):
         x = torch.randn(N, k, device=DEV, generator=gen).bfloat16().requires_grad_()
         g = torch.randn(N, d, device=DEV, generator=gen).bfloat16()
-        x64, A64, B64 = (t.detach().double().cpu().requires_grad_() for t in (x, A, B))
-        h64 = x64 @ W.double().cpu().t() + s * (x64 @ A64.t()) @ B64.t()
-        h64.backward(g.double().cpu())
+        x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))  # float64 on the GPU
+        h64 = x64 @ W.double().t() + s * (x64 @ A64.t()) @ B64.t()
+        h64.backward(g.double())
         for which in ("torch", "triton"):
             with forced(which):
                 h = lora_linear(x, W, None, A, B, s)
@@ -257,8 +257,8 @@ def model_section(budget: float) -> None:
 
     res = results["model"]["tokens_per_s_1x512"] = {}
     ids = ids_for(1, 512)
-    ref = copy.deepcopy(lorakit_model()).to("cpu", torch.float64)  # the same weights, in float64 on the CPU
-    loss64 = ref(input_ids=ids.cpu(), labels=ids.cpu()).loss
+    ref = copy.deepcopy(lorakit_model()).to(torch.float64)  # the same weights, in float64 (torch backend)
+    loss64 = ref(input_ids=ids, labels=ids).loss
     loss64.backward()
     g64 = adapter_grads(ref)
     del ref

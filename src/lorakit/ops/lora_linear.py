@@ -85,20 +85,19 @@ class _LoraLinear(torch.autograd.Function):
         # caller's grad mode (forward itself always runs without grad) says whether backward can come.
         need_u = grad_enabled and any(ctx.needs_input_grad[:5])
         h, u = be.lora_forward(x2, weight, bias, A, B, scale, p, seed, need_u)
-        ctx.save_for_backward(x, weight, A, B, u)
-        ctx.be, ctx.scale, ctx.p, ctx.seed, ctx.has_bias = be, scale, p, seed, bias is not None
+        ctx.save_for_backward(x2, weight, A, B, u)
+        ctx.x_shape, ctx.be, ctx.scale, ctx.p, ctx.seed, ctx.has_bias = x.shape, be, scale, p, seed, bias is not None
         return h.view(*x.shape[:-1], h.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, weight, A, B, u = ctx.saved_tensors
+        x2, weight, A, B, u = ctx.saved_tensors
         need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        x2 = x.reshape(-1, x.shape[-1])
         grad_x, grad_A, grad_B = ctx.be.lora_backward(g, x2, weight, A, B, u, ctx.scale, ctx.p, ctx.seed,
                                                       need_x, need_A, need_B)
         if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_w = (g.t() @ x2).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
