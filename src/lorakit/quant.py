@@ -258,8 +258,10 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", *, include_head: bo
     as they are), except the output head (``model.get_output_embeddings()``) unless ``include_head``, and
     the trained copies of ``modules_to_save``.  Biases, norms and embeddings stay in their dtype.
     ``modules``: quantise only these qualified names.  ``device``: where to quantise (e.g. "cuda" to move
-    a CPU model onto the GPU layer by layer, never whole in full precision there).  The new layers are
-    frozen: a 4-bit weight gets no gradient.
+    a CPU model onto the GPU layer by layer, never whole in full precision there); only the quantised
+    layers move — ``model.to(device)`` the rest (embeddings, norms, adapters) afterwards.  The new layers
+    are frozen: a 4-bit weight gets no gradient.  Only ``nn.Linear`` is quantised (not transformers'
+    Conv1D of GPT-2).
     """
     if quant_type not in QUANT_TYPES:
         raise QuantizationError(f"quant_type {quant_type!r} is not supported; use one of {QUANT_TYPES}")
