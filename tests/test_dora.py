@@ -270,3 +270,21 @@ def test_trainer_trains_and_saves_dora(tmp_path):
     for name, norm in initial.items():  # m starts at the row norms of W (B = 0) and training moves it
         m = saved.tensors[f"base_model.model.{name}.lora_magnitude_vector"]
         assert m.shape == norm.shape and not torch.allclose(m, norm, atol=1e-4)
+
+
+def test_inference_reuses_the_norm_until_a_weight_changes(monkeypatch):
+    model = lorakit.inject(Net(torch.float64), lorakit.LoraConfig(r=2, target_modules=["lin"], init="nonzero",
+                                                                 use_dora=True)).eval()
+    calls = []
+    original = lorakit.LoraLinear.dora_norm
+    monkeypatch.setattr(lorakit.LoraLinear, "dora_norm", lambda self, name: calls.append(name) or original(self, name))
+    ids, img = _inputs(torch.float64)
+    first = _outputs(model, torch.float64)
+    assert _max_diff(_outputs(model, torch.float64), first) == 0 and len(calls) == 1  # cached
+    with torch.no_grad():
+        model.lin.lora_B["default"].mul_(2.0)  # an in-place change: the cache must notice
+    changed = _outputs(model, torch.float64)
+    assert len(calls) == 2
+    with torch.enable_grad():  # training-style calls compute n in the op, never from the cache
+        expected = model(ids, img)
+    assert _max_diff(changed, expected) < 1e-12 and _max_diff(changed, first) > 1e-6

@@ -197,6 +197,7 @@ class LoraLayer(nn.Module):
         """n = ‖W + s·B A‖ per row of W (d,) for adapter ``name``: DoRA's denominator (no grad)."""
         return dora_weight_norm(self.as_matrix(self.base_weight()), self.lora_A[name], self.lora_B[name],
                                 self.scaling[name])
+
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (unmerging it first if it was merged)."""
         if name in self.merged_adapters:
@@ -343,6 +344,7 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.layout = "transposed" if is_hf_conv1d(base_layer) else "linear"
+        self._norm_cache: dict[str, tuple[tuple, Tensor]] = {}  # DoRA's n at inference (_inference_norm)
 
     @property
     def in_features(self) -> int:
@@ -386,11 +388,11 @@ class LoraLinear(LoraLayer):
             p, seed = self._dropout_and_seed(name)
             A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
             if name in self.lora_magnitude:
-                m = self.lora_magnitude[name]
+                m, n = self.lora_magnitude[name], self._inference_norm(name, W)
                 if out is None:
-                    out = dora_linear(x, W, self.base_layer.bias, A, B, s, m, None, p, int(seed))
+                    out = dora_linear(x, W, self.base_layer.bias, A, B, s, m, n, p, int(seed))
                 else:  # a later adapter adds only its change to the base output
-                    out = out + (dora_linear(x, W, None, A, B, s, m, None, p, int(seed)) - x @ W.t().to(x.dtype))
+                    out = out + (dora_linear(x, W, None, A, B, s, m, n, p, int(seed)) - x @ W.t().to(x.dtype))
             elif out is None:  # the first adapter's update accumulates into the base product
                 out = lora_linear(x, W, self.base_layer.bias, A, B, s, p, seed)
             else:
@@ -412,6 +414,20 @@ class LoraLinear(LoraLayer):
             if name in self.lora_bias:
                 out = out + self.bias_term(name).to(out.dtype)
         return out
+
+    def _inference_norm(self, name: str, W: Tensor) -> Tensor | None:
+        """DoRA's n for adapter ``name``, kept while W, A, B and s stay the same — only without grad (e.g.
+        generation, where recomputing it would cost a pass over W per token); None otherwise (computed
+        in the op).  The key is each tensor's storage and version counter, which every in-place change
+        (optimizer steps, loading, merging) bumps."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        key = tuple((t.data_ptr(), t._version) for t in (W, self.lora_A[name], self.lora_B[name]))
+        key += (self.scaling[name],)
+        cached = self._norm_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._norm_cache[name] = (key, self.dora_norm(name))
+        return cached[1]
 
     def mutating_init(self, name: str, init: str) -> None:
         """PiSSA (``init`` "pissa", or "pissa_niter_K" for a K-iteration randomised SVD) and OLoRA ("olora"),

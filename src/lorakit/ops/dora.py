@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backends import TRITON_MIN_ROWS
 from .dropout import dropped_positions
 
 
@@ -105,7 +106,10 @@ def dora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return dora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scale, magnitude, weight_norm,
                                dropout_p, seed)
-    if dropout_p == 0.0 and x.is_cuda and not torch.compiler.is_compiling():
+    # CUDA without dropout: the Triton route (one pass over W for n and W_f, one GEMM).  With n given and
+    # few rows (decode), the aten route is cheaper: it never writes W_f, and the GEMV reads W once.
+    few_rows = weight_norm is not None and x.numel() < TRITON_MIN_ROWS * x.shape[-1]
+    if dropout_p == 0.0 and x.is_cuda and not few_rows and not torch.compiler.is_compiling():
         from . import triton_dora
 
         if triton_dora.use_triton(x):
