@@ -6,10 +6,15 @@ rotary embeddings and the MLP's activation.  liger-kernel (a maintained library 
 has fused versions of these; :func:`apply` puts them on *one model instance*, for every
 architecture liger-kernel supports:
 
-* the causal LM's loss becomes liger's fused linear cross-entropy: the last hidden states, the
-  output embedding and the labels go in, the mean loss comes out, and the full logits are never
-  built — in training and in evaluation (a call with ``labels`` returns ``logits=None`` unless it
-  passes ``skip_logits=False``; a call without labels, e.g. generation, gets its logits as before);
+* the causal LM's loss becomes liger's fused linear cross-entropy,
+
+      loss = (1/N) Σ_{t: y_{t+1} ≠ −100} −log softmax(W h_t)[y_{t+1}],   h: (B, T, d) last hidden states,
+                                                                        W: (V, d) output embedding,
+
+  computed over chunks of rows (its gradient with respect to h in the same pass), so no (B·T, V)
+  logits tensor is ever built — in training and in evaluation (a call with ``labels`` returns
+  ``logits=None`` unless it passes ``skip_logits=False``; a call without labels, e.g. generation,
+  gets its logits as before);
 * RMSNorm / LayerNorm, RoPE and SwiGLU / GeGLU MLPs become liger's modules' forwards.
 
 Why not ``liger_kernel.transformers.apply_liger_kernel_to_<model>()``: besides patching the instance,
