@@ -287,3 +287,21 @@ def test_combine_and_hot_swap_refuse_the_new_kinds(tmp_path):
     path = lorakit.save_adapter(net, tmp_path / "a", "b")
     with pytest.raises(lorakit.AdapterMismatchError, match="LoraMultiheadAttention"):
         lorakit.hot_swap(net, "default", path)
+
+
+def test_peft_seq_cls_adapter_loads(ids, tmp_path):
+    """The issue's case: PEFT's SEQ_CLS file lists modules_to_save ["classifier", "score"] on a BERT classifier."""
+    peft = pytest.importorskip("peft")
+    from tests.conftest import tiny_bert_classifier
+
+    base = tiny_bert_classifier().eval()
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        task_type="SEQ_CLS", target_modules=["query", "value"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert {"classifier", "score"} <= set(json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"])
+    ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-5
