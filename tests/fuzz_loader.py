@@ -1,4 +1,4 @@
-"""A seeded mutation fuzzer for adapter loading (``read_adapter`` + ``load_adapter``).
+"""A seeded mutation fuzzer for adapter loading (``read_adapter``, ``load_adapter``, ``hot_swap``).
 
 Each case starts from a valid adapter directory and applies one mutation: byte flips, truncations,
 NaN/inf written into the data, a rewritten safetensors header (dtype, shape, offsets, a duplicated
@@ -6,7 +6,8 @@ or dropped key, metadata), or a rewritten adapter_config.json (a field set to a 
 deleted, byte-flipped or truncated).  What must hold for every case:
 
 * a failure is a :class:`lorakit.LorakitError` (never another exception type);
-* after a failure the model is exactly as before: state_dict, module tree, requires_grad flags;
+* after a failure the model is exactly as before: state_dict, module tree, requires_grad flags (and a
+  failed ``hot_swap`` leaves the slot's weights as they were);
 * a success loaded only finite, floating-point LoRA tensors;
 * no call takes more than 1 s of CPU time (a hang burns CPU; wall time on a shared machine does not
   say whether the loader or the neighbours were slow).
@@ -235,6 +236,14 @@ def _mutate_header(files: dict[str, bytes], rng: random.Random) -> tuple[dict[st
     return files, f"header {op} {key[-40:]}"
 
 
+def build_slot():
+    """A model with an adapter slot every seed adapter fits into (rank 8 ≥ theirs), for hot_swap."""
+    model = build_model()
+    lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             modules_to_save=["lm_head"]))
+    return model
+
+
 def _state(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, [n for n, _ in model.named_modules()],
             [(n, p.requires_grad) for n, p in model.named_parameters()])
@@ -272,6 +281,19 @@ def _silent_acceptance(path: Path) -> str:
     return ""
 
 
+def _hot_swap(slot, adapter, slot_state) -> tuple[bool, str]:
+    """hot_swap ``adapter`` into ``slot``: (whether it swapped — then it is undone, the problem or "")."""
+    try:
+        lorakit.hot_swap(slot, "default", adapter, strict=False)
+    except lorakit.LorakitError:
+        now = slot.state_dict()
+        return False, "" if all(torch.equal(slot_state[k], v) for k, v in now.items()) else "a failed hot_swap changed the slot"
+    except Exception as err:  # noqa: BLE001
+        return False, f"hot_swap: untyped {type(err).__name__}: {str(err)[:200]}"
+    slot.load_state_dict(slot_state)
+    return True, ""
+
+
 def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 0) -> dict:
     """Run ``n`` cases; returns counts and the problems found (empty when the loader holds).
     ``report_every``: print the running counts (and each problem at once) to stderr every so many cases."""
@@ -280,6 +302,8 @@ def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 
     seeds = seed_adapters(root)
     model = build_model()
     snap = _state(model)
+    slot = build_slot()
+    slot_state = {k: v.clone() for k, v in slot.state_dict().items()}
     rng = random.Random(seed)
     counts: collections.Counter = collections.Counter()
     problems: list[str] = []
@@ -293,8 +317,11 @@ def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 
             (case_dir / name).write_bytes(data)
         outcome, problem = "loaded", ""
         t0 = time.process_time()
+        swapped = ""
         try:
-            lorakit.read_adapter(case_dir)
+            adapter = lorakit.read_adapter(case_dir)
+            ok, swapped = _hot_swap(slot, adapter, slot_state)
+            counts["hot_swap ok"] += ok
             lorakit.load_adapter(model, case_dir)
         except lorakit.LorakitError as err:
             outcome = type(err).__name__
@@ -305,6 +332,9 @@ def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 
             outcome = "untyped"
             problem = f"untyped {type(err).__name__}: {str(err)[:200]}"
         cpu = time.process_time() - t0
+        if swapped:  # hot_swap raised something other than a LorakitError, or changed the slot when it failed
+            problem = problem or swapped
+            counts["untyped"] += swapped.startswith("hot_swap: untyped")
         if outcome == "loaded":
             problem = _silent_acceptance(case_dir)
             lorakit.delete_adapter(model, "default")

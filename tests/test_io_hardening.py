@@ -222,3 +222,14 @@ def test_integer_buffers_of_modules_to_save_still_load(tmp_path):
     _rewrite(path, lambda t: t | {"base_model.model.1.num_batches_tracked": torch.tensor(0, dtype=torch.int32)})
     with pytest.raises(AdapterMismatchError, match="num_batches_tracked is stored as torch.int32"):
         lorakit.load_adapter(build(), path)
+
+
+def test_hot_swap_refuses_empty_factors(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["0", "1"]))
+    path = lorakit.save_adapter(model, tmp_path / "a")
+    _rewrite(path, lambda t: {k: (v[:0] if "lora_A" in k else v[:, :0]).contiguous() for k, v in t.items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterMismatchError, match=r"has A \(0, 8\) / B \(8, 0\); LoRA factors are non-empty"):
+        lorakit.hot_swap(model, "default", path, strict=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -283,6 +283,11 @@ def hot_swap(
         if newA is None or newB is None:
             raise AdapterMismatchError(f"{where}: {qualified} has only one of {keys}")
         used.update(f"{qualified}.{k}" for k in keys)
+        if newA.dim() < 2 or newB.dim() < 2 or 0 in (*newA.shape, *newB.shape):
+            raise AdapterMismatchError(
+                f"{where}: {qualified} has A {tuple(newA.shape)} / B {tuple(newB.shape)}; LoRA factors are non-empty "
+                "matrices (r ≥ 1): the file is damaged or not a LoRA adapter"
+            )
         r = newA.shape[0]
         newA, newB = newA.reshape(r, -1), newB.reshape(newB.shape[0], -1)
         if r > R:
