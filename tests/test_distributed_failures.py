@@ -56,6 +56,19 @@ def test_a_failure_during_the_run_ends_the_survivor_with_one_line(tmp_path: Path
     assert "Traceback" not in survivor.stderr and "--resume" in survivor.stderr
 
 
+@pytest.mark.parametrize("timeout", [0.0, -5.0, float("inf"), float("nan")])
+def test_dist_timeout_must_be_positive_and_finite(timeout: float) -> None:
+    import lorakit
+    from lorakit.train.distributed import DistributedTrainer
+    from lorakit.train.loop import TrainConfig
+    from tests.tiny_models import ToyTask
+
+    task = ToyTask()
+    with pytest.raises(lorakit.ConfigError, match="--dist-timeout must be a number of seconds > 0"):
+        DistributedTrainer(task, lorakit.LoraConfig(r=2, target_modules=task.default_targets), TrainConfig(), "unused",
+                           timeout=timeout)
+
+
 def _worker(mode: str, out: Path, timeout: float) -> None:
     import time
 

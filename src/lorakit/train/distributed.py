@@ -327,6 +327,8 @@ class DistributedTrainer(Trainer):
                 f"--strategy fsdp cannot train --task {task.name} yet: it encodes each batch in a number of model calls "
                 "that differs between processes, and FSDP needs the same gathers on every process; use --strategy ddp"
             )
+        if not 0 < timeout < float("inf"):
+            raise ConfigError(f"--dist-timeout must be a number of seconds > 0, got {timeout}")
         init_process_group(timeout)
         self.strategy, self.rank, self.world_size, self.timeout = strategy, rank(), world_size(), timeout
         self._gathered: dict[str, Any] | None = None
