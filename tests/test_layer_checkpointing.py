@@ -91,6 +91,10 @@ def test_not_in_eval_or_without_grad_and_off_restores() -> None:
 
 
 def test_bad_mode_and_no_layers_are_config_errors() -> None:
+    from lorakit.train.loop import TrainConfig
+
+    with pytest.raises(lorakit.ConfigError, match="offload does not combine with --compile reduce-overhead"):
+        TrainConfig(checkpointing="offload", compile="reduce-overhead")
     with pytest.raises(lorakit.ConfigError, match="one of"):
         lorakit.checkpointing(tiny_llama(), "sometimes")
     seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))

@@ -142,12 +142,19 @@ class TrainConfig:
             (self.keep >= 0, f"--keep must be ≥ 0 (0 keeps all), got {self.keep}"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}"),
             (self.kernels in KERNELS, f"--kernels must be one of {KERNELS}, got {self.kernels!r}"),
-            (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
+            (self.checkpointing in CHECKPOINTING,
+             f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
             (self.quantize in (None, "nf4"), f"--quantize must be nf4 (or left out), got {self.quantize!r}"),
             (self.lora_plus_ratio is None or (self.lora_plus_ratio > 0 and math.isfinite(self.lora_plus_ratio)),
              f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}"),
             (self.compile in ("auto", *COMPILE_MODES),
              f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
+            # CUDA graphs keep what the layers save in their own static memory pool: copying it to the CPU
+            # frees nothing there, and the copies coming back are not pool memory
+            (not (self.checkpointing == "offload" and self.compile == "reduce-overhead"),
+             "--checkpointing offload does not combine with --compile reduce-overhead (CUDA graphs keep saved "
+             "activations in a static pool, so offloading frees nothing); use --compile default, or "
+             "--checkpointing on"),
         ]
         for ok, message in checks:
             if not ok:
