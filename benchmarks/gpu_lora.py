@@ -34,11 +34,24 @@ from triton.testing import do_bench  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit.ops import lora_linear, triton_lora  # noqa: E402
-from lorakit.perf import throughput_line  # noqa: E402
 
 OUT = os.environ.get("OUT") or "bench_out"
 DEV = torch.device("cuda")
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+def throughput_line(tokens: int, seconds: float, device: torch.device | str) -> str:
+    """``"<tokens/s> tokens/s over <tokens> tokens in <s> s[, peak GPU memory <GiB> GiB]"``.
+
+    Peak memory is ``torch.cuda.max_memory_allocated`` on a CUDA device (what the caching allocator
+    handed out, the figure that decides whether a batch fits); other devices report none.
+    """
+    device = torch.device(device)
+    rate = tokens / seconds if seconds > 0 else float("nan")
+    line = f"{rate:,.0f} tokens/s over {tokens:,} tokens in {seconds:.1f} s"
+    if device.type == "cuda" and torch.cuda.is_available():
+        line += f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    return line
+
+
 results: dict = {"checks": [], "layer": {}, "e2e": {}, "pieces": {}}
 lines: list[str] = []
 

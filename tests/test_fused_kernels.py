@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import lorakit  # noqa: E402
 from lorakit import fused_kernels  # noqa: E402
-from lorakit.fuse import is_fused  # noqa: E402
+from lorakit.fused_mlp import is_fused  # noqa: E402
 from tests.conftest import tiny_gpt2, tiny_llama  # noqa: E402
 from tests.triton_interpret import interpreted, report  # noqa: E402
 

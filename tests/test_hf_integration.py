@@ -166,7 +166,7 @@ def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_
     with mock.patch.object(share, "lora_linear_group", counting_group):
         fast = run_trainer(llama, tmp_path / "fast", 3)
     assert calls["group"] > 0
-    assert sum(lorakit.fuse.is_fused(m) for m in fast.model.modules()) == 2
+    assert sum(lorakit.fused_mlp.is_fused(m) for m in fast.model.modules()) == 2
     # TrainingArguments(torch_compile=True) compiles the prepared model; aot_eager traces forward and
     # backward through dynamo and AOTAutograd like inductor does, without compiling C++ (test time)
     compiled = run_trainer(llama, tmp_path / "compiled", 3, args={"torch_compile": True,
@@ -174,7 +174,7 @@ def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_
     assert isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
     assert hf.TRAINER_WEIGHTS_NAME in os.listdir(tmp_path / "compiled" / "checkpoint-2")
     plain = run_trainer(llama, tmp_path / "plain", 3, share=False, fuse=False)
-    assert not any(lorakit.fuse.is_fused(m) for m in plain.model.modules())
+    assert not any(lorakit.fused_mlp.is_fused(m) for m in plain.model.modules())
     want = lorakit.io.adapter_state(plain.model, "default")
     for trainer in (fast, compiled):
         got = lorakit.io.adapter_state(trainer.model, "default")

@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedModuleError,
 )
-from .fuse import fuse_mlps, unfuse_mlps
+from .fused_mlp import fuse_mlps, unfuse_mlps
 from .inject import inject, resolve_targets
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import (
@@ -57,7 +57,7 @@ from .layers import (
 from .multi import batch_adapters, hot_swap
 from .optim import lora_plus_param_groups
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
-from .share import share_inputs, unshare_inputs
+from .shared_input import share_inputs, unshare_inputs
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .errors import AdapterNameError
-from .fuse import unfuse_mlps
+from .fused_mlp import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
 from .layers import LoraLayer, ModulesToSave, TrainableTokens
 from .quant import NF4Linear

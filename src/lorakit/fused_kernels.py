@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fuse import is_fused
+from .fused_mlp import is_fused
 
 
 @dataclasses.dataclass

@@ -339,7 +339,7 @@ class LoraLinear(LoraLayer):
     the group may then supply this layer's output (same values, work shared).
     """
 
-    input_group = None  # a lorakit.share.InputGroup, or None
+    input_group = None  # a lorakit.shared_input.InputGroup, or None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

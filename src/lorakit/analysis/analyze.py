@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig
-from .base import BaseWeights
+from .base_weights import BaseWeights
 from .factors import AdapterFactors, load_factors
 from .groups import ModuleGroup, group_modules, module_depth
 from .spectrum import ENERGY_LEVELS, effective_rank, energy_curve, lowrank_svd, stable_rank

@@ -62,13 +62,13 @@ from torch import Tensor, nn
 from ..adapters import active_adapters, adapter_names
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
-from ..fuse import fuse_mlps
+from ..fused_mlp import fuse_mlps
 from ..inject import inject
 from ..io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, fsync, layer_params, read_adapter,
                   save_adapter)
 from ..layers import LoraLayer
 from ..multi import _check_fingerprint
-from ..share import share_inputs
+from ..shared_input import share_inputs
 
 #: transformers' SAFE_WEIGHTS_NAME: the file the Trainer resumes (and loads the best checkpoint of) a
 #: model that is not a PeftModel from; save_pretrained makes it a second name of the adapter file.

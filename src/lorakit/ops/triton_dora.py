@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .launch import cdiv, next_pow2
+from .grid import cdiv, next_pow2
 from .triton_lora import _precision, _r_pad, _sm_count, tall_product, xa
 
 try:

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
-from .launch import cdiv, next_pow2
+from .grid import cdiv, next_pow2
 
 try:  # Triton is optional: without it CUDA uses the torch path of lora_linear.
     import triton

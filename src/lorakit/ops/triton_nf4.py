@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .launch import cdiv, next_pow2
+from .grid import cdiv, next_pow2
 from .nf4 import BLOCK, NESTED_BLOCK, NF4Tensors, dynamic_map, nf4_map
 
 try:

@@ -20,7 +20,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .launch import cdiv, next_pow2
+from .grid import cdiv, next_pow2
 from .segmented import SegmentPlan, column_scales
 
 try:  # Triton is optional: without it CUDA uses the torch path.

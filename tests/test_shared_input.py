@@ -13,7 +13,7 @@ import torch
 
 import lorakit
 from lorakit.ops import lora_group
-from lorakit.share import InputGroup
+from lorakit.shared_input import InputGroup
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,7 +48,7 @@ def count_group_calls(monkeypatch):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("lorakit.share.lora_linear_group", counting)
+    monkeypatch.setattr("lorakit.shared_input.lora_linear_group", counting)
     return calls
 
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lorakit.ops.launch import cdiv, next_pow2
+from lorakit.ops.grid import cdiv, next_pow2
 
 
 @pytest.mark.parametrize("a", [0, 1, 15, 16, 17, 4096, 4097])
