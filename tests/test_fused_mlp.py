@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lorakit
-from lorakit import fuse
+from lorakit import fused_mlp as fuse
 from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -154,7 +154,7 @@ def test_readme_example_runs(llama, tmp_path, monkeypatch):
 
 
 def test_speed_paths_and_torch_compile_train_through_the_trainer_like_the_plain_path(llama, tmp_path):
-    from lorakit import share
+    from lorakit import shared_input as share
 
     calls = {"group": 0}
     group = share.lora_linear_group
