@@ -1,4 +1,5 @@
-"""A seeded mutation fuzzer for adapter loading (``read_adapter``, ``load_adapter``, ``hot_swap``).
+"""A seeded mutation fuzzer for adapter loading (``read_adapter``, ``load_adapter``, ``hot_swap``, and
+``lorakit inspect``'s report).
 
 Each case starts from a valid adapter directory and applies one mutation: byte flips, truncations,
 NaN/inf written into the data, a rewritten safetensors header (dtype, shape, offsets, a duplicated
@@ -32,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 import lorakit
+from lorakit.cli.inspect import describe
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, split_lora_key
 
 MAX_CPU_SECONDS = 1.0
@@ -310,6 +312,7 @@ def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 
     slowest = (0.0, "")
     case_dir = root / "case"
     case_dir.mkdir()
+    describe(root / "seed0")  # imports what the report needs (peft) before any call is timed
     wall0 = time.monotonic()
     for i in range(n):
         files, what = mutate(seeds[rng.randrange(len(seeds))], rng)
@@ -320,6 +323,7 @@ def run(n: int, seed: int = 0, workdir: Path | None = None, report_every: int = 
         swapped = ""
         try:
             adapter = lorakit.read_adapter(case_dir)
+            describe(case_dir)  # lorakit inspect's report
             ok, swapped = _hot_swap(slot, adapter, slot_state)
             counts["hot_swap ok"] += ok
             lorakit.load_adapter(model, case_dir)

@@ -228,8 +228,17 @@ def test_hot_swap_refuses_empty_factors(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["0", "1"]))
     path = lorakit.save_adapter(model, tmp_path / "a")
-    _rewrite(path, lambda t: {k: (v[:0] if "lora_A" in k else v[:, :0]).contiguous() for k, v in t.items()})
+    adapter = lorakit.read_adapter(path)  # read_adapter refuses such a file; an AdapterFile built in memory
+    adapter.tensors = {k: (v[:0] if "lora_A" in k else v[:, :0]) for k, v in adapter.tensors.items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterMismatchError, match=r"has A \(0, 8\) / B \(8, 0\); LoRA factors are non-empty"):
-        lorakit.hot_swap(model, "default", path, strict=False)
+        lorakit.hot_swap(model, "default", adapter, strict=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("shape", [[], [4], [0, 32], [2, 0]])
+def test_lora_factors_must_be_non_empty_matrices(tmp_path, shape):
+    path = _saved(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite(path, lambda t: t | {key: torch.zeros(shape)})
+    _refused(path, AdapterFileError, r"LoRA factors are non-empty matrices")

@@ -183,8 +183,13 @@ def _read_header(weights_path: Path) -> tuple[dict[str, dict], dict[str, str]]:
         )
         if not ok:
             raise AdapterFileError(f"{corrupt}: the header entry of {key[:200]!r} is malformed")
-        dtype = info["dtype"]
-        if dtype not in FLOAT_DTYPES and (dtype not in INT_DTYPES or split_lora_key(key) is not None):
+        dtype, parts = info["dtype"], split_lora_key(key)
+        if parts is not None and parts[1] != "lora_magnitude_vector" and (len(info["shape"]) < 2 or 0 in info["shape"]):
+            raise AdapterFileError(
+                f"{weights_path}: tensor {key[:200]!r} has shape {tuple(info['shape'])[:8]}; LoRA factors are non-empty "
+                "matrices (r ≥ 1) — the file is damaged or not a LoRA adapter"
+            )
+        if dtype not in FLOAT_DTYPES and (dtype not in INT_DTYPES or parts is not None):
             allowed = ", ".join(FLOAT_DTYPES)
             raise AdapterFileError(
                 f"{weights_path}: tensor {key[:200]!r} is stored as {dtype[:20]}; LoRA tensors must be floating point "
