@@ -242,3 +242,29 @@ def test_lora_factors_must_be_non_empty_matrices(tmp_path, shape):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     _rewrite(path, lambda t: t | {key: torch.zeros(shape)})
     _refused(path, AdapterFileError, r"LoRA factors are non-empty matrices")
+
+
+def test_without_the_regex_package_a_regex_needs_it_by_name(monkeypatch):
+    import sys
+
+    from lorakit import patterns
+
+    patterns._compiled.cache_clear()
+    monkeypatch.setitem(sys.modules, "regex", None)  # import regex now raises ImportError
+    try:
+        model = _Named()
+        with pytest.raises(ConfigError, match=r"needs the `regex` package .*pip install regex, or give module names as a list"):
+            lorakit.inject(model, lorakit.LoraConfig(target_modules=r"blocks\.b"))
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=["b"]))  # plain names never need it
+    finally:
+        patterns._compiled.cache_clear()
+
+
+def test_cli_reports_a_file_system_error_in_one_line(tmp_path, capsys):
+    from lorakit.cli import main
+
+    path = _saved(tmp_path)
+    assert main(["analyze", str(path), "--json", "/proc/lorakit-test/x.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit analyze: error: [Errno 2] No such file or directory: '/proc/lorakit-test'")
+    assert "Traceback" not in err and err.count("\n") == 1

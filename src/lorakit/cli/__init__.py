@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LorakitError as err:
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused a path the user gave (permissions, a full disk, no such dir)
+        where = f" ({err.filename})" if err.filename and str(err.filename) not in str(err) else ""
+        print(f"lorakit {args.command}: error: {err}{where}; check the path, its permissions and free space",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
