@@ -173,3 +173,27 @@ def test_opcheck_backward_outputs_never_alias(need, p) -> None:
     for op in [torch.ops.lorakit.lora_linear_bwd] + ([torch.ops.lorakit.lora_linear_dropout_bwd] if p else []):
         result = torch.library.opcheck(op.default, (g, x, W, A, B, u, 0.5, p, seed, *need))
         assert set(result.values()) == {"SUCCESS"}, (op, result)
+
+
+def test_dense_dropout_route_compiles_and_is_the_lora_linear() -> None:
+    """What compiled CUDA code runs with dropout: without dropout it is lora_linear; with dropout, compiled
+    (fallback_random: torch's generator, as eager) it equals its eager self and the mask changes the result."""
+    from lorakit.ops.lora_op import dense_dropout_lora
+
+    x, W, b, A, B = _inputs(9)
+    x2 = x.detach().reshape(10, 16)
+    torch.testing.assert_close(dense_dropout_lora(x2, W, b, A, B, 0.5, 0.0), lora_linear(x2, W, b, A, B, 0.5),
+                               rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(dense_dropout_lora, fullgraph=True)
+    outs = []
+    for f in (dense_dropout_lora, compiled):
+        torch.manual_seed(3)
+        with torch._inductor.config.patch(fallback_random=True):
+            h = f(x2, W, b, A, B, 0.5, 0.4)
+        h.square().sum().backward()
+        outs.append([h.detach(), A.grad.clone(), B.grad.clone()])
+        A.grad = B.grad = b.grad = None
+    for a, e in zip(*outs):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[0][0], lora_linear(x2, W, b, A, B, 0.5))

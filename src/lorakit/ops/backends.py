@@ -21,11 +21,11 @@ from torch import Tensor
 
 from . import torch_lora, triton_lora
 
-# Below this many rows (tokens) CUDA runs the torch backend.  From the H200 run of
-# benchmarks/gpu_compile_check.py (docs/gpu-notes.md, "Host overhead"): per LoRA linear forward+backward the
-# Triton route costs more host time than the aten route, and the GPU time it saves only exceeds that
-# difference from about this size on.
-TRITON_MIN_ROWS = 4096
+# Below this many rows (tokens) CUDA runs the torch backend.  Measured on the H200 (benchmarks/RESULTS.md,
+# gpu_compile_check, 2026-12-03): one 4096² layer's eager forward+backward, torch / Triton backend, took
+# 0.58 / 0.78 ms at 1024 rows, 0.60 / 0.89 at 4096, 1.03 / 1.12 at 8192 and 1.97 / 1.89 at 16384; the
+# host time of a small layer's forward+backward is 565 µs with the torch backend, 881 with Triton.
+TRITON_MIN_ROWS = 16384
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

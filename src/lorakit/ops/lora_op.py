@@ -14,12 +14,17 @@ Dropout reads its seed on the host (a 0-d int64 CPU tensor drawn by the layer wi
 drawing it does not break the graph), which a traced body cannot do; with p > 0 the pair calls the opaque
 ``lorakit::lora_linear_dropout_fwd/bwd`` instead, whose fake implementations promise fresh, contiguous
 outputs, as the real ones return.  Without dropout the seed is None: no CPU tensor enters the graph.
+On CUDA that opaque pair broke CUDA graph trees (H200, torch 2.11, mode="reduce-overhead": "storage data
+ptrs are not allocated in pool", one per LoRA linear), so compiled CUDA code with dropout uses
+:func:`dense_dropout_lora` instead: plain differentiable ops, Inductor's own random numbers, and a saved
+one-byte mask — more memory than the seed, less than PEFT's dropped-out copy of x.
 Gradients that are not needed come back as empty tensors (a custom op cannot return None), each its own.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
@@ -101,13 +106,29 @@ def _backward(ctx, grad_h: Tensor, _grad_u: Tensor):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def dense_dropout_lora(x: Tensor, weight: Tensor | None, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                       p: float) -> Tensor:
+    """h = x Wᵀ + b + s · dropout(x, p) Aᵀ Bᵀ as plain differentiable ops (x: (N, k) → (N, d), x's dtype).
+
+    What compiled CUDA code runs with dropout: Inductor draws the mask with its own random numbers and
+    autograd keeps it (one byte per element of x) — no host-side seed, nothing opaque in the graph."""
+    dt = x.dtype
+    low = F.linear(F.linear(F.dropout(x, p, training=True), A.to(dt)), B.to(dt)) * scale  # (N, d)
+    if weight is None:
+        return low if bias is None else low + bias.to(dt)
+    return F.linear(x, weight.to(dt), None if bias is None else bias.to(dt)) + low
+
+
 def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scale: float, dropout_p: float, seed: int | Tensor) -> Tensor:
     """:func:`lorakit.ops.lora_linear` through the custom ops (same arguments, same result): its route under
-    ``torch.compile``."""
+    ``torch.compile`` (on CUDA with dropout: :func:`dense_dropout_lora`, the same function with other masks)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # (N, k)
     scale, dropout_p = float(scale), float(dropout_p)
+    if dropout_p and x.is_cuda and torch.compiler.is_compiling():
+        h = dense_dropout_lora(x2, weight, bias, lora_A, lora_B, scale, dropout_p)
+        return h.view(*x.shape[:-1], h.shape[-1])
     need_u = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
     h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p,
