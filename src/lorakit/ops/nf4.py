@@ -266,7 +266,10 @@ def _triton_ok() -> bool:
     return triton_nf4.available()
 
 
-@torch.compiler.disable
+# Runs eagerly under torch.compile (a graph break).  torch._disable_dynamo is torch.compiler.disable that
+# imports Dynamo on the first call instead of at decoration: importing it costs seconds, and `import lorakit`
+# must not pay that.
+@torch._disable_dynamo
 def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tensor | None = None,
                     lora_B: Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                     seed: int | Tensor = 0) -> Tensor:
