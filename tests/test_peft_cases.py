@@ -265,7 +265,7 @@ LACKING = [
     ("velora_config", False, "VeLoRA", UnsupportedFeatureError),
     ("kasa_config", False, "KaSA", UnsupportedFeatureError),
     ("monteclora_config", False, "MonteCLoRA", UnsupportedFeatureError),
-    ("use_bdlora", False, "BD-LoRA", UnsupportedFeatureError),
+    ("use_bdlora", "use_bdlora" in LORA_FIELDS, "BD-LoRA", UnsupportedFeatureError),
 ]
 MHA_SUPPORTED = True
 

@@ -305,3 +305,35 @@ def test_peft_seq_cls_adapter_loads(ids, tmp_path):
     ours = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() <= 1e-5
+
+
+def test_bdlora_block_diagonal_factors():
+    """use_bdlora: A of lin0 is blockdiag(A_1, A_2) (stored (r, k/2)), B of lin1 blockdiag(B_1, B_2) (stored (d, r/2));
+    the output is the plain LoRA of the expanded factors (float64), merge agrees, off-block entries never train."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 8)).double().eval()
+    cfg = lorakit.LoraConfig(r=4, alpha=4, init="nonzero", target_modules=["0", "1"],
+                             use_bdlora={"target_modules_bd_a": ["0"], "target_modules_bd_b": ["1"], "nblocks": 2})
+    net = lorakit.inject(copy.deepcopy(base), cfg)
+    A0, B1 = net[0].lora_A["default"], net[1].lora_B["default"]
+    assert A0.shape == (4, 3) and B1.shape == (8, 2) and net[0].lora_B["default"].shape == (4, 4)
+    A0_full = torch.zeros(4, 6, dtype=torch.float64)
+    A0_full[:2, :3], A0_full[2:, 3:] = A0[:2], A0[2:]
+    B1_full = torch.zeros(8, 4, dtype=torch.float64)
+    B1_full[:4, :2], B1_full[4:, 2:] = B1[:4], B1[4:]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    h = base[0](x) + x @ A0_full.t() @ net[0].lora_B["default"].t()
+    want = base[1](h) + h @ net[1].lora_A["default"].t() @ B1_full.t()
+    assert torch.allclose(net(x), want, atol=1e-12)
+    with torch.no_grad():
+        lorakit.merge(net)
+        assert torch.allclose(net(x), want, atol=1e-12)
+        lorakit.unmerge(net)
+    net(x).sum().backward()
+    assert A0.grad.shape == A0.shape and B1.grad.shape == B1.shape
+    with pytest.raises(lorakit.ConfigError, match="both"):
+        lorakit.inject(copy.deepcopy(base), cfg.replace(use_bdlora={"target_modules_bd_a": ["0"],
+                                                                   "target_modules_bd_b": ["0"], "nblocks": 2}))
+    with pytest.raises(UnsupportedModuleError, match="linear layers only"):
+        lorakit.inject(nn.Sequential(nn.Conv1d(4, 4, 1)), lorakit.LoraConfig(
+            r=2, target_modules=["0"], use_bdlora={"target_modules_bd_a": ["0"], "nblocks": 2}))

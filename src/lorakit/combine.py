@@ -116,9 +116,9 @@ def combine(
     with_saved = [n for n in weights if configs[n].modules_to_save]
     if with_saved:
         raise ConfigError(f"adapter {with_saved[0]!r} has modules_to_save; combine works on LoRA layers only")
-    with_bias = [n for n in weights if configs[n].lora_bias]
+    with_bias = [n for n in weights if configs[n].lora_bias or configs[n].use_bdlora]
     if with_bias:
-        raise ConfigError(f"adapter {with_bias[0]!r} has a lora_bias; combine works on the low-rank factors only")
+        raise ConfigError(f"adapter {with_bias[0]!r} has a lora_bias or block-diagonal factors (BD-LoRA); combine works on plain low-rank factors only")
 
     gen = torch.Generator().manual_seed(seed)
     factors: dict[str, tuple[Tensor, Tensor]] = {}

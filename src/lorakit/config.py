@@ -42,6 +42,7 @@ _PEFT_KEYS = {
     "lora_bias": "lora_bias",
     "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable_token_indices",
+    "use_bdlora": "use_bdlora",
 }
 # PEFT options whose non-default values lorakit does not implement: key -> (neutral values, what it is).
 # A file that sets one is refused by name rather than loaded into something that computes differently.
@@ -134,6 +135,10 @@ class LoraConfig:
             MoE layers, ``["experts.gate_up_proj"]``); the module's forward sees P + ΔP.
         trainable_token_indices: embedding rows trained outright (PEFT's trainable tokens):
             ``{"embed_tokens": [0, 5]}``, or a list for the model's input embeddings.
+        use_bdlora: BD-LoRA (PEFT's ``BdLoraConfig`` as a dict): ``{"target_modules_bd_a": [...],
+            "target_modules_bd_b": [...], "nblocks": n, "match_strict": bool}`` — the targets whose leaf
+            name contains a ``_bd_a`` pattern get a block-diagonal A (n blocks), ``_bd_b`` a block-diagonal
+            B; linear layers only.
         strict_targets: every target_modules / modules_to_save / target_parameters entry must
             match something (catches typos). Configs read from adapter files set it False and are
             matched as PEFT matches them (unmatched entries ignored, modules_to_save by suffix).
@@ -157,6 +162,7 @@ class LoraConfig:
     target_parameters: tuple[str, ...] | None = None
     trainable_token_indices: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None
     strict_targets: bool = dataclasses.field(default=True, compare=False)
+    use_bdlora: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -196,6 +202,7 @@ class LoraConfig:
                                   f"['experts.down_proj'], got {short(self.target_parameters)}")
             set_("target_parameters", _names_or_regex("target_parameters", list(self.target_parameters)))
         set_("trainable_token_indices", _token_indices(self.trainable_token_indices))
+        set_("use_bdlora", _bdlora(self.use_bdlora))
         if self.target_modules == () and not self.target_parameters:
             raise ConfigError("target_modules is an empty list and no target_parameters are given; name what to adapt")
 
@@ -212,6 +219,21 @@ class LoraConfig:
         """s = α / r, or α / √r with rsLoRA, for this module."""
         r = self.rank_for(module_name)
         return self.alpha_for(module_name) / (math.sqrt(r) if self.use_rslora else r)
+
+    def bd_blocks(self, module_name: str) -> tuple[int, int]:
+        """(blocks of A, blocks of B) for this module under ``use_bdlora``: PEFT's rule, a pattern contained in
+        the module's leaf name; (1, 1) without BD-LoRA."""
+        if not self.use_bdlora:
+            return (1, 1)
+        leaf = module_name.rsplit(".", 1)[-1]
+        a = any(p in leaf for p in self.use_bdlora["target_modules_bd_a"])
+        b = any(p in leaf for p in self.use_bdlora["target_modules_bd_b"])
+        if a and b:
+            raise ConfigError(f"use_bdlora: {module_name!r} matches both the A and the B block-diagonal patterns")
+        if not (a or b) and self.use_bdlora["match_strict"]:
+            raise ConfigError(f"use_bdlora: {module_name!r} matches neither block-diagonal pattern (match_strict)")
+        n = self.use_bdlora["nblocks"]
+        return (n, 1) if a else (1, n) if b else (1, 1)
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
@@ -241,6 +263,7 @@ class LoraConfig:
             "lora_bias": self.lora_bias,
             "target_parameters": list(self.target_parameters) if self.target_parameters else None,
             "trainable_token_indices": _tokens_json(self.trainable_token_indices),
+            "use_bdlora": dict(self.use_bdlora) if self.use_bdlora else None,
             "inference_mode": True,
         }
 
@@ -279,6 +302,29 @@ class LoraConfig:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+
+def _bdlora(value: Any) -> dict[str, Any] | None:
+    """use_bdlora: None, or PEFT's BdLoraConfig fields with its defaults filled in."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"use_bdlora must be a dict of PEFT's BdLoraConfig fields, got {short(value)}")
+    known = {"target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+    unknown = sorted(set(map(str, value)) - known)
+    if unknown:
+        raise ConfigError(f"use_bdlora has unknown fields {short(unknown)}; it takes {sorted(known)}")
+    out = {"target_modules_bd_a": value.get("target_modules_bd_a") or [],
+           "target_modules_bd_b": value.get("target_modules_bd_b") or [],
+           "nblocks": value.get("nblocks", 1), "match_strict": value.get("match_strict", True)}
+    for key in ("target_modules_bd_a", "target_modules_bd_b"):
+        if not isinstance(out[key], (list, tuple)) or not all(isinstance(p, str) and p for p in out[key]):
+            raise ConfigError(f"use_bdlora.{key} must be a list of module-name patterns, got {short(out[key])}")
+        out[key] = list(out[key])
+    _check_rank("use_bdlora.nblocks", out["nblocks"])
+    if not isinstance(out["match_strict"], bool):
+        raise ConfigError(f"use_bdlora.match_strict must be True or False, got {short(out['match_strict'])}")
+    return out
 
 
 def _tokens_json(value: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
 from .fingerprint import WeightSample, fingerprint, weight_checksum
-from .layers import ADAPTABLE, LoraLayer, LoraParameter, ModulesToSave, TrainableTokens, is_hf_conv1d, supports, wrap
+from .layers import ADAPTABLE, LoraLayer, LoraLinear, LoraParameter, ModulesToSave, TrainableTokens, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
 from .quant import NF4Linear
 
@@ -282,9 +282,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
                 module.train(base.training)  # a wrapper starts in training mode; it must follow the model's mode
                 _set_child(model, name, module)
                 replaced.append((name, base))
+            blocks = {"blocks": config.bd_blocks(name)} if config.use_bdlora else {}
+            if blocks and blocks["blocks"] != (1, 1) and not isinstance(module, LoraLinear):
+                raise UnsupportedModuleError(f"BD-LoRA (use_bdlora) adapts linear layers only; {name!r} is a "
+                                             f"{type(module.base_layer).__name__}")
             module.add_adapter(
                 adapter_name, config.rank_for(name), config.scale_for(name), config.dropout, config.init, config.use_dora,
-                bias=config.lora_bias,
+                bias=config.lora_bias, **blocks,
             )
             added.append(module)
         for name, pnames in parameters:

@@ -284,7 +284,10 @@ def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict
     if adapter_name in module.init_factors:  # PiSSA / OLoRA: ΔW = s·(BA − B₀A₀) against the original W
         A0, B0 = module.init_factors[adapter_name]
         A, B = torch.cat([A.detach(), A0.to(A.dtype)], 0), torch.cat([B.detach(), -B0.to(B.dtype)], 1)
-    out = {k: t.reshape(shape) for k, (t, shape) in zip(_keys(module), zip((A, B), _factor_shapes(module, A.shape[0])))}
+    shapes = _factor_shapes(module, A.shape[0])
+    if adapter_name in getattr(module, "blocks", {}):  # BD-LoRA: the blocks as stored
+        shapes = (tuple(A.shape), tuple(B.shape))
+    out = {k: t.reshape(shape) for k, (t, shape) in zip(_keys(module), zip((A, B), shapes))}
     if adapter_name in module.lora_magnitude:
         out["lora_magnitude_vector"] = module.lora_magnitude[adapter_name].reshape(_magnitude_shape(module))
     if adapter_name in module.lora_bias:
@@ -603,7 +606,11 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], t
     for name in targets:
         probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k, d and the layout
         r = config.rank_for(name)
-        for key, shape in zip(_keys(probe), _factor_shapes(probe, r)):
+        factor_shapes = _factor_shapes(probe, r)
+        a, b = config.bd_blocks(name)
+        if (a, b) != (1, 1):  # BD-LoRA: A stored (r, k/a), B (d, r/b)
+            factor_shapes = ((r, probe.in_features // a), (probe.out_features, r // b))
+        for key, shape in zip(_keys(probe), factor_shapes):
             shapes[f"{name}.{key}"] = shape
         if config.use_dora:
             shapes[f"{name}.lora_magnitude_vector"] = _magnitude_shape(probe)

@@ -139,7 +139,7 @@ class LoraLayer(nn.Module):
             raise UnsupportedModuleError(f"lora_bias is not supported with {what} (nor in PEFT); drop lora_bias or this target")
         device, wdtype = self._base_device_dtype()
         dtype = wdtype if wdtype in (torch.float32, torch.float64) else torch.float32
-        A = torch.empty(r, self.in_features, device=device, dtype=dtype)
+        A = torch.empty(self.lora_a_shape(r), device=device, dtype=dtype)
         B = torch.zeros(self.lora_b_shape(r), device=device, dtype=dtype)
         self._init_factors(A, B, init)
         self.lora_A[name] = nn.Parameter(A)
@@ -168,6 +168,10 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init == "nonzero":
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+
+    def lora_a_shape(self, r: int) -> tuple[int, ...]:
+        """The shape of A for rank r: (r, k)."""
+        return (r, self.in_features)
 
     def lora_b_shape(self, r: int) -> tuple[int, ...]:
         """The shape of B for rank r: (d, r)."""
@@ -345,6 +349,56 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.layout = "transposed" if is_hf_conv1d(base_layer) else "linear"
         self._norm_cache: dict[str, tuple[tuple, Tensor]] = {}  # DoRA's n at inference (_inference_norm)
+        self.blocks: dict[str, tuple[int, int]] = {}  # BD-LoRA: name → (blocks of A, blocks of B), when not (1, 1)
+        self._pending_blocks = (1, 1)
+
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, init: str = "kaiming",
+                    use_dora: bool = False, bias: bool = False, blocks: tuple[int, int] = (1, 1)) -> None:
+        """As :meth:`LoraLayer.add_adapter`; ``blocks`` = (a, b) makes A and/or B block-diagonal (PEFT's BD-LoRA):
+        A = blockdiag(A_1 … A_a), each (r/a, k/a), stored (r, k/a); B = blockdiag(B_1 … B_b), each (d/b, r/b),
+        stored (d, r/b) — PEFT's ``BlockDiagonalLinear`` layout."""
+        blocks = tuple(blocks)
+        if blocks != (1, 1):
+            a, b = blocks
+            if use_dora or init_kind(init) in MUTATING_INITS or self.quantized():
+                raise UnsupportedModuleError("BD-LoRA takes plain LoRA inits on a full-precision base, without DoRA")
+            if r % a or self.in_features % a or r % b or self.out_features % b:
+                raise UnsupportedModuleError(
+                    f"BD-LoRA with {a} blocks of A and {b} of B needs r={r}, k={self.in_features} and "
+                    f"d={self.out_features} divisible by them; change r or nblocks")
+        self._pending_blocks = blocks
+        try:
+            super().add_adapter(name, r, scale, dropout, init, use_dora, bias)
+        finally:
+            self._pending_blocks = (1, 1)
+        if blocks != (1, 1):
+            self.blocks[name] = blocks
+
+    def lora_a_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.in_features // self._pending_blocks[0])
+
+    def lora_b_shape(self, r: int) -> tuple[int, ...]:
+        return (self.out_features, r // self._pending_blocks[1])
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.blocks.pop(name, None)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A (r, k), B (d, r)) of adapter ``name``, block-diagonal ones expanded (differentiably)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        a, b = self.blocks.get(name, (1, 1))
+        if a > 1:
+            A = torch.block_diag(*torch.chunk(A, a, dim=0))
+        if b > 1:
+            B = torch.block_diag(*torch.chunk(B, b, dim=0))
+        return A, B
+
+    def delta_weight(self, name: str) -> Tensor:
+        if name not in self.blocks:
+            return super().delta_weight(name)
+        A, B = self.factors(name)
+        return self._delta(A, B, self.scaling[name])
 
     @property
     def in_features(self) -> int:
@@ -361,8 +415,8 @@ class LoraLinear(LoraLayer):
         (merged, disabled, several active, DoRA, a transposed Conv1D weight, or a 4-bit base): the state in which callers
         that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
         names = self._unmerged_active()  # [] when disabled
-        if len(names) == 1 and (names[0] in self.lora_magnitude or names[0] in self.lora_bias):
-            return None  # DoRA or a lora_bias: not the LoRA product those callers compute
+        if len(names) == 1 and (names[0] in self.lora_magnitude or names[0] in self.lora_bias or names[0] in self.blocks):
+            return None  # DoRA, a lora_bias or BD-LoRA: not the LoRA product those callers compute
         if self.quantized():
             return None  # a 4-bit base is computed only by its own op, which never keeps the dequantised weight
         return names[0] if len(names) == 1 and self.layout == "linear" else None
@@ -386,7 +440,7 @@ class LoraLinear(LoraLayer):
         out: Tensor | None = None
         for name in names:
             p, seed = self._dropout_and_seed(name)
-            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            (A, B), s = self.factors(name), self.scaling[name]
             if name in self.lora_magnitude:
                 m, n = self.lora_magnitude[name], self._inference_norm(name, W)
                 if out is None:
@@ -406,7 +460,7 @@ class LoraLinear(LoraLayer):
         out: Tensor | None = None
         for name in names:
             p, seed = self._dropout_and_seed(name)
-            A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+            (A, B), s = self.factors(name), self.scaling[name]
             if out is None:
                 out = nf4_lora_linear(x, base.nf4(), base.bias, A, B, s, p, seed)
             else:

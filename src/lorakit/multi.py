@@ -119,9 +119,10 @@ class _MixedBatch:
                     f"layer {qualified!r} is a {type(layer).__name__}; mixed-adapter batches support nn.Linear, "
                     "transformers Conv1D and nn.Embedding layers: leave it out of these adapters' target_modules"
                 )
-            if any(n in layer.lora_bias for n in present):
+            if any(n in layer.lora_bias or n in getattr(layer, "blocks", {}) for n in present):
                 raise UnsupportedModuleError(
-                    f"layer {qualified!r}: adapters with a lora_bias cannot be mixed in one batch; batch them separately"
+                    f"layer {qualified!r}: adapters with a lora_bias or BD-LoRA blocks cannot be mixed in one batch; "
+                    "batch them separately"
                 )
             # this layer's slot of each batch-wide slot (-1: the adapter does not adapt this layer)
             local = tuple(present.index(n) if n in present else -1 for n in self.unique)
@@ -243,7 +244,7 @@ def hot_swap(
         raise AdapterMismatchError(f"{where}: hot_swap swaps plain LoRA adapters only; this one or slot "
                                    f"{adapter_name!r} is DoRA — load it with lorakit.load_adapter instead")
     for config in (adapter.config, state_of(model).configs[adapter_name]):
-        extra = [f for f in ("lora_bias", "target_parameters", "trainable_token_indices") if getattr(config, f)]
+        extra = [f for f in ("lora_bias", "target_parameters", "trainable_token_indices", "use_bdlora") if getattr(config, f)]
         if extra:
             raise AdapterMismatchError(f"{where}: hot_swap swaps plain B·A adapters only; this one or slot "
                                        f"{adapter_name!r} uses {extra[0]} — load it with lorakit.load_adapter instead")
