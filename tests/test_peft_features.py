@@ -337,3 +337,11 @@ def test_bdlora_block_diagonal_factors():
     with pytest.raises(UnsupportedModuleError, match="linear layers only"):
         lorakit.inject(nn.Sequential(nn.Conv1d(4, 4, 1)), lorakit.LoraConfig(
             r=2, target_modules=["0"], use_bdlora={"target_modules_bd_a": ["0"], "nblocks": 2}))
+
+
+def test_a_module_with_parameter_adapters_is_not_also_a_module_target():
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    lorakit.inject(net, lorakit.LoraConfig(r=2, target_parameters=["1.weight"]))
+    with pytest.raises(UnsupportedModuleError, match="target_parameters"):
+        lorakit.inject(net, lorakit.LoraConfig(r=2, target_modules="all-linear"), adapter_name="b")
+    assert lorakit.adapter_names(net) == ["default"] and isinstance(net[0], nn.Linear)

@@ -277,6 +277,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     try:
         for name in targets:
             module, base = modules[name]
+            if isinstance(module, LoraParameter):
+                raise UnsupportedModuleError(f"module {name!r} holds target_parameters adapters; it cannot also be a "
+                                             "target_modules target (as in PEFT) — exclude it")
             if not isinstance(module, LoraLayer):
                 module = wrap(module, name)
                 module.train(base.training)  # a wrapper starts in training mode; it must follow the model's mode
