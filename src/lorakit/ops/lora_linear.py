@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .torch_lora import _as
 
 
 def lora_linear(
@@ -81,6 +82,9 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scale, p, seed, grad_enabled):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (N, k)
         be = backends.backend_for(x2)
+        ctx.dtypes = A.dtype, B.dtype
+        if not be.MERGED_WEIGHT:  # aten products: cast the small factors once, for forward and backward alike
+            A, B = _as(A, x.dtype), _as(B, x.dtype)  # (each cast is a kernel launch: host time, per call)
         # needs_input_grad is True for inputs that require grad even under torch.no_grad(); only the
         # caller's grad mode (forward itself always runs without grad) says whether backward can come.
         need_u = grad_enabled and any(ctx.needs_input_grad[:5])
@@ -98,8 +102,10 @@ class _LoraLinear(torch.autograd.Function):
                                                       need_x, need_A, need_B)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
+        if grad_A is not None:
+            grad_A = _as(grad_A, ctx.dtypes[0])
+        if grad_B is not None:
+            grad_B = _as(grad_B, ctx.dtypes[1])
         grad_w = (g.t() @ x2).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
-
-
