@@ -9,7 +9,7 @@ import pytest
 
 from lorakit.train.causal_lm import IGNORE, CausalLMTask
 from lorakit.train.classification import ClassificationTask
-from lorakit.train.data import DataError, read_jsonl, require, split_holdout
+from lorakit.train.data import DataError, load_train_eval, read_jsonl, require, split_holdout
 from lorakit.train.models import ModelError, model_dir
 from tiny_models import make_llama
 
@@ -75,6 +75,33 @@ def test_holdout_split_is_deterministic_and_keeps_every_group_in_training() -> N
     assert {groups[i] for i in train} == {"a", "b", "c"}
     assert split_holdout(1, 0.5, 0) == ([0], [])
     assert len(split_holdout(2, 0.9, 0)[0]) == 1  # at least one example stays for training
+
+
+def test_load_train_eval_holds_out_a_seeded_split_or_reads_the_eval_file(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)] + ["{broken"]
+    data = write(tmp_path / "d.jsonl", *rows)
+    split = load_train_eval(data, None, text_label, skip_bad_lines=True, seed=3, eval_fraction=0.25,
+                            group=lambda e: e[1])
+    train_idx, held_idx = split_holdout(20, 0.25, 3, groups=["ab"[i % 2] for i in range(20)])
+    assert split.train == [(f"t{i}", "ab"[i % 2]) for i in train_idx]
+    assert split.eval == [(f"t{i}", "ab"[i % 2]) for i in held_idx] and len(split.eval) == 5
+    assert split.skipped == 1 and split.eval_file is None and len(split.train_file.examples) == 20
+    held = write(tmp_path / "e.jsonl", {"text": "x", "label": "a"}, "[1]")
+    seen: list[tuple[int, int]] = []
+    split = load_train_eval(data, held, text_label, skip_bad_lines=True,
+                            check_eval=lambda tr, ev: seen.append((len(tr.examples), len(ev.examples))))
+    assert split.train == [(f"t{i}", "ab"[i % 2]) for i in range(20)] and split.eval == [("x", "a")]
+    assert split.skipped == 2 and seen == [(20, 1)]
+
+
+def test_load_train_eval_checks_the_training_file_before_reading_the_eval_file(tmp_path: Path) -> None:
+    data = write(tmp_path / "d.jsonl", {"text": "a", "label": "x"})
+
+    def refuse(loaded: object) -> None:
+        raise DataError("one label")
+
+    with pytest.raises(DataError, match="one label"):
+        load_train_eval(data, tmp_path / "missing.jsonl", text_label, check_train=refuse)
 
 
 def test_label_unseen_in_training_is_an_error_naming_its_line(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BadLine, file_fingerprint, read_jsonl, require, split_holdout
+from .data import BadLine, file_fingerprint, load_train_eval, require
 from .models import load_model, load_tokenizer
 
 IGNORE = -100
@@ -48,16 +48,9 @@ class CausalLMTask:
         self.tokenizer = load_tokenizer(model)
         self.max_length, self.eval_batch_size = max_length, eval_batch_size
         self.data_paths = (data, eval_data)
-        loaded = read_jsonl(data, self._example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
-        self.skipped = loaded.skipped
-        if eval_data is not None:
-            held = read_jsonl(eval_data, self._example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
-            self.skipped += held.skipped
-            self.train_examples, self.eval_examples = loaded.examples, held.examples
-        else:
-            train, ev = split_holdout(len(loaded.examples), eval_fraction, seed)
-            self.train_examples = [loaded.examples[i] for i in train]
-            self.eval_examples = [loaded.examples[i] for i in ev]
+        split = load_train_eval(data, eval_data, self._example, example_hint=EXAMPLE, skip_bad_lines=skip_bad_lines,
+                                seed=seed, eval_fraction=eval_fraction)
+        self.skipped, self.train_examples, self.eval_examples = split.skipped, split.train, split.eval
         self.model = load_model(model, "AutoModelForCausalLM", seed=seed)  # after the data: bad data fails fast
 
     # -- data ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataError, file_fingerprint, read_jsonl, require, split_holdout
+from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
 from .models import ModelError, load_model, load_tokenizer
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
@@ -46,30 +46,13 @@ class ClassificationTask:
     ) -> None:
         self.max_length, self.eval_batch_size = max_length, eval_batch_size
         self.data_paths = (data, eval_data)
-        loaded = read_jsonl(data, _example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
-        self.skipped = loaded.skipped
-        self.labels = sorted({label for _, label in loaded.examples}, key=lambda x: (isinstance(x, str), str(x)))
-        if len(self.labels) < 2:
-            raise DataError(
-                f"{loaded.path}: every example has label {self.labels[0]!r}; classification needs at least two labels"
-            )
+        split = load_train_eval(data, eval_data, _example, example_hint=EXAMPLE, skip_bad_lines=skip_bad_lines,
+                                seed=seed, eval_fraction=eval_fraction, check_train=self._set_labels,
+                                check_eval=self._check_eval_labels, group=lambda e: e[1])
+        self.skipped = split.skipped
         index = {label: i for i, label in enumerate(self.labels)}
-        examples = [(text, index[label]) for text, label in loaded.examples]
-        if eval_data is not None:
-            held = read_jsonl(eval_data, _example, skip_bad_lines=skip_bad_lines, example_hint=EXAMPLE)
-            self.skipped += held.skipped
-            for (_, label), line in zip(held.examples, held.lines):
-                if label not in index:
-                    raise DataError(
-                        f"{held.path}:{line}: label {label!r} does not appear in the training data "
-                        f"({loaded.path}; labels: {', '.join(map(str, self.labels))}); fix the label or add "
-                        "training examples with it"
-                    )
-            self.train_examples, self.eval_examples = examples, [(t, index[label]) for t, label in held.examples]
-        else:
-            train, ev = split_holdout(len(examples), eval_fraction, seed, groups=[y for _, y in examples])
-            self.train_examples = [examples[i] for i in train]
-            self.eval_examples = [examples[i] for i in ev]
+        self.train_examples = [(text, index[label]) for text, label in split.train]
+        self.eval_examples = [(text, index[label]) for text, label in split.eval]
         self.tokenizer = load_tokenizer(model)
         id2label = {i: str(label) for i, label in enumerate(self.labels)}
         self.model = load_model(
@@ -83,6 +66,23 @@ class ClassificationTask:
         if head is None:
             raise ModelError(f"{type(self.model).__name__} has no classification head named one of {_HEADS}")
         self.modules_to_save: tuple[str, ...] = (head,)
+
+    def _set_labels(self, loaded: Loaded) -> None:
+        """The label set is what the training data holds; one label alone is an error."""
+        self.labels = sorted({label for _, label in loaded.examples}, key=lambda x: (isinstance(x, str), str(x)))
+        if len(self.labels) < 2:
+            raise DataError(
+                f"{loaded.path}: every example has label {self.labels[0]!r}; classification needs at least two labels"
+            )
+
+    def _check_eval_labels(self, loaded: Loaded, held: Loaded) -> None:
+        for (_, label), line in zip(held.examples, held.lines):
+            if label not in self.labels:
+                raise DataError(
+                    f"{held.path}:{line}: label {label!r} does not appear in the training data "
+                    f"({loaded.path}; labels: {', '.join(map(str, self.labels))}); fix the label or add "
+                    "training examples with it"
+                )
 
     def info(self) -> dict[str, Any]:
         """Written into metrics.json: the label of each output index."""

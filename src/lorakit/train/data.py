@@ -157,3 +157,55 @@ def split_holdout(n: int, fraction: float, seed: int, *, groups: Sequence[Any] |
             held.append(i)
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], sorted(held)
+
+
+@dataclasses.dataclass
+class TrainEval:
+    """A task's training and held-out examples, and the files they came from."""
+
+    train: list[Any]
+    eval: list[Any]
+    #: the --data file as read (all its examples, before any holdout split)
+    train_file: Loaded
+    #: the --eval-data file as read, or None when the held-out examples were split from --data
+    eval_file: Loaded | None
+    #: bad lines skipped over both files (--skip-bad-lines)
+    skipped: int
+
+
+def load_train_eval(
+    data: str | os.PathLike[str],
+    eval_data: str | os.PathLike[str] | None,
+    validate: Callable[[dict[str, Any]], T],
+    *,
+    example_hint: str = "",
+    skip_bad_lines: bool = False,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+    check_train: Callable[[Loaded], None] | None = None,
+    check_eval: Callable[[Loaded, Loaded], None] | None = None,
+    group: Callable[[Any], Any] | None = None,
+) -> TrainEval:
+    """Read ``data`` (and ``eval_data`` when given) with :func:`read_jsonl`; without ``eval_data``,
+    hold out ``eval_fraction`` of ``data`` with :func:`split_holdout` seeded by ``seed``.
+
+    Args:
+        check_train: called with the training file as read, before ``eval_data`` is read (raise to refuse it).
+        check_eval: called with (training file, held-out file) after ``eval_data`` is read.
+        group: an example's group for the holdout split (e.g. its label), so that every group keeps
+            an example in training.
+
+    Raises:
+        DataError: as :func:`read_jsonl`, or whatever the checks raise.
+    """
+    loaded = read_jsonl(data, validate, skip_bad_lines=skip_bad_lines, example_hint=example_hint)
+    if check_train is not None:
+        check_train(loaded)
+    if eval_data is not None:
+        held = read_jsonl(eval_data, validate, skip_bad_lines=skip_bad_lines, example_hint=example_hint)
+        if check_eval is not None:
+            check_eval(loaded, held)
+        return TrainEval(list(loaded.examples), list(held.examples), loaded, held, loaded.skipped + held.skipped)
+    groups = [group(e) for e in loaded.examples] if group is not None else None
+    train, ev = split_holdout(len(loaded.examples), eval_fraction, seed, groups=groups)
+    return TrainEval([loaded.examples[i] for i in train], [loaded.examples[i] for i in ev], loaded, None, loaded.skipped)
