@@ -10,7 +10,7 @@ import lorakit
 from lorakit.combine import combine
 from lorakit.errors import AdapterNameError, ConfigError
 from tests.conftest import tiny_llama
-from tests.test_multi import randomize
+from tests.test_mixed_batch import randomize
 
 TARGETS = ["q_proj", "v_proj"]
 

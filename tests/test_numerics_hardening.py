@@ -44,7 +44,7 @@ def test_mixed_batch_of_a_float64_model_matches_each_adapter_alone_to_float64_pr
 
 
 def test_float32_scales_stay_float32():
-    from lorakit.multi import _Stacks
+    from lorakit.mixed_batch import _Stacks
 
     model = _two_adapters(torch.float32)
     layer = next(layer for _, layer in lorakit.lora_layers(model))

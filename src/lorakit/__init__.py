@@ -54,7 +54,7 @@ from .layers import (
     ModulesToSave,
     TrainableTokens,
 )
-from .multi import batch_adapters, hot_swap
+from .mixed_batch import batch_adapters, hot_swap
 from .optim import lora_plus_param_groups
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .shared_input import share_inputs, unshare_inputs

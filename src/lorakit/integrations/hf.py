@@ -67,7 +67,7 @@ from ..inject import inject
 from ..io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, fsync, layer_params, read_adapter,
                   save_adapter)
 from ..layers import LoraLayer
-from ..multi import _check_fingerprint
+from ..mixed_batch import _check_fingerprint
 from ..shared_input import share_inputs
 
 #: transformers' SAFE_WEIGHTS_NAME: the file the Trainer resumes (and loads the best checkpoint of) a

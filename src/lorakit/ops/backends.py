@@ -16,10 +16,20 @@ runs the backend its forward ran.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from . import torch_lora, triton_lora
+from . import torch_lora
+
+#: Triton kernels run on CUDA, or in Triton's CPU interpreter (tests). Anywhere else importing Triton would
+#: only make ``import lorakit`` slower (≈ 0.3–0.5 s), so the Triton modules are imported only where they can run.
+TRITON_USABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+if TRITON_USABLE:
+    from . import triton_lora
+else:
+    triton_lora = None
 
 # Below this many rows (tokens) CUDA runs the torch backend.  Measured on the H200 (benchmarks/RESULTS.md,
 # gpu_compile_check, 2026-12-03): one 4096² layer's eager forward+backward, torch / Triton backend, took
@@ -32,6 +42,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def backend_for(x: Tensor):
     """The backend module (``triton_lora`` or ``torch_lora``) for a LoRA linear whose (N, k) input is ``x``."""
-    if x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] >= TRITON_MIN_ROWS and triton_lora.available():
+    if (triton_lora is not None and x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] >= TRITON_MIN_ROWS
+            and triton_lora.available()):
         return triton_lora
     return torch_lora

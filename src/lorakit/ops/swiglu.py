@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, triton_lora, triton_swiglu
+from . import backends
+from .backends import triton_lora
+
+if backends.TRITON_USABLE:
+    from . import triton_swiglu
 from .lora_linear import lora_linear
 
 

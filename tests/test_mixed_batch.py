@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from lorakit.errors import AdapterMismatchError, AdapterNameError, MergeError
-from lorakit.multi import batch_adapters, hot_swap
+from lorakit.mixed_batch import batch_adapters, hot_swap
 from tests.conftest import tiny_gpt2, tiny_llama
 
 NAMES = ["a", None, "c", "a", "b"]  # c adapts fewer layers; sample 1 is the base model

@@ -45,8 +45,15 @@ from .errors import AdapterMismatchError, AdapterNameError, ConfigError, MergeEr
 from .inject import lora_modules, state_of
 from .io import PREFIX, AdapterFile, layer_params, read_adapter
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from .ops import triton_segmented
+from .ops import backends
 from .ops.segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
+
+
+def _triton_segmented():
+    """The Triton segmented kernels, imported on first use (only where CUDA is)."""
+    from .ops import triton_segmented
+
+    return triton_segmented
 
 
 _VERSION = operator.attrgetter("_version")
@@ -163,11 +170,11 @@ class _MixedBatch:
         plan = self.token_plan(tuple(x.shape[:-1]), x.device, local)
         p = stacks.dropout if layer.training else 0.0
         if (x.is_cuda and not p and not torch.is_grad_enabled() and output.dtype == x.dtype
-                and output.is_contiguous() and triton_segmented.available()):
+                and output.is_contiguous() and backends.TRITON_USABLE and _triton_segmented().available()):
             # Serving: the plan and stacks were checked when built, so go straight to the kernels and
             # accumulate into the fresh base output. Host time is what a decode step is made of here.
             k, d = x.shape[-1], output.shape[-1]
-            triton_segmented.forward_into(output.view(-1, d), x.reshape(-1, k), plan, A, B, stacks.scales, stacks.ranks)
+            _triton_segmented().forward_into(output.view(-1, d), x.reshape(-1, k), plan, A, B, stacks.scales, stacks.ranks)
             return output
         x_low = F.dropout(x, p, training=True) if p else x  # the branch's input; the base saw x itself
         return segmented_lora(x_low, plan, A, B, stacks.scales, stacks.ranks, base=output, inplace=True)
