@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import lorakit  # noqa: E402
-from lorakit.multi import batch_adapters  # noqa: E402
+from lorakit.mixed_batch import batch_adapters  # noqa: E402
 
 D = int(os.environ.get("BENCH_D", 4096))  # BENCH_D / BENCH_DEVICE: a small CPU smoke run of this script
 LAYERS, R, ALPHA = 8, 16, 32

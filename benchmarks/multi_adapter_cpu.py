@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import lorakit  # noqa: E402
-from lorakit.multi import batch_adapters  # noqa: E402
+from lorakit.mixed_batch import batch_adapters  # noqa: E402
 from lorakit.ops.segmented import _torch_segmented, plan_segments  # noqa: E402
 
 D, LAYERS, R, SAMPLES, SEQ, N = 1024, 8, 16, 8, 64, 8
