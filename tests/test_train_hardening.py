@@ -105,9 +105,9 @@ def test_sigkill_inside_save_adapter_keeps_the_old_adapter(tmp_path: Path) -> No
     path = lorakit.save_adapter(model, tmp_path / "adapter")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     code = (
-        "import os, signal, torch, lorakit, lorakit.io as io\n"
+        "import os, signal, torch, lorakit, lorakit.atomic as atomic\n"
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4)); lorakit.inject(m, lorakit.LoraConfig(r=2, target_modules=['0']))\n"
-        "io.replace_dir = lambda new, target: os.kill(os.getpid(), signal.SIGKILL)  # all written, not yet swapped\n"
+        "atomic.replace_dir = lambda new, target: os.kill(os.getpid(), signal.SIGKILL)  # all written, not yet swapped\n"
         f"lorakit.save_adapter(m, {str(path)!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -58,8 +58,7 @@ from .mixed_batch import batch_adapters, hot_swap
 from .optim import lora_plus_param_groups
 from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .shared_input import share_inputs, unshare_inputs
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -20,14 +20,10 @@ before the model is touched.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import write_dir
 from .adapters import active_adapters, adapter_names, delete_adapter
 from .config import MUTATING_INITS, LoraConfig, init_kind
 from .errors import (
@@ -50,8 +47,8 @@ from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import candidates as candidates_of
 from .inject import resolve_parameters, resolve_tokens, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
-from .jsonfile import as_created
 from .jsonfile import dumps as strict_dumps
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -364,8 +361,6 @@ def save_adapter(
         saved = _converted_config(saved)
     peft_config = saved.to_peft_dict(fan_in_fan_out=fan_in_fan_out)
     peft_config["base_model_name_or_path"] = name_or_path
-    from . import __version__
-
     metadata = {
         "format": "pt",
         "lorakit_version": __version__,
@@ -374,19 +369,12 @@ def save_adapter(
     quantized = sorted({"nf4" for _, m in _modules_with(model, adapter_name) if isinstance(m, LoraLayer) and m.quantized()})
     if quantized:  # trained over a 4-bit base; the adapter itself applies to the full-precision base as well
         metadata["lorakit_base_quantization"] = quantized[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(strict_dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for child in (tmp / WEIGHTS_NAME, tmp / CONFIG_NAME, tmp):
-            as_created(child, directory=child == tmp)  # mkdtemp and safetensors make them owner-only
-            fsync(child)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_dir(path, fill)
 
 
 def _converted_config(config: LoraConfig) -> LoraConfig:
@@ -398,38 +386,6 @@ def _converted_config(config: LoraConfig) -> LoraConfig:
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
     )
-
-
-def fsync(path: str | os.PathLike) -> None:
-    """Flush a file or directory to disk (a directory: so a rename in it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory ``new`` at ``target`` atomically; the old ``target`` ends up at ``new``.
-
-    Uses renameat2(RENAME_EXCHANGE) where the OS has it; elsewhere two renames (a crash between
-    them leaves the old directory at ``new``'s name, never a half-written one at ``target``).
-    """
-    if not target.exists():
-        os.rename(new, target)
-    else:
-        libc_name = ctypes.util.find_library("c")
-        renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
-        at_fdcwd = -100
-        if renameat2 is None or renameat2(at_fdcwd, bytes(new), at_fdcwd, bytes(target), _RENAME_EXCHANGE) != 0:
-            old = new.with_name(new.name + ".old")
-            os.rename(target, old)
-            os.rename(new, target)
-            os.rename(old, new)
-    fsync(target.parent)
 
 
 def load_adapter(

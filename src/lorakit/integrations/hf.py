@@ -62,10 +62,10 @@ from torch import Tensor, nn
 from ..adapters import active_adapters, adapter_names
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
+from ..atomic import fsync
 from ..fused_mlp import fuse_mlps
 from ..inject import inject
-from ..io import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, fsync, layer_params, read_adapter,
-                  save_adapter)
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, layer_params, read_adapter, save_adapter
 from ..layers import LoraLayer
 from ..mixed_batch import _check_fingerprint
 from ..shared_input import share_inputs

@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LorakitError
-from ..io import fsync
-from ..jsonfile import as_created, dumps, nan_for_null
+from ..atomic import fsync, write_dir
+from ..jsonfile import dumps, nan_for_null
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -143,15 +143,6 @@ def fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_tree(path: Path) -> None:
-    """fsync every file, then every directory bottom-up, so the rename publishes durable data."""
-    for dirpath, _dirnames, filenames in os.walk(path, topdown=False):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync(Path(dirpath))
-
-
 def _all_finite(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
@@ -194,10 +185,8 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         fault("start", step)
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         fault("trainable", step)
@@ -211,19 +200,11 @@ def save_checkpoint(
         # strict JSON: a skipped step's NaN loss is written as null (nan_for_null reads it back)
         (tmp / "state.json").write_text(dumps(state, indent=1, sort_keys=True) + "\n")
         fault("state", step)
-        for dirpath, _dirnames, filenames in os.walk(tmp):  # safetensors writes owner-only files
-            for filename in filenames:
-                as_created(os.path.join(dirpath, filename))
-        _fsync_tree(tmp)
-        fault("fsynced", step)
-    except BaseException:  # e.g. a full disk: leave nothing half-written (a crash leaves tmp for clean_stale)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final = root / name
-    if final.exists():  # re-saving a step after resuming from an older checkpoint
-        discard(final, root)
-    os.rename(tmp, final)
-    fsync(root)
+
+    # written under .tmp-* (clean_stale removes a crash's leftover); re-saving a step after resuming from an
+    # older checkpoint swaps the new one in and deletes the old one
+    final = write_dir(root / name, fill, tmp=root / f"{TMP_PREFIX}{name}-{os.getpid()}",
+                      before_swap=lambda: fault("fsynced", step))
     fault("renamed", step)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
