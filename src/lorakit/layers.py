@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterNameError, MergeError, UnsupportedModuleError
-from .merge import Layout, add_delta, delta_weight
+from .delta import Layout, add_delta, delta_weight
 from .config import MUTATING_INITS, init_kind
 from .ops import dora_linear, dora_weight_norm, lora_linear
 from .ops.nf4 import nf4_lora_linear

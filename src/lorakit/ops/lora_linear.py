@@ -65,7 +65,7 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     if torch.compiler.is_compiling():  # the custom ops: Inductor sees inside them, no graph break
-        from .lora_op import lora_linear_op  # imported late: lora_op imports this module
+        from .lora_op import lora_linear_op  # imported on first compile: registering its triton_ops loads Inductor (seconds)
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),

@@ -1,10 +1,10 @@
-"""merge.py: ΔW = s·BA in each base layout, and the in-place add that refuses non-finite results."""
+"""delta.py: ΔW = s·BA in each base layout, and the in-place add that refuses non-finite results."""
 
 import pytest
 import torch
 
 from lorakit.errors import MergeError
-from lorakit.merge import add_delta, delta_weight
+from lorakit.delta import add_delta, delta_weight
 
 
 def _factors(d: int = 3, k: int = 4, r: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

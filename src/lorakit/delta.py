@@ -1,4 +1,7 @@
-"""Merge math, once: ΔW = s·BA in the layout of the base weight it is added to.
+"""ΔW = s·BA, once: in the layout of the base weight it is added to (the merge math).
+
+(Named for what it computes: ``lorakit.merge`` is the model-level operation in ``adapters.py``, and
+``combine.py`` makes a new adapter out of several.)
 
 One pure function, :func:`delta_weight`, serves forward-free merging, unmerging, merge-and-unload
 and state-dict merging; the module-level operations live in ``adapters.py``.
