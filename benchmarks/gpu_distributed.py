@@ -15,7 +15,7 @@ intermediate 8192, 16 heads / 8 kv heads, vocab 32000), random init, bfloat16 ba
 on all 7 projections with float32 adapters, AdamW, --bf16 (autocast; FSDP gathers parameters in
 bfloat16 and reduces gradients in float32).  Per process: batch 8 × 2048 random tokens, so the global
 batch grows with the GPUs (weak scaling, as data parallelism is used).  This runs the real training
-loop (lorakit.train.loop.Trainer / lorakit.train.distributed.DistributedTrainer); a synthetic task
+loop (lorakit.train.trainer.Trainer / lorakit.train.distributed.DistributedTrainer); a synthetic task
 times each micro-batch from its start (after a CUDA sync) and tokens/s counts every process's tokens
 between the start of step WARM and the start of the last step.
 
@@ -103,7 +103,8 @@ def worker(args: argparse.Namespace) -> None:
 
     import lorakit
     from lorakit.train import distributed as D
-    from lorakit.train.loop import TrainConfig, Trainer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = D.local_device()

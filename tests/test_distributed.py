@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 import lorakit
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint
 from lorakit.train.distributed import Padding, shard_step
-from lorakit.train.loop import TrainConfig, Trainer
+from lorakit.train.config import TrainConfig
+from lorakit.train.trainer import Trainer
 from tiny_models import ToyTask, make_llama
 
 TESTS = Path(__file__).parent

@@ -60,7 +60,7 @@ def test_a_failure_during_the_run_ends_the_survivor_with_one_line(tmp_path: Path
 def test_dist_timeout_must_be_positive_and_finite(timeout: float) -> None:
     import lorakit
     from lorakit.train.distributed import DistributedTrainer
-    from lorakit.train.loop import TrainConfig
+    from lorakit.train.config import TrainConfig
     from tests.tiny_models import ToyTask
 
     task = ToyTask()
@@ -75,7 +75,7 @@ def _worker(mode: str, out: Path, timeout: float) -> None:
     import lorakit
     from lorakit.errors import LorakitError
     from lorakit.train import distributed as D
-    from lorakit.train.loop import TrainConfig
+    from lorakit.train.config import TrainConfig
     from tests.tiny_models import ToyTask
 
     rank = int(os.environ["RANK"])

@@ -259,7 +259,8 @@ def test_trainer_trains_and_saves_dora(tmp_path):
 
     from tiny_models import ToyTask
 
-    from lorakit.train.loop import TrainConfig, Trainer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.trainer import Trainer
 
     task = ToyTask(n=12)
     initial = {name: torch.linalg.norm(task.model[int(name)].weight.detach(), dim=1) for name in task.default_targets}

@@ -218,7 +218,8 @@ def test_default_demo_path_runs_end_to_end(tmp_path: Path) -> None:
 
     import lorakit
     from lorakit.train.codesearch import CODE_SEARCH_DEFAULTS as D
-    from lorakit.train.loop import TrainConfig, Trainer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.trainer import Trainer
 
     task = emb.build_code_search_task(None, D.max_length, D.seed, eval_pairs=24)
     lora = lorakit.LoraConfig(r=D.r, alpha=D.alpha, dropout=D.dropout, target_modules=D.targets or task.default_targets)

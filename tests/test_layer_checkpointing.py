@@ -91,7 +91,7 @@ def test_not_in_eval_or_without_grad_and_off_restores() -> None:
 
 
 def test_bad_mode_and_no_layers_are_config_errors() -> None:
-    from lorakit.train.loop import TrainConfig
+    from lorakit.train.config import TrainConfig
 
     with pytest.raises(lorakit.ConfigError, match="offload does not combine with --compile reduce-overhead"):
         TrainConfig(checkpointing="offload", compile="reduce-overhead")

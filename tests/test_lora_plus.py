@@ -15,7 +15,8 @@ import lorakit
 from lorakit.cli import build_parser
 from lorakit.cli.train import resolve
 from lorakit.train.checkpoint import list_checkpoints, load_checkpoint
-from lorakit.train.loop import TrainConfig, Trainer
+from lorakit.train.config import TrainConfig
+from lorakit.train.trainer import Trainer
 
 
 class Net(nn.Module):

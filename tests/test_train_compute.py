@@ -14,7 +14,8 @@ import lorakit
 from lorakit.cli import main
 from lorakit.train.causal_lm import CausalLMTask
 from lorakit.train.compute import base_dtype, cast_base, compile_regions, resolve_compile, trainable_to_float32
-from lorakit.train.loop import TrainConfig, Trainer
+from lorakit.train.config import TrainConfig
+from lorakit.train.trainer import Trainer
 from tiny_models import make_llama
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

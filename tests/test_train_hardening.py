@@ -19,7 +19,8 @@ import torch
 
 import lorakit
 from lorakit.train.checkpoint import FAULT_ENV, list_checkpoints, load_checkpoint
-from lorakit.train.loop import TrainConfig, Trainer
+from lorakit.train.config import TrainConfig
+from lorakit.train.trainer import Trainer
 from tiny_models import ToyTask, train_toy
 
 TESTS = Path(__file__).parent

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from lorakit.train.loop import TrainConfig, Trainer, TrainingError, lr_factor
+from lorakit.train.config import TrainConfig
+from lorakit.train.schedule import lr_factor
+from lorakit.train.trainer import Trainer, TrainingError
 from tiny_models import ToyTask, train_toy
 
 

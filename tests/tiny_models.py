@@ -115,7 +115,8 @@ def train_toy(out: str, max_steps: int, *, resume: bool = False, **config):
 
     import lorakit
     from lorakit.train.checkpoint import load_checkpoint
-    from lorakit.train.loop import TrainConfig, Trainer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.trainer import Trainer
 
     task = ToyTask()
     lora = lorakit.LoraConfig(r=4, alpha=8, dropout=config.pop("dropout", 0.1), target_modules=task.default_targets)

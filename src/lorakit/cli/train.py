@@ -234,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     transformers.utils.logging.set_verbosity_error()  # e.g. a fresh classification head is expected, not news
     from ..config import LoraConfig
     from ..train.checkpoint import load_checkpoint, resolve as resolve_checkpoint
-    from ..train.loop import TrainConfig, Trainer
+    from ..train.config import TrainConfig
+    from ..train.trainer import Trainer
 
     ckpt = None
     if args.resume is not None:

@@ -47,7 +47,7 @@ _NAME = re.compile(r"step-(\d+)")
 FAULT_ENV = "LORAKIT_CHECKPOINT_FAULT"
 FAULT_POINTS = ("start", "trainable", "optimizer", "rng", "adapter", "state", "fsynced", "renamed", "pruning")
 #: the same hook in the final writes of a run's ``adapter/``, ``metrics.json`` and ``training.png``
-#: (Trainer.write_outputs), at the run's last step
+#: (outputs.write_outputs), at the run's last step
 FINAL_FAULT_POINTS = ("final-start", "final-adapter", "final-metrics", "final-plot")
 
 

@@ -5,7 +5,7 @@ Launch::
     torchrun --nproc_per_node N -m lorakit train ... --strategy ddp|fsdp
 
 Every process builds the same task and model, then :class:`DistributedTrainer` (a
-:class:`~lorakit.train.loop.Trainer`) changes exactly the loop's seams:
+:class:`~lorakit.train.trainer.Trainer`) changes exactly the loop's seams:
 
 * **data** — step ``t`` of the run takes the next ``batch_size · world_size · grad_accum`` examples
   of the epoch's seeded permutation (the same permutation a single process uses).  :func:`shard_step`
@@ -62,8 +62,9 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError, LorakitError
 from .checkpoint import Checkpoint, CheckpointError, capture_rng
-from .loop import TrainConfig, Trainer
+from .config import TrainConfig
 from .task import Task
+from .trainer import Trainer
 
 STRATEGIES = ("ddp", "fsdp")
 #: tasks whose loss calls the model a data-dependent number of times (length-chunked encoding)
@@ -299,7 +300,7 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class DistributedTrainer(Trainer):
-    """A :class:`~lorakit.train.loop.Trainer` on every process of a torchrun launch.
+    """A :class:`~lorakit.train.trainer.Trainer` on every process of a torchrun launch.
 
     Args:
         strategy: "ddp" (the model fits on one GPU) or "fsdp" (FSDP2: shard base and adapters).

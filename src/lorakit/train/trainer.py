@@ -7,16 +7,12 @@ micro-batches whose losses are weighted by their share of the step's examples.  
 epoch may be short; the next step starts the next epoch.  So the whole data position is the pair
 (epoch, index), which is what a checkpoint stores, and resuming is exact.  A first Ctrl-C lets the
 current step finish, saves a checkpoint and stops, so an interrupted run loses nothing either.
+The learning rate follows :mod:`.schedule`; the run's files are written by :mod:`.outputs`.
 
 Distributed training (``distributed.DistributedTrainer``) overrides only the seams: :meth:`Trainer.wrap`
 (the one place the model is wrapped), :meth:`Trainer.step_indices` (the one place data indices are
 chosen), :attr:`Trainer.is_main` (who saves and logs), and the small hooks next to them (gradient
 sync per micro-batch, averaging a number over processes, what a checkpoint gathers).
-
-Learning rate, with W warmup steps and T total steps, at step t (0-based):
-
-    t < W:  lr · (t + 1) / W
-    else:   lr · ½ (1 + cos(π p))  (cosine)   or   lr · (1 − p)  (linear),   p = (t − W) / max(1, T − W)
 """
 
 from __future__ import annotations
@@ -24,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -42,157 +36,18 @@ import lorakit
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from ..jsonfile import dumps, write_atomic
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    capture_rng,
-    checkpoint_step,
-    clean_stale,
-    discard,
-    fault,
-    list_checkpoints,
-    restore_rng,
-    save_checkpoint,
-)
-from .compute import (
-    COMPILE_MODES,
-    base_dtype,
-    cast_base,
-    compile_model,
-    eager,
-    pad_for_graphs,
-    resolve_compile,
-    trainable_to_float32,
-)
-from .progress import Progress, format_duration
+from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
+from .compute import base_dtype, cast_base, compile_model, eager, pad_for_graphs, resolve_compile, trainable_to_float32
+from .config import TrainConfig
+from .outputs import TrainResult, clean_stale_outputs, summary_lines, write_outputs
+from .progress import Progress
+from .resume import check_same_run, later_checkpoints, load_trainable
+from .schedule import lr_factor, set_lr, warmup_steps
 from .task import Task
-
-SCHEDULES = ("cosine", "linear", "constant")
-#: the largest --lr accepted: far above any useful AdamW rate, and far below where AdamW's float32
-#: arithmetic overflows (≈ 3.4e37)
-MAX_LR = 1e3
-KERNELS = ("liger", "none")
-CHECKPOINTING = ("off", "on", "offload")
 
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. the loss kept being NaN/inf)."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """How to train; every field is a ``lorakit train`` option."""
-
-    lr: float = 2e-4
-    #: passes over the training data (ignored when max_steps is set)
-    epochs: int = 1
-    #: stop after this many optimizer steps
-    max_steps: int | None = None
-    #: examples per micro-batch
-    batch_size: int = 16
-    #: micro-batches per optimizer step
-    grad_accum: int = 1
-    #: warmup steps (≥ 1) or fraction of the run (< 1)
-    warmup: float = 0.05
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    #: gradients are clipped to this global norm (None: no clipping)
-    max_grad_norm: float | None = 1.0
-    #: evaluate every N steps (0: only before and after)
-    eval_every: int = 0
-    #: checkpoint every N steps (0: no checkpoints)
-    save_every: int = 0
-    #: checkpoints kept (0: all)
-    keep: int = 3
-    seed: int = 0
-    #: stop after this many non-finite steps in a row
-    max_bad_steps: int = 5
-    #: keep the frozen base in bfloat16 and compute in bfloat16 autocast (CUDA only; a bfloat16 checkpoint
-    #: is kept in bfloat16 without it); adapters and their optimizer state stay float32
-    bf16: bool = False
-    #: torch.compile the decoder layers: "off", "default", "reduce-overhead" (CUDA graphs), or "auto"
-    #: (see lorakit.train.compute.resolve_compile)
-    compile: str = "auto"
-    #: share one pass over q/k/v's (gate/up's) input and fuse SwiGLU MLPs: exact, less work and memory
-    fuse: bool = True
-    #: "liger": liger-kernel's fused loss (no full logits), norms, RoPE and SwiGLU on CUDA; "none"
-    kernels: str = "liger"
-    #: activation checkpointing of the decoder layers: "off", "on" (recompute) or "offload" (recompute,
-    #: layer inputs kept in pinned CPU memory)
-    checkpointing: str = "off"
-    #: "nf4": the frozen base's linear weights are stored in 4 bits (QLoRA), quantised layer by layer onto
-    #: the training device; None: as loaded
-    quantize: str | None = None
-    #: LoRA+: B factors (and 1-D trainables) learn at this multiple of lr (lorakit.lora_plus_param_groups); None: off
-    lora_plus_ratio: float | None = None
-    #: progress line every N steps when stderr is not a terminal
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        checks = [
-            (0 < self.lr <= MAX_LR, f"--lr must be a number in (0, {MAX_LR:g}], got {self.lr}"),
-            (self.epochs >= 1, f"--epochs must be ≥ 1, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be ≥ 1, got {self.max_steps}"),
-            (self.batch_size >= 1, f"--batch-size must be ≥ 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"--grad-accum must be ≥ 1, got {self.grad_accum}"),
-            (0 <= self.warmup < math.inf, f"--warmup must be ≥ 0 (steps, or a fraction < 1), got {self.warmup}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.eval_every >= 0 and self.save_every >= 0, "--eval-every and --save-every must be ≥ 0"),
-            (self.keep >= 0, f"--keep must be ≥ 0 (0 keeps all), got {self.keep}"),
-            (self.max_bad_steps >= 1, f"max_bad_steps must be ≥ 1, got {self.max_bad_steps}"),
-            (self.kernels in KERNELS, f"--kernels must be one of {KERNELS}, got {self.kernels!r}"),
-            (self.checkpointing in CHECKPOINTING,
-             f"--checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}"),
-            (self.quantize in (None, "nf4"), f"--quantize must be nf4 (or left out), got {self.quantize!r}"),
-            (self.lora_plus_ratio is None or (self.lora_plus_ratio > 0 and math.isfinite(self.lora_plus_ratio)),
-             f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}"),
-            (self.compile in ("auto", *COMPILE_MODES),
-             f"--compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}"),
-            # CUDA graphs keep what the layers save in their own static memory pool: copying it to the CPU
-            # frees nothing there, and the copies coming back are not pool memory
-            (not (self.checkpointing == "offload" and self.compile == "reduce-overhead"),
-             "--checkpointing offload does not combine with --compile reduce-overhead (CUDA graphs keep saved "
-             "activations in a static pool, so offloading frees nothing); use --compile default, or "
-             "--checkpointing on"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise lorakit.ConfigError(message)
-
-
-# Fields that may differ from a checkpoint's without changing what is being resumed.
-_FREE_ON_RESUME = {"epochs", "max_steps", "eval_every", "save_every", "keep", "log_every", "max_bad_steps", "fuse",
-                   "kernels", "checkpointing", "compile"}
-# LoRA fields that decide parameter shapes / which parameters exist: never changed on resume.
-_STRUCTURAL = {"r", "target_modules", "exclude_modules", "rank_pattern", "modules_to_save"}
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the peak lr at 0-based step ``step`` (see the module docstring)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What :meth:`Trainer.fit` returns; ``before`` / ``after`` are the task's metrics at step 0 and the end."""
-
-    steps: int
-    skipped: int
-    before: dict[str, float]
-    after: dict[str, float]
-    history: dict[str, list[dict[str, float]]]
-    trainable: int
-    total: int
-    #: wall-clock seconds of the training steps (evaluation and saving included), and throughput
-    seconds: float = 0.0
-    examples_per_s: float = 0.0
-    tokens_per_s: float = 0.0
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -290,7 +145,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(len(task.train_examples) / (config.batch_size * config.grad_accum * self.world_size))
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
-        self.warmup = int(config.warmup) if config.warmup >= 1 else int(round(config.warmup * self.total))
+        self.warmup = warmup_steps(config.warmup, self.total)
         self._perm_cache: tuple[int, list[int]] | None = None
         self._progress: Progress | None = None  # the live bar, erased before other lines are printed
         self._interrupted = False  # set by the first Ctrl-C (see _catch_interrupt)
@@ -359,44 +214,11 @@ class Trainer:
 
     def check_resume(self, ckpt: Checkpoint, force: bool) -> None:
         """Refuse a checkpoint whose run differs from this one (unless ``force``, where it can be)."""
-        saved, now = ckpt.state.get("config", {}), self.run_config()
-        hard, soft = [], []
-        for key in sorted(set(saved) | set(now)):
-            a, b = saved.get(key), now.get(key)
-            if key in ("lora", "train"):
-                for sub in sorted(set(a or {}) | set(b or {})):
-                    x, y = (a or {}).get(sub), (b or {}).get(sub)
-                    if x == y or key == "train" and sub in _FREE_ON_RESUME:
-                        continue
-                    (hard if key == "lora" and sub in _STRUCTURAL else soft).append(f"{sub}: checkpoint {x!r}, now {y!r}")
-            elif a != b:
-                (hard if key == "task" else soft).append(f"{key}: checkpoint {a!r}, now {b!r}")
-        if hard:
-            raise CheckpointError(
-                f"{ckpt.path} was trained with a different adapter shape or task ({'; '.join(hard)}); "
-                "resume with the checkpoint's settings, or start a new run with a different --out"
-            )
-        if soft and not force:
-            raise CheckpointError(
-                f"{ckpt.path} does not match this run ({'; '.join(soft)}); drop the differing options to "
-                "use the checkpoint's, or pass --force to resume with the new ones"
-            )
+        check_same_run(ckpt, self.run_config(), force)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Load a checkpoint's trainable tensors, optimizer state and random generators (names and shapes checked)."""
-        names = dict(self.params)
-        missing, unexpected = sorted(set(names) - set(ckpt.trainable)), sorted(set(ckpt.trainable) - set(names))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{ckpt.path}: trainable parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                "resume with the same model, targets and task"
-            )
-        with torch.no_grad():
-            for name, p in self.params:
-                t = ckpt.trainable[name]
-                if t.shape != p.shape:
-                    raise CheckpointError(f"{ckpt.path}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-                p.copy_(t)
+        load_trainable(ckpt, self.params)
         self.optimizer.load_state_dict(ckpt.optimizer)
         restore_rng(ckpt.rng)
 
@@ -433,7 +255,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in clean_stale(ckpt_dir):
                 self._print(f"removed an incomplete checkpoint left by a crash: {stale}")
-            for stale in _stale_outputs(self.out):
+            for stale in clean_stale_outputs(self.out):
                 self._print(f"removed an incomplete output left by a crash: {stale}")
         problem = self._later_checkpoints(ckpt_dir, resume, force) if self.is_main else ""
         if self.mean_over_processes(float(bool(problem))) > 0:  # every process stops, not only the main one
@@ -477,8 +299,7 @@ class Trainer:
                 t_step = time.monotonic()
                 micro, next_epoch, next_index = self.step_indices(epoch, index)
                 lr = cfg.lr * lr_factor(step, self.total, self.warmup, cfg.schedule)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ groups keep their ratio
+                set_lr(self.optimizer, lr)  # LoRA+ groups keep their ratio
                 n_step = self.step_examples(micro)
                 examples += n_step
                 loss_sum = 0.0
@@ -571,24 +392,12 @@ class Trainer:
         return lambda: signal.signal(signal.SIGINT, previous)
 
     def _later_checkpoints(self, ckpt_dir: Path, resume: Checkpoint | None, force: bool) -> str:
-        """Checkpoints in ``ckpt_dir`` past the starting step belong to another run (or an abandoned
-        future of this one); mixing them in would make "latest" and keep-K pruning pick the wrong ones.
-        Returns why the run cannot start ("" if it can); with ``force`` deletes them instead."""
-        start = resume.step if resume is not None else 0
-        later = [p for p in list_checkpoints(ckpt_dir) if (checkpoint_step(p) or 0) > start]
-        if not later:
-            return ""
-        if not force:
-            what = f"newer than {resume.path.name}" if resume is not None else "of an earlier run"
-            return (
-                f"{ckpt_dir} holds {len(later)} checkpoint(s) {what} (latest {later[-1].name}); "
-                + ("continue it with --resume, " if resume is None else "")
-                + "choose another --out, or pass --force to delete them"
-            )
-        for path in later:
-            discard(path, ckpt_dir)
-        self._print(f"--force: deleted {len(later)} checkpoint(s) in {ckpt_dir} past step {start}")
-        return ""
+        """Why the run cannot start in ``ckpt_dir`` ("" if it can; see resume.later_checkpoints)."""
+        problem, deleted = later_checkpoints(ckpt_dir, resume, force)
+        if deleted:
+            start = resume.step if resume is not None else 0
+            self._print(f"--force: deleted {deleted} checkpoint(s) in {ckpt_dir} past step {start}")
+        return problem
 
     def save(self, root: Path, step: int, epoch: int, index: int, skipped: int, history: dict[str, Any]) -> Path | None:
         """Write checkpoint ``step`` (position: the next step starts at example ``index`` of ``epoch``)."""
@@ -606,57 +415,11 @@ class Trainer:
         """The run's results in ``out``: adapter/, metrics.json and training.png."""
         if not self.is_main:
             return
-        step = result.steps
-        fault("final-start", step)
-        lorakit.save_adapter(self.base, self.out / "adapter")  # atomic: a temp dir swapped in whole
-        fault("final-adapter", step)
-        metrics = {"task": self.task.name, "steps": result.steps, "skipped_steps": result.skipped,
-                   "trainable_parameters": result.trainable, "total_parameters": result.total,
-                   "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
-                   "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after,
-                   "history": result.history,
-                   "config": self.run_config(), **_task_info(self.task)}
-        # strict JSON (a skipped step's NaN loss is null), written beside, fsynced and renamed: a crash never
-        # leaves a truncated file in place of a good one
-        write_atomic(self.out / "metrics.json", dumps(metrics, indent=1) + "\n")
-        fault("final-metrics", step)
-        from .plot import plot_history  # matplotlib is only needed here
-
-        tmp = plot_history(result.history, self.out / ".training.tmp.png", title=f"lorakit train --task {self.task.name}")
-        fault("final-plot", step)
-        os.replace(tmp, self.out / "training.png")
+        write_outputs(self.out, self.base, self.task, result, self.run_config())
 
     def _summary(self, result: TrainResult) -> None:
-        lines = [f"trained {result.steps} steps in {format_duration(result.seconds)} ({result.examples_per_s:.1f} examples/s)"
-                 + (f"; {result.skipped} skipped (non-finite)" if result.skipped else ""),
-                 f"  trainable parameters: {result.trainable:,} of {result.total:,} "
-                 f"({100.0 * result.trainable / max(result.total, 1):.3f}%)",
-                 "  held-out metrics, before → after:" if len(result.before) > 1 else "  (no held-out examples to evaluate)"]
-        for key, b in result.before.items():
-            if key == "step" or key not in result.after:
-                continue
-            a = result.after[key]
-            lines.append(f"    {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            lines.append(f"  {result.tokens_per_s:,.0f} tokens/s, peak GPU memory {peak:.2f} GiB")
-        self._print(*lines)
-
-
-def _stale_outputs(out: Path) -> list[Path]:
-    """Remove the temporaries of write_outputs that a crash left in ``out`` (never a finished output)."""
-    stale = [p for pattern in (".adapter.tmp-*", ".metrics.json.tmp-*", ".training.tmp.png") for p in out.glob(pattern)]
-    for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return stale
-
-
-def _task_info(task: Task) -> dict[str, Any]:
-    info = getattr(task, "info", None)  # optional Task member (see task.py)
-    return dict(info()) if callable(info) else {}
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        self._print(*summary_lines(result, peak))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
