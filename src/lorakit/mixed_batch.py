@@ -46,7 +46,8 @@ from .inject import lora_modules, state_of
 from .io import PREFIX, AdapterFile, layer_params, read_adapter
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .ops import backends
-from .ops.segmented import SegmentPlan, plan_segments, segmented_lora, segmented_lora_embedding
+from .ops.segment_plan import SegmentPlan, plan_segments
+from .ops.segmented import segmented_lora, segmented_lora_embedding
 
 
 def _triton_segmented():

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .errors import LorakitError
 from .fingerprint import weight_checksum
-from .ops.nf4 import BLOCK, NESTED_BLOCK, NF4Tensors, dequantize_nf4, dynamic_map, nf4_map, quantize_nf4
+from .ops.nf4 import dequantize_nf4, nf4_lora_linear
+from .ops.nf4_format import BLOCK, NESTED_BLOCK, NF4Tensors, dynamic_map, nf4_map, quantize_nf4
 
 QUANT_TYPES = ("nf4",)
 _QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -115,8 +116,6 @@ class NF4Linear(nn.Linear):
         return 8.0 * size / (self.in_features * self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        from .ops.nf4 import nf4_lora_linear
-
         return nf4_lora_linear(x, self.nf4(), self.bias)
 
     def extra_repr(self) -> str:

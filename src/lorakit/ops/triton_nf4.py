@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .grid import cdiv, next_pow2
-from .nf4 import BLOCK, NESTED_BLOCK, NF4Tensors, dynamic_map, nf4_map
+from .nf4_format import BLOCK, NESTED_BLOCK, NF4Tensors, dynamic_map, nf4_map
 
 try:
     import triton

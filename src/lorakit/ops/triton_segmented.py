@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .grid import cdiv, next_pow2
-from .segmented import SegmentPlan, column_scales
+from .segment_plan import SegmentPlan, column_scales
 
 try:  # Triton is optional: without it CUDA uses the torch path.
     import triton
