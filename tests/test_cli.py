@@ -57,6 +57,41 @@ def test_no_arguments_is_the_code_search_demo() -> None:
     assert resolve(build_parser().parse_args(["train", "--targets", "q_proj, v_proj"]), None)["targets"] == ("q_proj", "v_proj")
 
 
+# Each task's defaults as they were written in cli/train.py before they moved onto the task classes.
+_TASK_DEFAULTS = {
+    "code-search": dict(r=8, alpha=16.0, dropout=0.0, lr=2e-3, batch_size=64, max_length=48, epochs=1, max_steps=80,
+                        warmup=10.0, schedule="linear", targets=(), seed=0),
+    "embedding": dict(r=8, alpha=16.0, dropout=0.0, lr=1e-3, batch_size=32, max_length=128, epochs=1, max_steps=None,
+                      warmup=0.05, schedule="linear", targets=None, seed=0),
+    "causal-lm": dict(r=8, alpha=16.0, dropout=0.05, lr=2e-4, batch_size=8, max_length=512, epochs=1, max_steps=None,
+                      warmup=0.05, schedule="cosine", targets="all-linear", seed=0),
+    "classification": dict(r=8, alpha=16.0, dropout=0.1, lr=5e-4, batch_size=16, max_length=256, epochs=3,
+                           max_steps=None, warmup=0.05, schedule="cosine", targets="all-linear", seed=0),
+}
+
+
+@pytest.mark.parametrize("task", sorted(_TASK_DEFAULTS))
+def test_each_task_resolves_to_its_defaults(task: str) -> None:
+    from lorakit.cli.train import resolve
+
+    values = resolve(build_parser().parse_args(["train", "--task", task]), None)
+    assert {k: values.get(k) for k in _TASK_DEFAULTS[task]} == _TASK_DEFAULTS[task]
+    assert ("targets" in values) == (task != "embedding")  # embedding: the task picks targets from the model
+
+
+def test_task_classes_carry_the_defaults_the_cli_uses() -> None:
+    from lorakit.train.causal_lm import CausalLMTask
+    from lorakit.train.classification import ClassificationTask
+    from lorakit.train.embedding import EmbeddingTask
+
+    for cls, task in ((CausalLMTask, "causal-lm"), (ClassificationTask, "classification"), (EmbeddingTask, "embedding")):
+        d = cls.defaults
+        assert (d.r, d.lr, d.batch_size, d.max_length, d.epochs, d.schedule, d.targets) == tuple(
+            _TASK_DEFAULTS[task][k] for k in ("r", "lr", "batch_size", "max_length", "epochs", "schedule", "targets"))
+    assert CausalLMTask.__init__.__kwdefaults__["max_length"] == 512
+    assert ClassificationTask.__init__.__kwdefaults__["max_length"] == 256
+
+
 def test_causal_lm_train_inspect_merge(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     rc = main(["train", "--task", "causal-lm", "--model", str(files["llama"]), "--data", str(files["lm"]), "--max-steps", "3",

@@ -7,6 +7,7 @@ wins, then (with --resume) what the checkpoint was trained with, then the task's
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -34,15 +35,7 @@ data (JSON lines):
 matching whole names (.*attn\\.(q|v)_proj), or all-linear.
 """
 
-# Per-task defaults for options the user did not give (code-search's come from codesearch.py).
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "causal-lm": dict(r=8, alpha=16.0, dropout=0.05, lr=2e-4, batch_size=8, max_length=512, epochs=1, warmup=0.05,
-                      schedule="cosine", targets="all-linear"),
-    "classification": dict(r=8, alpha=16.0, dropout=0.1, lr=5e-4, batch_size=16, max_length=256, epochs=3,
-                           warmup=0.05, schedule="cosine", targets="all-linear"),
-    "embedding": dict(r=8, alpha=16.0, dropout=0.0, lr=1e-3, batch_size=32, max_length=128, epochs=1, warmup=0.05,
-                      schedule="linear"),
-}
+# Defaults of the options every task shares (each task's own are its class's ``defaults``).
 _COMMON = dict(grad_accum=1, eval_every=0, save_every=0, keep=3, seed=0, bf16=False, max_steps=None, max_bad_steps=5,
                fuse=True, kernels="liger", checkpointing="off", quantize=None, dora=False,
                lora_plus_ratio=None, compile="auto")
@@ -159,13 +152,14 @@ def parse_targets(text: str | list[str] | None) -> tuple[str, ...] | str | None:
 
 
 def _task_defaults(task: str) -> dict[str, Any]:
+    """The task's own defaults (lorakit.train.task.TaskDefaults), as option values."""
     if task == "code-search":
-        from ..train.codesearch import CODE_SEARCH_DEFAULTS as D
+        from ..train.codesearch import CODE_SEARCH_DEFAULTS
 
-        return dict(r=D.r, alpha=D.alpha, dropout=D.dropout, targets=tuple(D.targets), lr=D.lr, batch_size=D.batch_size,
-                    max_length=D.max_length, max_steps=D.max_steps, epochs=1, warmup=float(D.warmup_steps),
-                    schedule="linear", seed=D.seed)
-    return dict(_DEFAULTS[task])
+        return CODE_SEARCH_DEFAULTS.task_defaults().options()
+    module, name = {"embedding": ("embedding", "EmbeddingTask"), "causal-lm": ("causal_lm", "CausalLMTask"),
+                    "classification": ("classification", "ClassificationTask")}[task]
+    return getattr(importlib.import_module(f"..train.{module}", __package__), name).defaults.options()
 
 
 def resolve(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,9 +21,12 @@ from torch import nn
 
 from .data import BadLine, file_fingerprint, load_train_eval, require
 from .models import load_model, load_tokenizer
+from .task import TaskDefaults
 
 IGNORE = -100
 EXAMPLE = '{"prompt": "Translate to French: cat", "completion": " chat"}'
+DEFAULTS = TaskDefaults(r=8, alpha=16.0, dropout=0.05, lr=2e-4, batch_size=8, max_length=512, epochs=1, warmup=0.05,
+                        schedule="cosine", targets="all-linear")
 
 
 class CausalLMTask:
@@ -32,6 +35,8 @@ class CausalLMTask:
     name = "causal-lm"
     default_targets: tuple[str, ...] | str = "all-linear"
     modules_to_save: tuple[str, ...] = ()
+    #: what ``lorakit train --task causal-lm`` uses for the options not given
+    defaults = DEFAULTS
 
     def __init__(
         self,
@@ -39,7 +44,7 @@ class CausalLMTask:
         data: str | os.PathLike[str],
         *,
         eval_data: str | os.PathLike[str] | None = None,
-        max_length: int = 512,
+        max_length: int = DEFAULTS.max_length,
         skip_bad_lines: bool = False,
         seed: int = 0,
         eval_fraction: float = 0.1,

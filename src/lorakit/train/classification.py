@@ -17,8 +17,11 @@ from torch import nn
 
 from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
 from .models import ModelError, load_model, load_tokenizer
+from .task import TaskDefaults
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
+DEFAULTS = TaskDefaults(r=8, alpha=16.0, dropout=0.1, lr=5e-4, batch_size=16, max_length=256, epochs=3, warmup=0.05,
+                        schedule="cosine", targets="all-linear")
 _HEADS = ("classifier", "score", "classification_head", "head")
 
 
@@ -31,6 +34,8 @@ class ClassificationTask:
 
     name = "classification"
     default_targets: tuple[str, ...] | str = "all-linear"
+    #: what ``lorakit train --task classification`` uses for the options not given
+    defaults = DEFAULTS
 
     def __init__(
         self,
@@ -38,7 +43,7 @@ class ClassificationTask:
         data: str | os.PathLike[str],
         *,
         eval_data: str | os.PathLike[str] | None = None,
-        max_length: int = 256,
+        max_length: int = DEFAULTS.max_length,
         skip_bad_lines: bool = False,
         seed: int = 0,
         eval_fraction: float = 0.1,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LorakitError
+from .task import TaskDefaults
 
 
 class CodeSearchDataError(LorakitError):
@@ -72,6 +73,12 @@ class CodeSearchDefaults:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    def task_defaults(self) -> TaskDefaults:
+        """These settings as ``lorakit train --task code-search``'s defaults (one pass, linear decay)."""
+        return TaskDefaults(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=tuple(self.targets), lr=self.lr,
+                            batch_size=self.batch_size, max_length=self.max_length, max_steps=self.max_steps, epochs=1,
+                            warmup=float(self.warmup_steps), schedule="linear", seed=self.seed)
 
 
 CODE_SEARCH_DEFAULTS = CodeSearchDefaults()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from .task import TaskDefaults
 
 #: The fields of an embedding JSONL line.
 JSONL_HINT = '{"query": "how to sort a list", "positive": "sorted(iterable, *, key, reverse)", "negative": "..."}'
@@ -198,6 +199,10 @@ class EmbeddingTask:
     """
 
     modules_to_save: tuple[str, ...] = ()
+    #: what ``lorakit train --task embedding`` uses for the options not given (no targets: the task
+    #: chooses them from the model); code search's are CodeSearchDefaults.task_defaults()
+    defaults = TaskDefaults(r=8, alpha=16.0, dropout=0.0, lr=1e-3, batch_size=32, max_length=128, epochs=1, warmup=0.05,
+                            schedule="linear")
 
     def __init__(
         self,

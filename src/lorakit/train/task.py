@@ -11,11 +11,47 @@ exactly: the data position is just (epoch, index into that epoch's seeded permut
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDefaults:
+    """A task's settings for the ``lorakit train`` options the user does not give (each task class
+    carries its own as ``defaults``); what the user types wins, then a resumed checkpoint's settings."""
+
+    #: rank of the update BA
+    r: int
+    #: α; the update is scaled by s = α / r
+    alpha: float
+    #: dropout on the LoRA branch's input
+    dropout: float
+    #: peak AdamW learning rate
+    lr: float
+    #: examples per micro-batch
+    batch_size: int
+    #: tokens per example (per text, for the embedding tasks)
+    max_length: int
+    #: lr decay after warmup: "cosine", "linear" or "constant"
+    schedule: str
+    #: warmup steps (≥ 1) or fraction of the run (< 1)
+    warmup: float = 0.05
+    #: passes over the data, when ``max_steps`` is None
+    epochs: int = 1
+    #: optimizer steps; None: ``epochs`` decides
+    max_steps: int | None = None
+    #: LoraConfig.target_modules; None: the task chooses from the model (its ``default_targets``)
+    targets: tuple[str, ...] | str | None = None
+    #: None: the CLI's common default
+    seed: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The ``lorakit train`` option values (dest names), leaving out those that are None."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @runtime_checkable
