@@ -10,7 +10,7 @@ import pytest
 from lorakit.train.causal_lm import IGNORE, CausalLMTask
 from lorakit.train.classification import ClassificationTask
 from lorakit.train.data import DataError, load_train_eval, read_jsonl, require, split_holdout
-from lorakit.train.models import ModelError, model_dir
+from lorakit.integrations.local_models import ModelError, model_dir
 from tiny_models import make_llama
 
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     import lorakit
 
-    from ..train.models import load_tokenizer, model_dir
+    from ..integrations.local_models import load_tokenizer, model_dir
     from .inspect import adapter_dir
 
     transformers.utils.logging.disable_progress_bar()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import BadLine, file_fingerprint, load_train_eval, require
-from .models import load_model, load_tokenizer
+from ..integrations.local_models import load_model, load_tokenizer
 from .task import TaskDefaults
 
 IGNORE = -100

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
-from .models import ModelError, load_model, load_tokenizer
+from ..integrations.local_models import ModelError, load_model, load_tokenizer
 from .task import TaskDefaults
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'

@@ -1,4 +1,5 @@
-"""Loading local transformers checkpoints — nothing is ever downloaded.
+"""Loading local transformers checkpoints — nothing is ever downloaded (``lorakit train`` and ``lorakit merge``
+both load their models here).
 
 A name like ``meta-llama/Llama-3.2-1B`` that is not a directory here fails at once with the command
 that would fetch it elsewhere, instead of a long transformers traceback about the network.
