@@ -1,4 +1,4 @@
-"""The training loop: schedule, batching, accumulation, exact resume, non-finite steps (on a pure-torch toy task)."""
+"""The training loop (train/trainer.py): batching, accumulation, exact resume, non-finite steps (on a pure-torch toy task)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from lorakit.train.config import TrainConfig
-from lorakit.train.schedule import lr_factor
 from lorakit.train.trainer import Trainer, TrainingError
 from tiny_models import ToyTask, train_toy
 
@@ -27,17 +26,6 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-
-
-def test_lr_schedule_hand_computed() -> None:
-    # warmup W=2 of T=10: steps 0, 1 → 1/2, 2/2; then p = (t − 2) / 8
-    assert [lr_factor(t, 10, 2, "cosine") for t in (0, 1)] == [0.5, 1.0]
-    assert lr_factor(2, 10, 2, "cosine") == 1.0
-    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # p = 1/2: ½(1 + cos π/2)
-    assert lr_factor(4, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
-    assert lr_factor(9, 10, 2, "linear") == pytest.approx(1 / 8)
-    assert lr_factor(9, 10, 0, "constant") == 1.0
 
 
 def make_trainer(tmp_path: Path, **config) -> Trainer:
