@@ -1,16 +1,8 @@
 """Adapter files: the contract with the ecosystem.
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` in HF PEFT's
-layout, so PEFT and vLLM load lorakit's adapters and lorakit loads theirs:
-
-    base_model.model.<module path>.lora_A.weight        (r, k)       linear, Conv1D
-    base_model.model.<module path>.lora_B.weight        (d, r)
-    base_model.model.<module path>.lora_embedding_A     (r, num_embeddings)
-    base_model.model.<module path>.lora_embedding_B     (dim, r)
-    base_model.model.<module path>.lora_A.weight        (r, in, *kernel)  Conv1d/2d/3d; B: (d, r/groups, 1, ...)
-    base_model.model.<module path>.lora_B.bias          (d,)         lora_bias
-    base_model.model.<module path>.lora_magnitude_vector  (d,)  DoRA's m ((1, d, 1, ...) for convolutions)
-    base_model.model.<module path>.<param>              modules_to_save
+layout (tensor keys and shapes: :mod:`lorakit.peft_keys`), so PEFT and vLLM load lorakit's adapters and
+lorakit loads theirs.
 
 lorakit's extra facts (its version, the base-model fingerprint) go into the safetensors metadata,
 which PEFT ignores.  This is the only module that reads or writes files.  It never unpickles.
@@ -23,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -31,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import write_dir
 from .adapters import active_adapters, adapter_names, delete_adapter
+from .atomic import write_dir
 from .config import MUTATING_INITS, LoraConfig, init_kind
 from .errors import (
     AdapterFileError,
@@ -46,31 +37,14 @@ from .errors import (
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import candidates as candidates_of
 from .inject import resolve_parameters, resolve_tokens, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
+from .layers import LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
 from .jsonfile import dumps as strict_dumps
+from .peft_keys import MAGNITUDE, PREFIX, TOKENS, factor_keys, factor_shapes, layer_keys, magnitude_shape, split_lora_key
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-# PEFT's LoRA keys; in-memory PEFT state dicts also carry the adapter name ("...lora_A.default.weight").
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?P<adapter>[^.]+))?$"
-)
-
-
-def split_lora_key(key: str) -> tuple[str, str, str | None] | None:
-    """(module path, kind, adapter name or None) of a PEFT LoRA tensor key, where kind is "lora_A",
-    "lora_B", "lora_embedding_A", "lora_embedding_B" or "lora_magnitude_vector" (DoRA); None for any
-    other key (modules_to_save, a lora_B bias)."""
-    if key.endswith(".bias"):
-        return None
-    match = _LORA_KEY.match(key.removesuffix(".weight"))
-    return (match["module"], match["kind"], match["adapter"]) if match else None
-
-
 #: safetensors dtypes an adapter's tensors may have: floating point for LoRA factors; the integer and
 #: bool types only for modules_to_save buffers of exactly that dtype (e.g. BatchNorm's counter)
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -181,7 +155,7 @@ def _read_header(weights_path: Path) -> tuple[dict[str, dict], dict[str, str]]:
         if not ok:
             raise AdapterFileError(f"{corrupt}: the header entry of {key[:200]!r} is malformed")
         dtype, parts = info["dtype"], split_lora_key(key)
-        if parts is not None and parts[1] != "lora_magnitude_vector" and (len(info["shape"]) < 2 or 0 in info["shape"]):
+        if parts is not None and parts[1] != MAGNITUDE and (len(info["shape"]) < 2 or 0 in info["shape"]):
             raise AdapterFileError(
                 f"{weights_path}: tensor {key[:200]!r} has shape {tuple(info['shape'])[:8]}; LoRA factors are non-empty "
                 "matrices (r ≥ 1) — the file is damaged or not a LoRA adapter"
@@ -274,48 +248,38 @@ def _modules_with(model: nn.Module, adapter_name: str):
 def _layer_tensors(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
     """Relative key → tensor in PEFT's shapes, for one layer."""
     if isinstance(module, TrainableTokens):
-        return {_TOKENS: module.copies[adapter_name]}
+        return {TOKENS: module.copies[adapter_name]}
     if isinstance(module, ModulesToSave):
         return dict(module.copies[adapter_name].state_dict())
-    A, B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+    parts = _parts(module, adapter_name)
+    A, B = parts["A"], parts["B"]
     if adapter_name in module.init_factors:  # PiSSA / OLoRA: ΔW = s·(BA − B₀A₀) against the original W
         A0, B0 = module.init_factors[adapter_name]
         A, B = torch.cat([A.detach(), A0.to(A.dtype)], 0), torch.cat([B.detach(), -B0.to(B.dtype)], 1)
-    shapes = _factor_shapes(module, A.shape[0])
     if adapter_name in getattr(module, "blocks", {}):  # BD-LoRA: the blocks as stored
-        shapes = (tuple(A.shape), tuple(B.shape))
-    out = {k: t.reshape(shape) for k, (t, shape) in zip(_keys(module), zip((A, B), shapes))}
+        parts["A"], parts["B"] = A, B
+    else:
+        a_shape, b_shape = factor_shapes(module, A.shape[0])
+        parts["A"], parts["B"] = A.reshape(a_shape), B.reshape(b_shape)
+    if "magnitude" in parts:
+        parts["magnitude"] = parts["magnitude"].reshape(magnitude_shape(module))
+    return {key: parts[part] for key, part in _layer_keys(module, adapter_name).items()}
+
+
+def _parts(module: LoraLayer, adapter_name: str) -> dict[str, Tensor]:
+    """The live parameters of one layer's adapter, by the part names of :func:`peft_keys.layer_keys`."""
+    parts = {"A": module.lora_A[adapter_name], "B": module.lora_B[adapter_name]}
     if adapter_name in module.lora_magnitude:
-        out["lora_magnitude_vector"] = module.lora_magnitude[adapter_name].reshape(_magnitude_shape(module))
+        parts["magnitude"] = module.lora_magnitude[adapter_name]
     if adapter_name in module.lora_bias:
-        out["lora_B.bias"] = module.lora_bias[adapter_name]
+        parts["bias"] = module.lora_bias[adapter_name]
     if isinstance(module, LoraMultiheadAttention):
-        out[_MHA_OUT[0]], out[_MHA_OUT[1]] = module.out_A[adapter_name], module.out_B[adapter_name]
-    return out
+        parts["out_A"], parts["out_B"] = module.out_A[adapter_name], module.out_B[adapter_name]
+    return parts
 
 
-_TOKENS = "token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: (n, dim), the rows' new values
-# PEFT wraps nn.MultiheadAttention's out_proj inside the attention's base layer.
-_MHA_OUT = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")
-
-
-def _keys(module: LoraLayer) -> tuple[str, str]:
-    return ("lora_embedding_A", "lora_embedding_B") if isinstance(module, LoraEmbedding) else ("lora_A.weight", "lora_B.weight")
-
-
-def _factor_shapes(module: LoraLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """PEFT's shapes of A and B at rank r for this layer."""
-    k, d = module.in_features, module.out_features
-    if isinstance(module, LoraConv):
-        a_kernel, b_kernel = module.lora_shapes()
-        return (r, *a_kernel), (d, r // module.base_layer.groups, *b_kernel)
-    return (r, k), (d, r)
-
-
-def _magnitude_shape(module: LoraLayer) -> tuple[int, ...]:
-    if isinstance(module, LoraConv):
-        return (1, module.out_features, *module.lora_shapes()[1])
-    return (module.out_features,)
+def _layer_keys(module: LoraLayer, adapter_name: str) -> dict[str, str]:
+    return layer_keys(module, dora=adapter_name in module.lora_magnitude, bias=adapter_name in module.lora_bias)
 
 
 def _saved_targets(model: nn.Module, adapter_name: str) -> list[str]:
@@ -420,7 +384,7 @@ def load_adapter(
         raise AdapterMismatchError(f"{adapter.path / CONFIG_NAME} does not fit this model: {err}") from None
     expected = _expected_shapes(model, config, targets, to_save) | _parameter_shapes(model, config, parameters)
     bases = {name: base for name, _, base in candidates_of(model)}
-    expected |= {f"{name}.{_TOKENS}": (len(ids), bases[name].embedding_dim) for name, ids in tokens.items()}
+    expected |= {f"{name}.{TOKENS}": (len(ids), bases[name].embedding_dim) for name, ids in tokens.items()}
     found = {}
     for key, tensor in adapter.tensors.items():
         if not key.startswith(PREFIX):
@@ -517,19 +481,12 @@ def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Te
 def layer_params(module: LoraLayer | ModulesToSave, adapter_name: str) -> dict[str, Tensor]:
     """Relative PEFT key → the live parameter it loads into."""
     if isinstance(module, TrainableTokens):
-        return {_TOKENS: module.copies[adapter_name]}
+        return {TOKENS: module.copies[adapter_name]}
     if isinstance(module, ModulesToSave):
         copy = module.copies[adapter_name]
         return dict(copy.named_parameters()) | dict(copy.named_buffers())
-    keys = _keys(module)
-    params = {keys[0]: module.lora_A[adapter_name], keys[1]: module.lora_B[adapter_name]}
-    if adapter_name in module.lora_magnitude:
-        params["lora_magnitude_vector"] = module.lora_magnitude[adapter_name]
-    if adapter_name in module.lora_bias:
-        params["lora_B.bias"] = module.lora_bias[adapter_name]
-    if isinstance(module, LoraMultiheadAttention):
-        params[_MHA_OUT[0]], params[_MHA_OUT[1]] = module.out_A[adapter_name], module.out_B[adapter_name]
-    return params
+    parts = _parts(module, adapter_name)
+    return {key: parts[part] for key, part in _layer_keys(module, adapter_name).items()}
 
 
 def _parameter_shapes(model: nn.Module, config: LoraConfig, parameters: list[tuple[str, list[str]]]) -> dict[str, tuple]:
@@ -548,8 +505,9 @@ def _parameter_shapes(model: nn.Module, config: LoraConfig, parameters: list[tup
             probe = LoraParameter(owner, pname)  # reads the shape only; the module is not changed
             rE = config.rank_for(key) * probe.num_experts
             prefix = name + ".base_layer" * (len(pnames) - 1 - i)
-            shapes[f"{prefix}.lora_A.weight"] = (rE, probe.in_features)
-            shapes[f"{prefix}.lora_B.weight"] = (probe.out_features, rE)
+            a_key, b_key = factor_keys(probe)
+            shapes[f"{prefix}.{a_key}"] = (rE, probe.in_features)
+            shapes[f"{prefix}.{b_key}"] = (probe.out_features, rE)
     return shapes
 
 
@@ -562,19 +520,19 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str], t
     for name in targets:
         probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k, d and the layout
         r = config.rank_for(name)
-        factor_shapes = _factor_shapes(probe, r)
         a, b = config.bd_blocks(name)
         if (a, b) != (1, 1):  # BD-LoRA: A stored (r, k/a), B (d, r/b)
-            factor_shapes = ((r, probe.in_features // a), (probe.out_features, r // b))
-        for key, shape in zip(_keys(probe), factor_shapes):
-            shapes[f"{name}.{key}"] = shape
+            a_shape, b_shape = (r, probe.in_features // a), (probe.out_features, r // b)
+        else:
+            a_shape, b_shape = factor_shapes(probe, r)
+        part_shapes = {"A": a_shape, "B": b_shape, "bias": (probe.out_features,)}
         if config.use_dora:
-            shapes[f"{name}.lora_magnitude_vector"] = _magnitude_shape(probe)
-        if config.lora_bias:
-            shapes[f"{name}.lora_B.bias"] = (probe.out_features,)
+            part_shapes["magnitude"] = magnitude_shape(probe)
         if isinstance(probe, LoraMultiheadAttention):
             e = probe.base_layer.embed_dim
-            shapes[f"{name}.{_MHA_OUT[0]}"], shapes[f"{name}.{_MHA_OUT[1]}"] = (r, e), (e, r)
+            part_shapes["out_A"], part_shapes["out_B"] = (r, e), (e, r)
+        for key, part in layer_keys(probe, dora=config.use_dora, bias=config.lora_bias).items():
+            shapes[f"{name}.{key}"] = part_shapes[part]
     for name in to_save:
         for key, tensor in bases[name].state_dict().items():
             shapes[f"{name}.{key}"] = tuple(tensor.shape)

@@ -60,14 +60,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters import active_adapters, adapter_names
+from ..atomic import fsync
 from ..config import LoraConfig
 from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
-from ..atomic import fsync
 from ..fused_mlp import fuse_mlps
 from ..inject import inject
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _keys, _layer_tensors, _modules_with, layer_params, read_adapter, save_adapter
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, layer_params, read_adapter, save_adapter
 from ..layers import LoraLayer
 from ..mixed_batch import _check_fingerprint
+from ..peft_keys import MAGNITUDE, factor_keys
 from ..shared_input import share_inputs
 
 #: transformers' SAFE_WEIGHTS_NAME: the file the Trainer resumes (and loads the best checkpoint of) a
@@ -355,8 +356,8 @@ def _plan(model: nn.Module, adapter_name: str) -> dict[str, _Slot]:
         converted = isinstance(module, LoraLayer) and adapter_name in module.init_factors
         for key, tensor in _layer_tensors(module, adapter_name).items():
             slot = _Slot(names[id(live[key])], tuple(tensor.shape), tuple(live[key].shape))
-            if converted and key != "lora_magnitude_vector":
-                slot.dim = 0 if key == _keys(module)[0] else 1
+            if converted and key != MAGNITUDE:
+                slot.dim = 0 if key == factor_keys(module)[0] else 1
                 r = live[key].shape[slot.dim]
                 slot.fixed = tensor.narrow(slot.dim, r, tensor.shape[slot.dim] - r).detach().cpu().clone()
             plan[f"{qualified}.{key}"] = slot

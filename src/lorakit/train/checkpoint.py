@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import LorakitError
 from ..atomic import fsync, write_dir
+from ..errors import LorakitError
 from ..jsonfile import dumps, nan_for_null
 
 PREFIX = "step-"
