@@ -40,7 +40,7 @@ from triton.testing import do_bench  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit.ops import lora_linear, triton_nf4  # noqa: E402
 from lorakit.ops.nf4 import dequantize_nf4_reference, nf4_lora_linear, quantize_nf4  # noqa: E402
-from lorakit.quant import NF4Linear, nf4_from_bnb  # noqa: E402
+from lorakit.nf4_linear import NF4Linear, nf4_from_bnb  # noqa: E402
 
 OUT = os.environ.get("OUT") or "bench_out"
 DEV = torch.device("cuda")

@@ -17,7 +17,8 @@ from lorakit.ops.nf4 import (
     nf4_lora_linear,
     quantize_nf4,
 )
-from lorakit.quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
+from lorakit.nf4_linear import NF4Linear
+from lorakit.quant import QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 
 
 def _weight(shape, dtype, seed=0):

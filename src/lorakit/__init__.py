@@ -56,7 +56,8 @@ from .layers import (
 )
 from .mixed_batch import batch_adapters, hot_swap
 from .optim import lora_plus_param_groups
-from .quant import NF4Linear, QuantizationError, empty_weights, quantize_base, quantize_checkpoint
+from .nf4_linear import NF4Linear
+from .quant import QuantizationError, empty_weights, quantize_base, quantize_checkpoint
 from .shared_input import share_inputs, unshare_inputs
 from .version import __version__
 

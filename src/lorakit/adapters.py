@@ -12,7 +12,7 @@ from .errors import AdapterNameError
 from .fused_mlp import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
 from .layers import LoraLayer, ModulesToSave, TrainableTokens
-from .quant import NF4Linear
+from .nf4_linear import NF4Linear
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -48,3 +48,7 @@ class UnsupportedModuleError(LorakitError, TypeError):
 
 class SegmentError(LorakitError, ValueError):
     """The tensors handed to a segmented (mixed-adapter) LoRA op do not fit together."""
+
+
+class QuantizationError(LorakitError, ValueError):
+    """A model, checkpoint or option cannot be quantised or loaded as asked."""

@@ -18,7 +18,7 @@ from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, Unsu
 from .fingerprint import WeightSample, fingerprint, weight_checksum
 from .layers import ADAPTABLE, LoraLayer, LoraLinear, LoraParameter, ModulesToSave, TrainableTokens, is_hf_conv1d, supports, wrap
 from .patterns import fullmatch, is_plain
-from .quant import NF4Linear
+from .nf4_linear import NF4Linear
 
 STATE_ATTR = "_lorakit"
 

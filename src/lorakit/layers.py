@@ -27,7 +27,7 @@ from .delta import Layout, add_delta, delta_weight
 from .config import MUTATING_INITS, init_kind
 from .ops import dora_linear, dora_weight_norm, lora_linear
 from .ops.nf4 import nf4_lora_linear
-from .quant import NF4Linear
+from .nf4_linear import NF4Linear
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
