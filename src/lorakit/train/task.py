@@ -95,3 +95,22 @@ class Task(Protocol):
 # Optional members (not part of the Protocol check; the loop and CLI use getattr):
 #   skipped: int                 data lines skipped by --skip-bad-lines
 #   info() -> dict[str, Any]     extra JSON facts for metrics.json
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A collated batch (a tensor, or a dict of them, nested) with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def count_tokens(batch: Any) -> int:
+    """Real (unpadded) tokens in a batch: its attention_mask, or packed ``*_lengths`` (the embedding task)."""
+    if not isinstance(batch, dict):
+        return 0
+    if isinstance(batch.get("attention_mask"), torch.Tensor):
+        return int(batch["attention_mask"].sum())
+    lengths = sum(int(v.sum()) for k, v in batch.items() if k.endswith("lengths") and isinstance(v, torch.Tensor))
+    return lengths + sum(count_tokens(v) for v in batch.values() if isinstance(v, dict))

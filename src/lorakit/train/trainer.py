@@ -43,29 +43,11 @@ from .outputs import TrainResult, clean_stale_outputs, summary_lines, write_outp
 from .progress import Progress
 from .resume import check_same_run, later_checkpoints, load_trainable
 from .schedule import lr_factor, set_lr, warmup_steps
-from .task import Task
+from .task import Task, batch_to, count_tokens
 
 
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. the loss kept being NaN/inf)."""
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _count_tokens(batch: Any) -> int:
-    """Real (unpadded) tokens in a batch: its attention_mask, or packed ``*_lengths`` (the embedding task)."""
-    if not isinstance(batch, dict):
-        return 0
-    if isinstance(batch.get("attention_mask"), torch.Tensor):
-        return int(batch["attention_mask"].sum())
-    lengths = sum(int(v.sum()) for k, v in batch.items() if k.endswith("lengths") and isinstance(v, torch.Tensor))
-    return lengths + sum(_count_tokens(v) for v in batch.values() if isinstance(v, dict))
 
 
 class Trainer:
@@ -308,8 +290,8 @@ class Trainer:
                         # A new CUDA-graph generation per optimizer step, not per micro-batch: the gradients
                         # accumulated so far are graph outputs, which the next generation may overwrite.
                         torch.compiler.cudagraph_mark_step_begin()
-                    batch = _to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
-                    tokens += _count_tokens(batch)
+                    batch = batch_to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
+                    tokens += count_tokens(batch)
                     if self.compile_mode == "reduce-overhead":
                         batch = pad_for_graphs(batch, getattr(getattr(self.task, "tokenizer", None), "pad_token_id", None))
                     # each micro-batch counts by its share of the step's examples (a short last one counts less);
