@@ -155,12 +155,6 @@ class AdapterAnalysis:
     def num_parameters(self) -> int:
         return sum(m.num_parameters for m in self.modules)
 
-    def suggest_ranks(self, energy: float = 0.95) -> Any:
-        """Shorthand for :func:`lorakit.analysis.suggest_ranks` on this analysis."""
-        from .suggest import suggest_ranks
-
-        return suggest_ranks(self, energy=energy)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
