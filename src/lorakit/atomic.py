@@ -1,4 +1,4 @@
-"""Atomic directory writes: a directory at ``target`` is replaced whole or not at all.
+"""Atomic writes: a directory (or file) at ``target`` is replaced whole or not at all.
 
 :func:`write_dir` is the one writer of lorakit's output directories (adapters, training checkpoints):
 the files are written into a temporary directory beside ``target`` (same file system, so the swap is
@@ -18,9 +18,48 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .jsonfile import as_created
-
 _RENAME_EXCHANGE = 2
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask is a write)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def as_created(path: str | os.PathLike[str], directory: bool = False) -> None:
+    """Give ``path`` the permissions a plain ``open`` / ``mkdir`` would: 0666 / 0777 less the umask.
+
+    ``tempfile`` makes owner-only files and directories; a result moved into place from one must not
+    stay unreadable to the group / other users a normal write would let read it (a server user).
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it, fsynced and renamed into place:
+    a crash leaves the old file or the new one, never a truncated one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        as_created(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+    return path
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -100,4 +139,4 @@ def write_dir(
     return target
 
 
-__all__ = ["fsync", "fsync_tree", "replace_dir", "write_dir"]
+__all__ = ["as_created", "fsync", "fsync_tree", "replace_dir", "write_atomic", "write_dir"]

@@ -25,7 +25,8 @@ import os
 
 from torch import Tensor
 
-from .io import AdapterFile, read_adapter, split_lora_key
+from .io import AdapterFile, read_adapter
+from .peft_keys import PREFIX, split_lora_key
 
 VLLM_CHECKED = "vLLM 0.32"
 #: the values vLLM's --max-lora-rank accepts
@@ -80,9 +81,9 @@ def compatibility(adapter: AdapterFile | str | os.PathLike[str]) -> Compatibilit
 def peft_verdict(af: AdapterFile) -> Verdict:
     """Can HF PEFT (the installed version, when there is one) load ``af``."""
     problems = []
-    bad_keys = [k for k in af.tensors if not k.startswith("base_model.model.")]
+    bad_keys = [k for k in af.tensors if not k.startswith(PREFIX)]
     if bad_keys:
-        problems.append(f"key {bad_keys[0]!r} lacks PEFT's 'base_model.model.' prefix")
+        problems.append(f"key {bad_keys[0]!r} lacks PEFT's {PREFIX!r} prefix")
     try:
         import peft
     except ImportError:
