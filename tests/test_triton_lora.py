@@ -113,7 +113,7 @@ def _check(name: str) -> str:  # runs in the subprocess; returns "" or what went
         errs = [_rel(T.xa(x, A, 0.4, 99, block_m=bm, block_k=bk), ref) for bm, bk in ((16, 16), (32, 64), (16, 256))]
         return "" if max(errs) <= 1e-6 else f"errors {errs}"
     if name == "compiled_op":  # the custom ops with the Triton backend, eagerly: the same function as the kernels
-        from lorakit.ops import backends, lora_op
+        from lorakit.ops import backends, custom_ops as lora_op
 
         backends.backend_for = lambda x: T
         bad = []

@@ -18,7 +18,7 @@ Backward, with g = ∂L/∂h (N, d), c = 1/(1-p) and v = s·c · g B (N, r):
 
 The arithmetic lives in the backends (``torch_lora``, ``triton_lora``; ``backends.backend_for`` picks one
 from x).  Eagerly it runs through one autograd function, :class:`_LoraLinear`; under ``torch.compile``
-through the custom-op pair of ``lora_op`` — the same backend functions in both.
+through the custom-op pair of ``custom_ops`` — the same backend functions in both.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     if torch.compiler.is_compiling():  # the custom ops: Inductor sees inside them, no graph break
-        from .lora_op import lora_linear_op  # imported on first compile: registering its triton_ops loads Inductor (seconds)
+        from .custom_ops import lora_linear_op  # imported on first compile: registering its triton_ops loads Inductor (seconds)
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),

@@ -1,4 +1,4 @@
-"""The LoRA linear as torch.library custom ops (ops/lora_op.py): same function as the reference path,
+"""The LoRA linear as torch.library custom ops (ops/custom_ops.py): same function as the reference path,
 whole under torch.compile (fullgraph), valid fake/autograd registrations, and dropout that survives
 activation checkpointing (the mask is a seed, so the recomputed forward drops the same inputs)."""
 
@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from lorakit.ops import lora_linear
-from lorakit.ops.lora_op import lora_linear_op
+from lorakit.ops.custom_ops import lora_linear_op
 
 
 def _inputs(seed: int = 0, bias: bool = True):
@@ -178,7 +178,7 @@ def test_opcheck_backward_outputs_never_alias(need, p) -> None:
 def test_dense_dropout_route_compiles_and_is_the_lora_linear() -> None:
     """What compiled CUDA code runs with dropout: without dropout it is lora_linear; with dropout, compiled
     (fallback_random: torch's generator, as eager) it equals its eager self and the mask changes the result."""
-    from lorakit.ops.lora_op import dense_dropout_lora
+    from lorakit.ops.custom_ops import dense_dropout_lora
 
     x, W, b, A, B = _inputs(9)
     x2 = x.detach().reshape(10, 16)
