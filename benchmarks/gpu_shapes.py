@@ -1,6 +1,6 @@
 """Training throughput at the batch shapes people train with: every contender × shape × compile mode.
 
-    python benchmarks/gpu_shapes.py                       # the whole table (sized for ~8 min on one H200; not yet timed whole)
+    python benchmarks/gpu_shapes.py                       # the whole table (over 10 min on one H200: split it across calls)
     python benchmarks/gpu_shapes.py --quick               # a subset: 1×512 and 8×2048, eager and compile
     python benchmarks/gpu_shapes.py --contenders lorakit,peft --shapes 1x2048 --modes eager,reduce-overhead
     python benchmarks/gpu_shapes.py --tiny                # a 2-layer model on the CPU (the test's smoke run)
