@@ -11,6 +11,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.train import embedding as emb
+from lorakit.train.codesearch import build_code_search_task
 from lorakit.train.task import Task
 
 transformers = pytest.importorskip("transformers")
@@ -184,7 +185,7 @@ def test_jsonl_task(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_code_search_task_on_tiny_model(tiny_dir: Path) -> None:
-    task = emb.build_code_search_task(None, max_length=16, seed=0, model_dir=tiny_dir, eval_pairs=50)
+    task = build_code_search_task(None, max_length=16, seed=0, model_dir=tiny_dir, eval_pairs=50)
     assert task.name == "code-search" and len(task.eval_pairs) == 50 and len(task.train_examples) > 2000
     assert task.default_targets == emb.encoder_targets(task.model, 2 / 3)  # 2 layers: the top one
     assert max(len(e.positive) for e in task.train_examples) <= 16
@@ -221,7 +222,7 @@ def test_default_demo_path_runs_end_to_end(tmp_path: Path) -> None:
     from lorakit.train.config import TrainConfig
     from lorakit.train.trainer import Trainer
 
-    task = emb.build_code_search_task(None, D.max_length, D.seed, eval_pairs=24)
+    task = build_code_search_task(None, D.max_length, D.seed, eval_pairs=24)
     lora = lorakit.LoraConfig(r=D.r, alpha=D.alpha, dropout=D.dropout, target_modules=D.targets or task.default_targets)
     config = TrainConfig(lr=D.lr, max_steps=2, batch_size=8, warmup=1, schedule="linear", seed=D.seed)
     result = Trainer(task, lora, config, tmp_path, log=io.StringIO()).fit()

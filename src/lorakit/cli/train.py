@@ -191,7 +191,7 @@ def build_task(v: dict[str, Any], skip_bad_lines: bool) -> Any:
             raise ConfigError(
                 "--task code-search builds its pairs from --source DIR; for your own JSONL pairs use --task embedding"
             )
-        from ..train.embedding import build_code_search_task
+        from ..train.codesearch import build_code_search_task
 
         return build_code_search_task(v["source"], v["max_length"], v["seed"], model_dir=v["model"])
     if not v["data"]:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LorakitError
+from .embedding import EmbeddingPair, EmbeddingTask, default_model_dir, load_encoder
 from .task import TaskDefaults
 
 
@@ -337,3 +338,34 @@ def build_code_search_pairs(
             f"{name}: all pairs come from one module, so no module can be held out; use a project with several modules"
         )
     return CodeSearchSplit(train, evaluation, str(root))
+
+
+def build_code_search_task(
+    source: str | os.PathLike[str] | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    temperature: float | None = None,
+    eval_pairs: int | None = None,
+) -> EmbeddingTask:
+    """The built-in demo: code search over the standard library (or ``source``), split by module.
+
+    Defaults come from :data:`CODE_SEARCH_DEFAULTS`.  The split does
+    not depend on ``seed`` (the held-out modules are fixed by a hash of their names).
+    """
+    D = CODE_SEARCH_DEFAULTS
+    split = build_code_search_pairs(source, eval_pairs=D.eval_pairs if eval_pairs is None else eval_pairs)
+    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
+    return EmbeddingTask(
+        model,
+        tokenizer,
+        [EmbeddingPair(p.query, p.code) for p in split.train],
+        [EmbeddingPair(p.query, p.code) for p in split.eval],
+        max_length=D.max_length if max_length is None else max_length,
+        temperature=D.temperature if temperature is None else temperature,
+        name="code-search",
+        top_layers=D.top_layers,
+        data_id=split.fingerprint(),
+        source=split.source,
+    )

@@ -394,36 +394,3 @@ def build_embedding_task(
         data_id=file_fingerprint(data_file, eval_file),
         source=str(data_file),
     )
-
-
-def build_code_search_task(
-    source: str | os.PathLike[str] | None = None,
-    max_length: int | None = None,
-    seed: int = 0,
-    *,
-    model_dir: str | os.PathLike[str] | None = None,
-    temperature: float | None = None,
-    eval_pairs: int | None = None,
-) -> EmbeddingTask:
-    """The built-in demo: code search over the standard library (or ``source``), split by module.
-
-    Defaults come from :data:`lorakit.train.codesearch.CODE_SEARCH_DEFAULTS`.  The split does
-    not depend on ``seed`` (the held-out modules are fixed by a hash of their names).
-    """
-    from .codesearch import CODE_SEARCH_DEFAULTS as D
-    from .codesearch import build_code_search_pairs
-
-    split = build_code_search_pairs(source, eval_pairs=D.eval_pairs if eval_pairs is None else eval_pairs)
-    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
-    return EmbeddingTask(
-        model,
-        tokenizer,
-        [EmbeddingPair(p.query, p.code) for p in split.train],
-        [EmbeddingPair(p.query, p.code) for p in split.eval],
-        max_length=D.max_length if max_length is None else max_length,
-        temperature=D.temperature if temperature is None else temperature,
-        name="code-search",
-        top_layers=D.top_layers,
-        data_id=split.fingerprint(),
-        source=split.source,
-    )

@@ -1,12 +1,13 @@
-# 2026-11-29 (loop owner): added two OPTIONAL members, read with getattr, so existing tasks keep
-# working unchanged: ``skipped: int`` (bad data lines dropped by --skip-bad-lines; the CLI reports
-# it) and ``info() -> dict`` (extra facts merged into metrics.json, e.g. classification labels).
-# Also documented: loss/evaluate receive the model already on the training device.
 """What the training loop needs from a task (causal-lm, classification, embedding, code-search).
 
 The loop owns ordering, batching, accumulation, optimisation, checkpoints and logging; a task owns
 its data, its model-specific loss and its evaluation.  Keeping the split here lets the loop resume
 exactly: the data position is just (epoch, index into that epoch's seeded permutation).
+
+Two members are optional, read with ``getattr`` so a task may leave them out: ``skipped: int`` (bad
+data lines dropped by ``--skip-bad-lines``; the CLI reports it) and ``info() -> dict`` (extra facts
+merged into metrics.json, e.g. classification labels).  ``loss`` and ``evaluate`` receive the model
+already on the training device.
 """
 
 from __future__ import annotations
