@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of one session in one device call (≤ 10 minutes), most important first.
+# The GPU benchmarks of the open issues, as named steps, most important first.
 #
-#   bash benchmarks/gpu_session.sh            # on the device, from the repository root, OUT set
+#   bash benchmarks/gpu_session.sh                      # every step (more than one 10-minute call)
+#   bash benchmarks/gpu_session.sh s19_eager s19_graphs  # only these steps
 #
 # Each step has its own time limit, so one that runs long or fails cannot take the others' figures;
-# everything a step writes goes under $OUT/<step>/, and the end packs it into $OUT/results.tar (the
-# device returns at most 8 files). The correctness checks run inside the first step of each script
-# (gpu_shapes' lorakit-vs-PEFT check, gpu_qlora's kernel checks); later gpu_shapes steps reuse the
-# first step's check (--no-check) since they time the same code.
+# everything a step writes goes under $OUT/<step>/, and each step's end packs it all into
+# $OUT/results.tar (the device returns at most 8 files). The correctness checks run inside the first
+# step of each script (gpu_shapes' lorakit-vs-PEFT check, gpu_qlora's kernel checks); later gpu_shapes
+# steps time the same code with --no-check.
+#
+# Sizing, from the 2026-12-03 run on one H200 (every step of this file in one call with limits a third
+# of these: most steps were cut off): a gpu_shapes contender costs 10-20 s to start and build before
+# its first cell; eager cells take seconds; a regional compile costs 30-60 s per contender and mode,
+# and reduce-overhead records CUDA graphs per shape on top. Plan three calls: s19_eager + s19_compile +
+# s17_qlora; s19_graphs + s16_trainer; s21_liger + s18_dora.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -25,22 +32,33 @@ step() {  # step NAME SECONDS COMMAND...
 }
 pack() { tar -cf "$OUT/results.tar" -C "$OUT" --exclude=results.tar --exclude=log.txt . 2>/dev/null; }
 shapes() { step "$1" "$2" python3 benchmarks/gpu_shapes.py --warmup 2 --steps 5 "${@:3}"; }
-# 1. issue 19: frozen limit, PEFT, lorakit at every shape, eager (with the correctness check and eager decode)
-shapes s19_eager 110 --timeout 50 --contenders frozen,peft,lorakit --modes eager
-# 2. issue 19: CUDA graphs (reduce-overhead) at 1×1024 with compiled decode; torch.compile at 8×2048
-shapes s19_graphs 130 --timeout 60 --no-check --contenders frozen,peft,lorakit --modes reduce-overhead --shapes 1x1024
-shapes s19_compile 85 --timeout 60 --no-check --no-decode --contenders frozen,lorakit --modes compile --shapes 8x2048
-# 3. issue 21: the fused-kernel limit and lorakit with liger in each checkpointing mode, 8×2048 and 1×2048
-shapes s21_liger 80 --timeout 30 --no-check --no-decode --contenders frozen-liger,peft-liger,lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload --modes eager --shapes 1x2048,8x2048
-# 4. issue 18: DoRA against LoRA and PEFT's DoRA
-shapes s18_dora 45 --timeout 20 --no-check --no-decode --contenders lorakit-plain,dora,peft-dora --modes eager --shapes 1x2048,8x2048
-# 5. issue 17: NF4 kernel checks, QLoRA vs bf16 LoRA vs PEFT+bitsandbytes, the 70B-architecture step
-OUT_Q="$OUT/s17_qlora"; mkdir -p "$OUT_Q"
-echo "=== s17_qlora $(date -u +%H:%M:%S)"
-OUT="$OUT_Q" timeout 80 python3 benchmarks/gpu_qlora.py --parts check,a,c --shapes 1x2048,8x2048 --steps 5 2>&1 | tail -n 40
-pack
-# 6. issue 16: Trainer + lorakit vs Trainer + PEFT
-echo "=== s16_trainer $(date -u +%H:%M:%S)"
-mkdir -p "$OUT/s16_trainer"
-OUT="$OUT/s16_trainer" timeout 45 python3 benchmarks/gpu_trainer.py --budget 35 2>&1 | tail -n 20
-pack
+run_step() {
+    case $1 in
+    # issue 19: frozen limit, PEFT, lorakit at every shape, eager (with the correctness check and decode)
+    s19_eager) shapes s19_eager 170 --timeout 60 --contenders frozen,peft,lorakit --modes eager ;;
+    # issue 19: CUDA graphs (reduce-overhead) at the small shapes with compiled decode; torch.compile at 8×2048
+    s19_graphs) shapes s19_graphs 300 --timeout 100 --no-check --contenders frozen,peft,lorakit \
+        --modes reduce-overhead --shapes 1x512,1x1024 ;;
+    s19_compile) shapes s19_compile 200 --timeout 100 --no-check --no-decode --contenders frozen,peft,lorakit \
+        --modes compile --shapes 8x2048 ;;
+    # issue 21: the fused-kernel limit and lorakit with liger in each checkpointing mode
+    s21_liger) shapes s21_liger 230 --timeout 45 --no-check --no-decode --modes eager --shapes 1x2048,8x2048 \
+        --contenders frozen-liger,peft-liger,lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload ;;
+    # issue 18: DoRA against LoRA and PEFT's DoRA (the DoRA check runs: dora is in the run)
+    s18_dora) shapes s18_dora 130 --timeout 40 --no-decode --contenders lorakit-plain,dora,peft-dora \
+        --modes eager --shapes 1x2048,8x2048 ;;
+    # issue 17: NF4 kernel checks, QLoRA vs bf16 LoRA vs PEFT+bitsandbytes, the 70B-architecture step, decode
+    s17_qlora)
+        mkdir -p "$OUT/s17_qlora"; echo "=== s17_qlora $(date -u +%H:%M:%S)"
+        OUT="$OUT/s17_qlora" timeout 150 python3 benchmarks/gpu_qlora.py --parts check,a,c,b --steps 5 2>&1 | tail -n 40
+        pack ;;
+    # issue 16: Trainer + lorakit vs Trainer + PEFT at 1×2048 and 8×2048
+    s16_trainer)
+        mkdir -p "$OUT/s16_trainer"; echo "=== s16_trainer $(date -u +%H:%M:%S)"
+        OUT="$OUT/s16_trainer" timeout 200 python3 benchmarks/gpu_trainer.py --budget 180 2>&1 | tail -n 20
+        pack ;;
+    *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
+    esac
+}
+ALL="s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
+for s in ${@:-$ALL}; do run_step "$s"; done
