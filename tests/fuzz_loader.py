@@ -34,7 +34,8 @@ from safetensors import safe_open
 
 import lorakit
 from lorakit.cli.inspect import describe
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, split_lora_key
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.peft_keys import split_lora_key
 
 MAX_CPU_SECONDS = 1.0
 

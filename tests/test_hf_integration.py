@@ -13,7 +13,8 @@ import torch
 
 import lorakit
 from lorakit.integrations import hf
-from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.peft_keys import PREFIX
 from tiny_models import make_llama
 
 transformers = pytest.importorskip("transformers")

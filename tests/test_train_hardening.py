@@ -146,7 +146,8 @@ def test_cli_checks_lr_before_loading_anything(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_strict_dumps_writes_null_for_every_non_finite_float(tmp_path: Path) -> None:
-    from lorakit.jsonfile import dumps, write_atomic
+    from lorakit.atomic import write_atomic
+    from lorakit.jsonfile import dumps
 
     text = dumps({"a": [float("nan"), 1.5, (float("inf"), -float("inf"))], "b": {"c": float("nan")}, "d": 2})
     assert json.loads(text) == {"a": [None, 1.5, [None, None]], "b": {"c": None}, "d": 2}

@@ -1,4 +1,4 @@
-"""JSON files lorakit writes: strict JSON (no NaN / Infinity), written atomically, readable per umask.
+"""JSON files lorakit writes: strict JSON (no NaN / Infinity); callers write them with ``atomic.write_atomic``.
 
 Python's ``json`` writes ``NaN`` and ``Infinity`` for non-finite floats, which jq, JavaScript and most
 dashboards reject.  A skipped NaN step's loss is written as ``null`` instead, and
@@ -12,7 +12,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from .atomic import write_atomic  # noqa: F401  (the JSON writers' atomic file write, imported from here)
 
 
 def finite_or_null(obj: Any) -> Any:

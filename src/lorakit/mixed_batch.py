@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from .adapters import adapter_names, lora_layers
 from .errors import AdapterMismatchError, AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
 from .inject import lora_modules, state_of
-from .io import PREFIX, AdapterFile, layer_params, read_adapter
+from .io import AdapterFile, layer_params, read_adapter
+from .peft_keys import PREFIX
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .ops import backends
 from .ops.segment_plan import SegmentPlan, plan_segments

@@ -24,7 +24,8 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import LorakitError
-from ..io import read_adapter, split_lora_key
+from ..io import read_adapter
+from ..peft_keys import split_lora_key
 
 
 Kind = Literal["linear", "embedding", "conv"]

@@ -47,7 +47,8 @@ def adapter_dir(path: str | Path) -> Path:
 def describe(path: str | Path) -> list[str]:
     """The report's lines (the CLI prints them)."""
     from ..compat import compatibility, lora_modules, module_ranks
-    from ..io import read_adapter, split_lora_key
+    from ..io import read_adapter
+    from ..peft_keys import split_lora_key
 
     af = read_adapter(adapter_dir(path))
     cfg, raw = af.config, af.raw_config

@@ -65,7 +65,8 @@ from ..config import LoraConfig
 from ..errors import AdapterMismatchError, AdapterNameError, ConfigError, LorakitError
 from ..fused_mlp import fuse_mlps
 from ..inject import inject
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _layer_tensors, _modules_with, layer_params, read_adapter, save_adapter
+from ..peft_keys import PREFIX
+from ..io import CONFIG_NAME, WEIGHTS_NAME, _layer_tensors, _modules_with, layer_params, read_adapter, save_adapter
 from ..layers import LoraLayer
 from ..mixed_batch import _check_fingerprint
 from ..peft_keys import MAGNITUDE, factor_keys

@@ -18,7 +18,8 @@ from torch import nn
 
 import lorakit
 
-from ..jsonfile import dumps, write_atomic
+from ..atomic import write_atomic
+from ..jsonfile import dumps
 from .checkpoint import fault
 from .progress import format_duration
 from .task import Task
