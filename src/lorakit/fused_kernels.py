@@ -142,7 +142,8 @@ def _apply(model: nn.Module, apply_fn: Any, model_type: str, wanted: dict[str, b
     try:
         try:
             apply_fn(model=model, **kwargs)
-        except NotImplementedError as err:  # e.g. granite: "LigerFusedLinearCrossEntropy is not available"
+        except NotImplementedError as err:  # liger lacks the fused loss for some architectures (e.g. granite):
+            # undo what it did, keep the other kernels and say so in the report
             if not kwargs.get("fused_linear_cross_entropy"):
                 raise
             _restore(modules, classes)
