@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.errors import UnsupportedFeatureError, UnsupportedModuleError
+from lorakit.errors import PlainLoraVariantWarning, UnsupportedFeatureError, UnsupportedModuleError
 
 peft = pytest.importorskip("peft")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -262,11 +262,12 @@ MULTI_CASES = [
 # field: its cases must then load with equal outputs.
 LACKING = [
     ("use_dora", "use_dora" in LORA_FIELDS, "DoRA", UnsupportedFeatureError),
-    ("velora_config", False, "VeLoRA", UnsupportedFeatureError),
     ("kasa_config", False, "KaSA", UnsupportedFeatureError),
-    ("monteclora_config", False, "MonteCLoRA", UnsupportedFeatureError),
     ("use_bdlora", "use_bdlora" in LORA_FIELDS, "BD-LoRA", UnsupportedFeatureError),
 ]
+# Variants that change only training (VeLoRA, MonteCLoRA): they load as plain LoRA, with PEFT's (eval) outputs,
+# and loading warns, naming them.
+TRAINING_ONLY = {"velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA"}
 MHA_SUPPORTED = True
 
 
@@ -347,8 +348,13 @@ def _replay(name: str, model_id: str, tmp_path, *kwargs: dict) -> None:
         return
 
     # PEFT → lorakit: each adapter alone, then all together
-    for n in names:
-        lorakit.load_adapter(ours, tmp_path / "peft" / n, n)
+    for n, kw in zip(names, kwargs):
+        variant = next((words for key, words in TRAINING_ONLY.items() if kw.get(key)), None)
+        if variant is None:
+            lorakit.load_adapter(ours, tmp_path / "peft" / n, n)
+            continue
+        with pytest.warns(PlainLoraVariantWarning, match=f"{variant}.*trains it further as plain LoRA"):
+            lorakit.load_adapter(ours, tmp_path / "peft" / n, n)
     for n in names:
         theirs.set_adapter(n)
         lorakit.set_adapter(ours, n)

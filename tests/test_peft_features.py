@@ -90,8 +90,7 @@ def test_wrappers_follow_the_models_training_mode():
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
-        ("use_dora", True, "DoRA"), ("velora_config", {"num_groups": 2}, "VeLoRA"), ("kasa_config", {"beta": 1}, "KaSA"),
-        ("monteclora_config", {"num_samples": 2}, "MonteCLoRA"), ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
+        ("use_dora", True, "DoRA"), ("kasa_config", {"beta": 1}, "KaSA"), ("use_bdlora", {"nblocks": 2}, "BD-LoRA"),
         ("alora_invocation_tokens", [5, 6], "Activated LoRA"), ("use_qalora", True, "QA-LoRA"),
         ("layer_replication", [[0, 2]], "layer replication"), ("arrow_config", {"top_k": 2}, "Arrow"),
         ("init_lora_weights", "corda", "CorDA"), ("init_lora_weights", "loftq", "LoftQ"),

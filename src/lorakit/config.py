@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError, UnsupportedFeatureError
+from .errors import ConfigError, PlainLoraVariantWarning, UnsupportedFeatureError
 from .patterns import check_pattern, short, suffix_matches
 
 ALL_LINEAR = "all-linear"
@@ -48,9 +49,7 @@ _PEFT_KEYS = {
 # A file that sets one is refused by name rather than loaded into something that computes differently.
 _UNSUPPORTED_PEFT_OPTIONS: dict[str, tuple[tuple, str]] = {
     "use_dora": ((False, None), "DoRA (use_dora)"),
-    "velora_config": ((None, {}), "VeLoRA (velora_config)"),
     "kasa_config": ((None, {}), "KaSA (kasa_config)"),
-    "monteclora_config": ((None, {}), "MonteCLoRA (monteclora_config)"),
     "use_bdlora": ((None, {}, False), "BD-LoRA (use_bdlora)"),
     "arrow_config": ((None, {}), "Arrow routing (arrow_config)"),
     "alora_invocation_tokens": ((None, []), "Activated LoRA (alora_invocation_tokens)"),
@@ -60,6 +59,51 @@ _UNSUPPORTED_PEFT_OPTIONS: dict[str, tuple[tuple, str]] = {
     "layers_to_transform": ((None, []), "layers_to_transform"),
     "layers_pattern": ((None, [], ""), "layers_pattern"),
 }
+# PEFT LoRA variants that change only how an adapter trains, never what it computes once trained: in PEFT 0.21
+# (tuners/lora/variants.py) both compute h = W x + s · B (A x) from the saved lora_A / lora_B whenever the layer is in
+# eval mode, and both merge s · B A exactly as plain LoRA does.
+#  - VeLoRA (VeloraLinearVariant, velora.py): in training mode with grad enabled, A runs through VeloraFunction,
+#    whose forward is F.linear(x, A) as well; only its backward differs: it keeps a projection of each group of x's
+#    features onto lora_velora_embed instead of x, so A's gradient is approximate (saves activation memory).
+#  - MonteCLoRA (MontecloraLinearVariant, monteclora.py): in training mode A is replaced by a weighted mixture of
+#    sampled perturbations A + ε drawn by lora_monteclora_sampler (plus a KL loss); out of training mode it uses A.
+# A file of either therefore loads as plain LoRA with PEFT's outputs; lorakit trains it on as plain LoRA (no
+# compression, no sampling), hence the warning.  Their extra saved tensors: peft_keys.training_variant_shapes.
+#: adapter_config.json key -> (name, the sub-config field that sizes its saved state, PEFT's default for it)
+TRAINING_ONLY_VARIANTS: dict[str, tuple[str, str, int]] = {
+    "velora_config": ("VeLoRA", "num_groups", 64),
+    "monteclora_config": ("MonteCLoRA", "num_samples", 8),
+}
+
+
+def training_only_variant(data: Mapping[str, Any], source: str = "adapter_config.json") -> tuple[str, int] | None:
+    """(adapter_config key, the size its saved state depends on) of the training-only variant (VeLoRA: num_groups,
+    MonteCLoRA: num_samples) an adapter_config.json uses, or None.
+
+    Raises:
+        ConfigError: the sub-config is not a JSON object or its size is not an integer ≥ 1.
+        UnsupportedFeatureError: it is combined with another LoRA variant (PEFT builds no such combination).
+    """
+    used = [key for key in TRAINING_ONLY_VARIANTS if data.get(key) is not None]
+    if not used:
+        return None
+    key = used[0]
+    name, field, default = TRAINING_ONLY_VARIANTS[key]
+    others = [TRAINING_ONLY_VARIANTS[k][0] for k in used[1:]]
+    others += [what for flag, what in (("use_dora", "DoRA"), ("use_bdlora", "BD-LoRA")) if data.get(flag)]
+    others += ["MiCA"] if data.get("init_lora_weights") == "mica" else []
+    if others:
+        raise UnsupportedFeatureError(f"{source}: this adapter combines {name} ({key}) with {others[0]}, which PEFT does "
+                                      "not build either; lorakit does not support the combination")
+    sub = data[key]
+    if not isinstance(sub, Mapping):
+        raise ConfigError(f"{source}: {key} must be a JSON object of PEFT's {name} options, got {short(sub)}")
+    size = sub.get(field, default)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"{source}: {key}.{field} must be an integer ≥ 1, got {short(size)}")
+    return key, size
+
+
 # init_lora_weights values whose adapters are plain LoRA once trained (only the starting point differs), and those
 # that change the base weights (the file's B·A is relative to a modified W, unless PEFT converted it on saving).
 _PLAIN_PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
@@ -280,6 +324,13 @@ class LoraConfig:
         feature = unsupported(data, {f.name for f in dataclasses.fields(cls)})
         if feature is not None:
             raise UnsupportedFeatureError(f"{source}: this adapter uses {feature}, which lorakit does not support")
+        variant = training_only_variant(data, source)
+        if variant is not None:
+            name = TRAINING_ONLY_VARIANTS[variant[0]][0]
+            warnings.warn(PlainLoraVariantWarning(
+                f"{source}: this adapter uses {name} ({variant[0]}), which changes only how PEFT trains it; lorakit "
+                f"computes the same outputs (and merges) but trains it further as plain LoRA, without {name}"
+            ), stacklevel=2)
         kwargs: dict[str, Any] = {ours: data[theirs] for theirs, ours in _PEFT_KEYS.items() if data.get(theirs) is not None}
         init = data.get("init_lora_weights", True)
         if init is True or init is False:

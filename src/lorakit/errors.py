@@ -52,3 +52,12 @@ class SegmentError(LorakitError, ValueError):
 
 class QuantizationError(LorakitError, ValueError):
     """A model, checkpoint or option cannot be quantised or loaded as asked."""
+
+
+class LorakitWarning(UserWarning):
+    """Base class of the warnings lorakit emits."""
+
+
+class PlainLoraVariantWarning(LorakitWarning):
+    """An adapter uses a PEFT LoRA variant that changes only training (VeLoRA, MonteCLoRA): lorakit computes
+    its outputs exactly but trains it as plain LoRA."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .adapters import active_adapters, adapter_names, delete_adapter
 from .atomic import write_dir
-from .config import MUTATING_INITS, LoraConfig, init_kind
+from .config import MUTATING_INITS, LoraConfig, init_kind, training_only_variant
 from .errors import (
     AdapterFileError,
     AdapterMismatchError,
@@ -37,9 +37,19 @@ from .errors import (
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import candidates as candidates_of
 from .inject import resolve_parameters, resolve_tokens, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraLayer, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
+from .layers import LoraLayer, LoraLinear, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
 from .jsonfile import dumps as strict_dumps
-from .peft_keys import MAGNITUDE, PREFIX, TOKENS, factor_keys, factor_shapes, layer_keys, magnitude_shape, split_lora_key
+from .peft_keys import (
+    MAGNITUDE,
+    PREFIX,
+    TOKENS,
+    factor_keys,
+    factor_shapes,
+    layer_keys,
+    magnitude_shape,
+    split_lora_key,
+    training_variant_shapes,
+)
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -393,15 +403,19 @@ def load_adapter(
     # PEFT saves a targeted embedding's full base weight too (save_embedding_layers, for resized
     # vocabularies) as <module>.base_layer.<param>; like PEFT, those values replace the base's.
     base_params = _saved_base_params(model, targets, found)
+    # VeLoRA's / MonteCLoRA's training state, where PEFT saves it: shape-checked, never loaded (not needed to
+    # compute the adapter's outputs; see config.TRAINING_ONLY_VARIANTS)
+    skipped = {key: shape for key, shape in _training_variant_shapes(model, adapter.raw_config, config, targets).items()
+               if key in found}
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - set(base_params))
+    unexpected = sorted(set(found) - set(expected) - set(base_params) - set(skipped))
     if missing:
         raise AdapterMismatchError(f"{where}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing in all) for this model")
     if unexpected:
         raise AdapterMismatchError(
             f"{where}: unexpected key {PREFIX + unexpected[0]!r} ({len(unexpected)} in all): no such adapted module in this model"
         )
-    for key, shape in expected.items() | {k: p.shape for k, p in base_params.items()}.items():
+    for key, shape in expected.items() | {k: p.shape for k, p in base_params.items()}.items() | skipped.items():
         if tuple(found[key].shape) != tuple(shape):
             raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(found[key].shape)}, this model needs {tuple(shape)}")
     saved_fp = adapter.fingerprint
@@ -463,6 +477,25 @@ def _converted(value: Tensor, param: Tensor, where: Path, key: str) -> Tensor:
             f"in a wider dtype (e.g. torch_dtype=torch.float32)"
         )
     return out
+
+
+def _training_variant_shapes(model: nn.Module, raw_config: dict, config: LoraConfig, targets: list[str]) -> dict[str, tuple]:
+    """Relative key → shape of the tensors a training-only variant (VeLoRA, MonteCLoRA) saves on each targeted linear
+    layer; empty for any other adapter."""
+    from .inject import candidates
+    from .layers import wrap
+
+    variant = training_only_variant(raw_config)
+    if variant is None:
+        return {}
+    bases = {name: base for name, _, base in candidates(model)}
+    shapes: dict[str, tuple] = {}
+    for name in targets:
+        probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k and the layer kind
+        if isinstance(probe, LoraLinear):
+            for key, shape in training_variant_shapes(*variant, probe, config.rank_for(name)).items():
+                shapes[f"{name}.{key}"] = shape
+    return shapes
 
 
 def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Tensor]) -> dict[str, Tensor]:

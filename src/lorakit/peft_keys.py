@@ -12,6 +12,8 @@ An adapter file keys each tensor by its module's path in the model, under PEFT's
     base_model.model.<module path>.base_layer.out_proj.lora_A.weight / lora_B.weight  MultiheadAttention's out_proj
     base_model.model.<module path>.token_adapter.trainable_tokens_delta  (n, dim)  trainable tokens
     base_model.model.<module path>.<param>              modules_to_save
+    base_model.model.<module path>.lora_velora_embed    (⌈k / num_groups⌉,)  VeLoRA's projection (training only)
+    base_model.model.<module path>.lora_monteclora_sampler.<name>  MonteCLoRA's sampler state (training only)
 """
 
 from __future__ import annotations
@@ -65,6 +67,23 @@ def magnitude_shape(module: LoraLayer) -> tuple[int, ...]:
     return (module.out_features,)
 
 
+def training_variant_shapes(variant: str, size: int, module: LoraLayer, r: int) -> dict[str, tuple[int, ...]]:
+    """The tensors PEFT saves beside A and B for a training-only variant (see ``config.TRAINING_ONLY_VARIANTS``),
+    key relative to the module's path → shape, on a linear layer (the only kind PEFT gives these variants) of rank r.
+
+    ``variant`` "velora_config" (``size`` = num_groups): the projection VeLoRA compresses A's saved input with,
+    one vector of ⌈k / num_groups⌉ entries that every group of input features is projected onto.  "monteclora_config" (``size`` = num_samples): the
+    MontecloraSampler's parameters and buffers, over the r rows of A and the num_samples samples.
+    """
+    if variant == "velora_config":
+        return {"lora_velora_embed": (-(-module.in_features // size),)}
+    if variant == "monteclora_config":
+        sampler = "lora_monteclora_sampler."
+        return {sampler + "std_prior": (r,), sampler + "gaussian_var_prior": (r, r),
+                sampler + "expert_weights_prior": (size,), sampler + "expert_weights": (size,)}
+    raise ValueError(f"no training-only LoRA variant {variant!r}")
+
+
 def layer_keys(module: LoraLayer, *, dora: bool, bias: bool) -> dict[str, str]:
     """Key relative to the module's path → the part of the layer's adapter it holds: "A", "B", "magnitude"
     (DoRA), "bias" (lora_bias), "out_A", "out_B" (MultiheadAttention's out_proj)."""
@@ -80,4 +99,4 @@ def layer_keys(module: LoraLayer, *, dora: bool, bias: bool) -> dict[str, str]:
 
 
 __all__ = ["BIAS", "MAGNITUDE", "MHA_OUT", "PREFIX", "TOKENS", "factor_keys", "factor_shapes", "layer_keys",
-           "magnitude_shape", "split_lora_key"]
+           "magnitude_shape", "split_lora_key", "training_variant_shapes"]
