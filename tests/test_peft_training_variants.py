@@ -186,3 +186,21 @@ def test_a_peft_config_object_with_the_variant_warns_too():
     with pytest.warns(PlainLoraVariantWarning, match="MonteCLoRA"):
         config = lorakit.LoraConfig.from_peft_dict(_peft_config("MonteCLoRA").to_dict())
     assert config.rank_for("lin1") == 2 and not hasattr(config, "monteclora_config")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hot_swap_takes_the_variant_as_plain_lora(variant, tmp_path):
+    """A served slot swaps in a VeLoRA / MonteCLoRA file as the plain LoRA it computes; a misplaced key still fails."""
+    base, theirs = _peft_file(variant, tmp_path / "peft")
+    served = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules=["lin0", "lin1"]), "slot")
+    with pytest.warns(PlainLoraVariantWarning, match=variant):
+        lorakit.hot_swap(served, "slot", tmp_path / "peft")
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        assert torch.allclose(served(x), theirs(x), atol=1e-5)
+    key = next(iter(EXTRA[variant]))
+    _rewrite(tmp_path / "peft", rename={"base_model.model." + key: "base_model.model.head." + key.split(".", 1)[1]})
+    with pytest.raises(AdapterMismatchError, match="head.lora_"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PlainLoraVariantWarning)
+            lorakit.hot_swap(served, "slot", tmp_path / "peft")

@@ -403,19 +403,16 @@ def load_adapter(
     # PEFT saves a targeted embedding's full base weight too (save_embedding_layers, for resized
     # vocabularies) as <module>.base_layer.<param>; like PEFT, those values replace the base's.
     base_params = _saved_base_params(model, targets, found)
-    # VeLoRA's / MonteCLoRA's training state, where PEFT saves it: shape-checked, never loaded (not needed to
-    # compute the adapter's outputs; see config.TRAINING_ONLY_VARIANTS)
-    skipped = {key: shape for key, shape in _training_variant_shapes(model, adapter.raw_config, config, targets).items()
-               if key in found}
+    skipped = training_variant_state(model, adapter, found, targets)
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - set(base_params) - set(skipped))
+    unexpected = sorted(set(found) - set(expected) - set(base_params) - skipped)
     if missing:
         raise AdapterMismatchError(f"{where}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing in all) for this model")
     if unexpected:
         raise AdapterMismatchError(
             f"{where}: unexpected key {PREFIX + unexpected[0]!r} ({len(unexpected)} in all): no such adapted module in this model"
         )
-    for key, shape in expected.items() | {k: p.shape for k, p in base_params.items()}.items() | skipped.items():
+    for key, shape in expected.items() | {k: p.shape for k, p in base_params.items()}.items():
         if tuple(found[key].shape) != tuple(shape):
             raise AdapterMismatchError(f"{where}: {PREFIX + key} has shape {tuple(found[key].shape)}, this model needs {tuple(shape)}")
     saved_fp = adapter.fingerprint
@@ -479,23 +476,35 @@ def _converted(value: Tensor, param: Tensor, where: Path, key: str) -> Tensor:
     return out
 
 
-def _training_variant_shapes(model: nn.Module, raw_config: dict, config: LoraConfig, targets: list[str]) -> dict[str, tuple]:
-    """Relative key → shape of the tensors a training-only variant (VeLoRA, MonteCLoRA) saves on each targeted linear
-    layer; empty for any other adapter."""
+def training_variant_state(model: nn.Module, adapter: AdapterFile, found: dict[str, Tensor], targets: list[str]) -> set[str]:
+    """The keys of ``found`` (relative to PEFT's prefix) that hold a training-only variant's state (VeLoRA's projection,
+    MonteCLoRA's sampler) on one of the linear layers ``targets``, where PEFT saves it: not needed to compute the
+    adapter's outputs (see ``config.TRAINING_ONLY_VARIANTS``), so callers skip them.  Empty for any other adapter;
+    a key not in PEFT's place stays the caller's unexpected key.
+
+    Raises:
+        AdapterMismatchError: such a tensor has another shape than PEFT gives it on this model.
+    """
     from .inject import candidates
     from .layers import wrap
 
-    variant = training_only_variant(raw_config)
+    variant = training_only_variant(adapter.raw_config)
     if variant is None:
-        return {}
+        return set()
     bases = {name: base for name, _, base in candidates(model)}
-    shapes: dict[str, tuple] = {}
+    skipped = set()
     for name in targets:
         probe = wrap(bases[name], name)  # a throw-away wrapper: just to read k and the layer kind
-        if isinstance(probe, LoraLinear):
-            for key, shape in training_variant_shapes(*variant, probe, config.rank_for(name)).items():
-                shapes[f"{name}.{key}"] = shape
-    return shapes
+        if not isinstance(probe, LoraLinear):
+            continue
+        for key, shape in training_variant_shapes(*variant, probe, adapter.config.rank_for(name)).items():
+            key = f"{name}.{key}"
+            if key in found and tuple(found[key].shape) != shape:
+                raise AdapterMismatchError(f"{adapter.path / WEIGHTS_NAME}: {PREFIX + key} has shape "
+                                           f"{tuple(found[key].shape)}, this model needs {shape}")
+            if key in found:
+                skipped.add(key)
+    return skipped
 
 
 def _saved_base_params(model: nn.Module, targets: list[str], found: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from .adapters import adapter_names, lora_layers
 from .errors import AdapterMismatchError, AdapterNameError, ConfigError, MergeError, UnsupportedModuleError
 from .inject import lora_modules, state_of
-from .io import AdapterFile, layer_params, read_adapter
+from .io import AdapterFile, layer_params, read_adapter, training_variant_state
 from .peft_keys import PREFIX
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .ops import backends
@@ -266,6 +266,10 @@ def hot_swap(
         if not key.startswith(PREFIX):
             raise AdapterMismatchError(f"{where}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
         found[key[len(PREFIX):]] = tensor
+    # a VeLoRA / MonteCLoRA file swaps in as the plain LoRA it computes: its training state is left out
+    slot_layers = [qualified for qualified, module in lora_layers(model) if adapter_name in module.lora_A]
+    for key in training_variant_state(model, adapter, found, slot_layers):
+        del found[key]
     if strict:
         _check_fingerprint(model, adapter_name, adapter)
     plan: list[tuple[Tensor, Tensor]] = []  # (parameter, new value) — all checked before any write
