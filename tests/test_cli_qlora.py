@@ -1,4 +1,5 @@
-"""``lorakit train --quantize nf4`` (QLoRA) end to end on CPU: tiny models, every task, inspect, merge, PEFT."""
+"""``lorakit train --quantize nf4`` (QLoRA) end to end on CPU: tiny models, every task, inspect, merge, PEFT.
+The base is streamed from its safetensors shards (tests/test_quant_streaming.py checks how)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tiny_models import make_bert, make_llama
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qlora")
-    make_llama(root / "llama")
+    make_llama(root / "llama", max_shard_size="40KB")  # 3 shards
     make_bert(root / "bert")
     lm = [{"prompt": f"add {i} and 1:", "completion": f" {i + 1}"} for i in range(16)]
     (root / "lm.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lm))
@@ -38,6 +39,7 @@ def test_causal_lm_qlora_learns_and_its_adapter_serves_the_full_precision_base(
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "base quantised to nf4: 14 linear layer(s)" in captured.err  # 2 layers × 7 projections; lm_head stays
+    assert "streamed from 3 safetensors file(s), one tensor at a time" in captured.err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["train"]["quantize"] == "nf4"
     assert metrics["after"]["loss"] < 0.95 * metrics["before"]["loss"], (metrics["before"], metrics["after"])
@@ -74,7 +76,7 @@ def test_other_tasks_train_on_an_nf4_base(task: str, files: dict[str, Path], tmp
                "--max-steps", "2", "--batch-size", "4", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "base quantised to nf4" in captured.err
+    assert "base quantised to nf4" in captured.err and "streamed from 1 safetensors file(s)" in captured.err
     adapter = lorakit.read_adapter(out / "adapter")
     assert adapter.metadata["lorakit_base_quantization"] == "nf4"
     if task == "classification":  # the trained head is saved in full precision, as a modules_to_save copy

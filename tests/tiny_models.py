@@ -39,8 +39,9 @@ def char_tokenizer(kind: str):
     return fast
 
 
-def make_llama(path: Path, *, chat_template: bool = False) -> Path:
-    """A 2-layer Llama causal LM (hidden 32) + tokenizer saved at ``path``."""
+def make_llama(path: Path, *, chat_template: bool = False, max_shard_size: str | None = None) -> Path:
+    """A 2-layer Llama causal LM (hidden 32) + tokenizer saved at ``path`` (in safetensors shards of at
+    most ``max_shard_size``, e.g. "40KB" gives 3, when given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = char_tokenizer("llama")
@@ -50,7 +51,7 @@ def make_llama(path: Path, *, chat_template: bool = False) -> Path:
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    LlamaForCausalLM(cfg).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(path)
     return path
 

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -116,22 +117,29 @@ def empty_weights() -> Iterator[None]:
 
 
 def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *, device: torch.device | str = "cpu",
-                        include_head: bool = False, dtype: torch.dtype | None = None,
-                        key_map: Callable[[str], str] | None = None) -> nn.Module:
+                        include_head: bool = False, dtype: torch.dtype | Literal["model"] | None = None,
+                        key_map: Callable[[str], str | None] | None = None, keep: Iterable[str] = ()) -> nn.Module:
     """Fill a model whose parameters are on the meta device (built inside :func:`empty_weights`) from
     safetensors ``files``, quantising its linears to NF4 as they are read.
 
     Each tensor is read alone (safetensors memory-maps the shard), moved to ``device``, cast to ``dtype``
-    (default: as stored) and, for a linear's weight, quantised there and dropped — so the full-precision
-    model is never whole in memory, on the host or the device.  Every parameter and buffer of the model
-    must be found in the files (``key_map`` maps a checkpoint key to the model's name); buffers the
-    checkpoint lacks (e.g. rotary tables) are left to the caller.  Returns the model.
+    (default: as stored; "model": the dtype of the meta parameter it fills) and, for a linear's weight,
+    quantised there and dropped — so the full-precision model is never whole in memory, on the host or
+    the device.  Every parameter still on the meta device must be found in the files (``key_map`` maps a
+    checkpoint key to the model's name, or to None to skip it); parameters the caller materialised
+    (e.g. a freshly initialised head) are filled only where the files have them, and persistent buffers
+    the files have are copied in.  ``keep``: qualified module names whose linears stay full precision
+    (e.g. the heads a task trains as modules_to_save).  Returns the model.
     """
     from safetensors import safe_open
 
-    linears = dict(_linears(model, include_head))
+    kept = tuple(keep)
+    linears = {n: m for n, m in _linears(model, include_head)
+               if not any(n == k or n.startswith(k + ".") for k in kept)}
     targets = {name + ".weight": name for name in linears}
     params = dict(model.named_parameters())
+    meta_dtypes = {n: p.dtype for n, p in params.items()}
+    persistent = {n for n, _ in model.named_buffers()} & set(model.state_dict(keep_vars=True))
     seen: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -141,7 +149,12 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
                 if key in quant_parts:
                     continue
                 name = key_map(key) if key_map else key
-                if name not in targets and name not in params:
+                if name is not None and name in persistent:
+                    owner_name, _, bname = name.rpartition(".")
+                    owner = model.get_submodule(owner_name) if owner_name else model
+                    owner._buffers[bname] = f.get_tensor(key).to(device, getattr(owner, bname).dtype)
+                    continue
+                if name is None or (name not in targets and name not in params):
                     continue
                 if name in targets and key + "." + BNB_QUANT_STATE_KEY in quant_parts:  # saved pre-quantised (load_in_4bit)
                     lin_name = targets[name]
@@ -163,8 +176,9 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
                     seen.add(name)
                     continue
                 t = f.get_tensor(key).to(device)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                cast = meta_dtypes[name] if dtype == "model" else dtype
+                if cast is not None and t.is_floating_point():
+                    t = t.to(cast)
                 if name in targets:
                     lin_name = targets[name]
                     old = linears[lin_name]
@@ -192,7 +206,8 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
                                                     f"needs {tuple(p.shape)}")
                         setattr(owner, pname, nn.Parameter(t, requires_grad=p.requires_grad))
                 seen.add(name)
-    missing = sorted((set(targets) | set(params)) - seen - _tied(model, seen))
+    unfilled = {n for n in set(targets) | set(params) if params[n].is_meta}
+    missing = sorted(unfilled - seen - tied_parameters(model))
     if missing:
         raise QuantizationError(f"quantize_checkpoint: {missing[0]} ({len(missing)} in all) is in none of the "
                                 "checkpoint files")
@@ -201,7 +216,7 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
     return model
 
 
-def _tied(model: nn.Module, seen: set[str]) -> set[str]:
+def tied_parameters(model: nn.Module) -> set[str]:
     """Parameter names the model ties to another (transformers' tie_word_embeddings): they need no key."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     names = set(tied) if isinstance(tied, (dict, list, tuple, set)) else set()
@@ -237,4 +252,4 @@ def quantization_of(model: nn.Module) -> str | None:
 
 
 __all__ = ["NF4Linear", "empty_weights", "QuantizationError", "is_quantized", "nf4_from_bnb", "quantization_of", "quantize_base",
-           "quantize_checkpoint", "safetensors_files"]
+           "quantize_checkpoint", "safetensors_files", "tied_parameters"]

@@ -184,7 +184,8 @@ def resolve(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str,
     return values
 
 
-def build_task(v: dict[str, Any], skip_bad_lines: bool) -> Any:
+def build_task(v: dict[str, Any], skip_bad_lines: bool, quantize: Any = None) -> Any:
+    """The task; ``quantize`` (integrations.local_models.QuantizedLoad): its model comes quantised, streamed."""
     task = v["task"]
     if task == "code-search":
         if v["data"]:
@@ -193,14 +194,14 @@ def build_task(v: dict[str, Any], skip_bad_lines: bool) -> Any:
             )
         from ..train.codesearch import build_code_search_task
 
-        return build_code_search_task(v["source"], v["max_length"], v["seed"], model_dir=v["model"])
+        return build_code_search_task(v["source"], v["max_length"], v["seed"], model_dir=v["model"], quantize=quantize)
     if not v["data"]:
         raise ConfigError(f"--task {task} needs --data FILE.jsonl (see lorakit train --help for the line format)")
     if task == "embedding":
         from ..train.embedding import build_embedding_task
 
         return build_embedding_task(v["model"], v["data"], eval_file=v["eval_data"], max_length=v["max_length"],
-                                    seed=v["seed"], skip_bad_lines=skip_bad_lines)
+                                    seed=v["seed"], skip_bad_lines=skip_bad_lines, quantize=quantize)
     if not v["model"]:
         raise ConfigError(f"--task {task} needs --model DIR, a local transformers checkpoint directory")
     if task == "causal-lm":
@@ -208,7 +209,7 @@ def build_task(v: dict[str, Any], skip_bad_lines: bool) -> Any:
     else:
         from ..train.classification import ClassificationTask as cls
     return cls(v["model"], v["data"], eval_data=v["eval_data"], max_length=v["max_length"],
-               skip_bad_lines=skip_bad_lines, seed=v["seed"])
+               skip_bad_lines=skip_bad_lines, seed=v["seed"], quantize=quantize)
 
 
 def _abs(path: str) -> str:
@@ -250,7 +251,16 @@ def run(args: argparse.Namespace) -> int:
         lora_plus_ratio=v["lora_plus_ratio"],
         compile=v["compile"],
     )
-    task = build_task(v, args.skip_bad_lines)
+    from ..train import distributed
+
+    dist = bool(args.strategy or distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1)
+    quantize = None
+    if config.quantize:  # the model is streamed onto the device it trains on, quantised as it is read
+        from ..integrations.local_models import QuantizedLoad
+        from ..train.trainer import default_device
+
+        quantize = QuantizedLoad(config.quantize, distributed.local_device() if dist else default_device(), config.bf16)
+    task = build_task(v, args.skip_bad_lines, quantize)
     if getattr(task, "skipped", 0):
         print(f"--skip-bad-lines: skipped {task.skipped} bad line(s) of the data", file=sys.stderr)
     targets = v.get("targets") or task.default_targets
@@ -259,9 +269,7 @@ def run(args: argparse.Namespace) -> int:
                       base_model_name_or_path=v["model"], use_dora=bool(v["dora"]))
     extra = {"model": v["model"], "data_file": v["data"], "eval_data_file": v["eval_data"], "source": v["source"],
              "max_length": v["max_length"]}
-    from ..train import distributed
-
-    if args.strategy or distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
+    if dist:
         trainer = distributed.DistributedTrainer(task, lora, config, out, extra=extra, strategy=args.strategy or "ddp",
                                                  timeout=args.dist_timeout)
     else:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data import BadLine, file_fingerprint, load_train_eval, require
-from ..integrations.local_models import load_model, load_tokenizer
+from ..integrations.local_models import QuantizedLoad, load_model, load_quantized, load_tokenizer
 from .task import TaskDefaults
 
 IGNORE = -100
@@ -49,14 +49,21 @@ class CausalLMTask:
         seed: int = 0,
         eval_fraction: float = 0.1,
         eval_batch_size: int = 16,
+        quantize: QuantizedLoad | None = None,
     ) -> None:
+        """``quantize``: build the model with its linears already quantised on the training device,
+        streamed from the checkpoint (:func:`~lorakit.integrations.local_models.load_quantized`)."""
         self.tokenizer = load_tokenizer(model)
         self.max_length, self.eval_batch_size = max_length, eval_batch_size
         self.data_paths = (data, eval_data)
         split = load_train_eval(data, eval_data, self._example, example_hint=EXAMPLE, skip_bad_lines=skip_bad_lines,
                                 seed=seed, eval_fraction=eval_fraction)
         self.skipped, self.train_examples, self.eval_examples = split.skipped, split.train, split.eval
-        self.model = load_model(model, "AutoModelForCausalLM", seed=seed)  # after the data: bad data fails fast
+        # after the data: bad data fails fast
+        if quantize is None:
+            self.model = load_model(model, "AutoModelForCausalLM", seed=seed)
+        else:
+            self.model, self.load_note = load_quantized(model, "AutoModelForCausalLM", quantize, seed=seed)
 
     # -- data ----------------------------------------------------------------------------------
     def _ids(self, text: str, special: bool) -> list[int]:

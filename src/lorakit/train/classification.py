@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
-from ..integrations.local_models import ModelError, load_model, load_tokenizer
+from ..integrations.local_models import ModelError, QuantizedLoad, load_model, load_quantized, load_tokenizer
 from .task import TaskDefaults
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
@@ -48,7 +48,10 @@ class ClassificationTask:
         seed: int = 0,
         eval_fraction: float = 0.1,
         eval_batch_size: int = 32,
+        quantize: QuantizedLoad | None = None,
     ) -> None:
+        """``quantize``: build the model with its linears (the head excepted) already quantised on the
+        training device, streamed from the checkpoint (:func:`~lorakit.integrations.local_models.load_quantized`)."""
         self.max_length, self.eval_batch_size = max_length, eval_batch_size
         self.data_paths = (data, eval_data)
         split = load_train_eval(data, eval_data, _example, example_hint=EXAMPLE, skip_bad_lines=skip_bad_lines,
@@ -60,11 +63,13 @@ class ClassificationTask:
         self.eval_examples = [(text, index[label]) for text, label in split.eval]
         self.tokenizer = load_tokenizer(model)
         id2label = {i: str(label) for i, label in enumerate(self.labels)}
-        self.model = load_model(
-            model, "AutoModelForSequenceClassification", seed=seed, num_labels=len(self.labels),
-            id2label=id2label, label2id={v: k for k, v in id2label.items()}, problem_type="single_label_classification",
-            ignore_mismatched_sizes=True,
-        )
+        options = dict(num_labels=len(self.labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                       problem_type="single_label_classification", ignore_mismatched_sizes=True)
+        if quantize is None:
+            self.model = load_model(model, "AutoModelForSequenceClassification", seed=seed, **options)
+        else:  # the head is trained whole (modules_to_save): it stays full precision
+            self.model, self.load_note = load_quantized(model, "AutoModelForSequenceClassification", quantize,
+                                                        seed=seed, keep=_HEADS, **options)
         if self.model.config.pad_token_id is None:  # decoder models find the last token through it
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         head = next((h for h in _HEADS if isinstance(getattr(self.model, h, None), nn.Module)), None)

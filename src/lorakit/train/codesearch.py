@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import LorakitError
-from .embedding import EmbeddingPair, EmbeddingTask, default_model_dir, load_encoder
+from ..integrations.local_models import QuantizedLoad
+from .embedding import EmbeddingPair, EmbeddingTask, default_model_dir, task_encoder
 from .task import TaskDefaults
 
 
@@ -348,16 +349,18 @@ def build_code_search_task(
     model_dir: str | os.PathLike[str] | None = None,
     temperature: float | None = None,
     eval_pairs: int | None = None,
+    quantize: QuantizedLoad | None = None,
 ) -> EmbeddingTask:
     """The built-in demo: code search over the standard library (or ``source``), split by module.
 
     Defaults come from :data:`CODE_SEARCH_DEFAULTS`.  The split does
-    not depend on ``seed`` (the held-out modules are fixed by a hash of their names).
+    not depend on ``seed`` (the held-out modules are fixed by a hash of their names).  ``quantize``:
+    see :func:`~lorakit.train.embedding.task_encoder`.
     """
     D = CODE_SEARCH_DEFAULTS
     split = build_code_search_pairs(source, eval_pairs=D.eval_pairs if eval_pairs is None else eval_pairs)
-    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
-    return EmbeddingTask(
+    model, tokenizer, note = task_encoder(model_dir if model_dir is not None else default_model_dir(), quantize)
+    task = EmbeddingTask(
         model,
         tokenizer,
         [EmbeddingPair(p.query, p.code) for p in split.train],
@@ -369,3 +372,6 @@ def build_code_search_task(
         data_id=split.fingerprint(),
         source=split.source,
     )
+    if note is not None:
+        task.load_note = note
+    return task

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from ..integrations.local_models import QuantizedLoad
 from .task import TaskDefaults
 
 #: The fields of an embedding JSONL line.
@@ -326,6 +327,15 @@ def default_model_dir() -> Path:
 
 def load_encoder(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     """(AutoModel, AutoTokenizer) from a local directory; nothing is downloaded."""
+    model, tokenizer, _ = task_encoder(model_dir, None)
+    return model, tokenizer
+
+
+def task_encoder(model_dir: str | os.PathLike[str], quantize: QuantizedLoad | None
+                 ) -> tuple[nn.Module, Any, str | None]:
+    """:func:`load_encoder`, and with ``quantize`` the model's linears already quantised on the training
+    device, streamed from the checkpoint (:func:`~lorakit.integrations.local_models.load_quantized`);
+    the third item is that function's note (None without ``quantize``)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise EmbeddingTaskError(
@@ -336,8 +346,13 @@ def load_encoder(model_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if quantize is not None:
+        from ..integrations.local_models import load_quantized
+
+        model, note = load_quantized(path, "AutoModel", quantize, dtype=None)
+        return model, tokenizer, note
     model = AutoModel.from_pretrained(path, local_files_only=True)
-    return model, tokenizer
+    return model, tokenizer, None
 
 
 def _jsonl_pair(obj: dict[str, Any]) -> EmbeddingPair:
@@ -368,11 +383,12 @@ def build_embedding_task(
     temperature: float = 0.05,
     seed: int = 0,
     skip_bad_lines: bool = False,
+    quantize: QuantizedLoad | None = None,
 ) -> EmbeddingTask:
     """An :class:`EmbeddingTask` on a user's JSONL pairs.
 
     Without ``eval_file``, ``eval_fraction`` of the pairs (a seeded split) is held out.
-    ``model_dir=None`` uses the bundled all-MiniLM-L6-v2.
+    ``model_dir=None`` uses the bundled all-MiniLM-L6-v2.  ``quantize``: see :func:`task_encoder`.
     """
     from .data import file_fingerprint, split_holdout
 
@@ -382,8 +398,8 @@ def build_embedding_task(
     else:
         train_idx, held_idx = split_holdout(len(pairs), eval_fraction, seed)
         train, held = [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
-    model, tokenizer = load_encoder(model_dir if model_dir is not None else default_model_dir())
-    return EmbeddingTask(
+    model, tokenizer, note = task_encoder(model_dir if model_dir is not None else default_model_dir(), quantize)
+    task = EmbeddingTask(
         model,
         tokenizer,
         train,
@@ -394,3 +410,6 @@ def build_embedding_task(
         data_id=file_fingerprint(data_file, eval_file),
         source=str(data_file),
     )
+    if note is not None:
+        task.load_note = note
+    return task

@@ -4,9 +4,10 @@ The loop owns ordering, batching, accumulation, optimisation, checkpoints and lo
 its data, its model-specific loss and its evaluation.  Keeping the split here lets the loop resume
 exactly: the data position is just (epoch, index into that epoch's seeded permutation).
 
-Two members are optional, read with ``getattr`` so a task may leave them out: ``skipped: int`` (bad
-data lines dropped by ``--skip-bad-lines``; the CLI reports it) and ``info() -> dict`` (extra facts
-merged into metrics.json, e.g. classification labels).  ``loss`` and ``evaluate`` receive the model
+Three members are optional, read with ``getattr`` so a task may leave them out: ``skipped: int`` (bad
+data lines dropped by ``--skip-bad-lines``; the CLI reports it), ``info() -> dict`` (extra facts
+merged into metrics.json, e.g. classification labels) and ``load_note: str`` (how a model built for
+``--quantize`` was loaded: streamed, or whole and why; the trainer prints it).  ``loss`` and ``evaluate`` receive the model
 already on the training device.
 """
 
@@ -96,6 +97,7 @@ class Task(Protocol):
 # Optional members (not part of the Protocol check; the loop and CLI use getattr):
 #   skipped: int                 data lines skipped by --skip-bad-lines
 #   info() -> dict[str, Any]     extra JSON facts for metrics.json
+#   load_note: str               how the model was loaded for --quantize (integrations.local_models.load_quantized)
 
 
 def batch_to(batch: Any, device: torch.device) -> Any:

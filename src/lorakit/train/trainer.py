@@ -46,6 +46,11 @@ from .schedule import lr_factor, set_lr, warmup_steps
 from .task import Task, batch_to, count_tokens
 
 
+def default_device() -> torch.device:
+    """Where a single-process run trains: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (e.g. the loss kept being NaN/inf)."""
 
@@ -76,7 +81,7 @@ class Trainer:
         self.task, self.config, self.out = task, config, Path(out)
         self.extra = dict(extra or {})
         self.log = log or sys.stderr
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else default_device()
         if config.bf16 and self.device.type != "cuda":
             raise lorakit.ConfigError("--bf16 needs a CUDA GPU; on CPU train in float32 (drop --bf16)")
         if not task.train_examples:
@@ -93,9 +98,13 @@ class Trainer:
         #: what was done to the model besides LoRA (kernels, fusion, checkpointing), printed when fit starts
         self.setup_notes: list[str] = []
         if config.quantize:  # after inject: the trained copies of modules_to_save stay full precision
+            # A task built for --quantize brings its linears quantised already (streamed from the checkpoint,
+            # its load_note says how); this converts what is left, the same layers a whole model gets.
             lorakit.quantize_base(model, config.quantize, device=self.device)
             count = sum(isinstance(m, lorakit.NF4Linear) for m in model.modules())
-            self.setup_notes.append(f"base quantised to {config.quantize}: {count} linear layer(s), 4.13 bits a weight")
+            how = getattr(task, "load_note", None) or "the task's model was loaded whole, then quantised"
+            self.setup_notes.append(
+                f"base quantised to {config.quantize}: {count} linear layer(s), 4.13 bits a weight; {how}")
         if config.kernels == "liger":  # before fuse_mlps, whose fused MLP then replaces liger's SwiGLU
             self.setup_notes.append(str(lorakit.fused_kernels.apply(model, device=self.device)))
         trainable_to_float32(model)
