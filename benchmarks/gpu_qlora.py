@@ -7,8 +7,11 @@ Writes gpu_qlora.json and gpu_qlora.txt under $OUT (or ./bench_out).  Parts:
   check  the Triton NF4 kernels on the GPU: dequantisation bit-exact against bitsandbytes' CUDA
          dequantize_4bit on bitsandbytes' own quantised state (and against lorakit's torch reference), Ŵ + s·BA,
          the fused GEMV and the training route's forward and gradients against float64; then kernel timings
-         (dequantisation bandwidth, GEMV vs a bf16 cuBLAS GEMV, one 4096² LoRA layer's step on NF4 vs bf16).
-         A failed check stops the run: a wrong kernel is never timed.
+         (dequantisation bandwidth; decode GEMV at N = 1, 4, 16: the fused NF4 gemv, with and without LoRA,
+         against triton_nf4.dequantize + F.linear and against a bf16 cuBLAS F.linear; one 4096² LoRA layer's
+         step on NF4 vs bf16).  A failed check stops the run: a wrong kernel is never timed.
+  sweep  triton_nf4.gemv's tile keywords (block_d, block_k, num_warps, programs) at N=1 on the four GEMV
+         shapes; prints the fastest per shape (run after check: it compares with the defaults' output).
   a      the 1.14B Llama of gpu_lora.py, r=16 on all 7 projections, AdamW, eager: lorakit NF4, lorakit bf16,
          PEFT + bitsandbytes NF4 (double quant, bf16 compute) at the --shapes (default 1x512,1x2048,2x1024,8x2048):
          tokens/s and peak memory.
@@ -122,13 +125,17 @@ def check() -> bool:
     B = torch.randn(d, r, generator=gen, device=DEV) * 0.01
     e = rel(triton_nf4.merged(t, B, A, 2.0, torch.bfloat16), Wd + 2.0 * B.double() @ A.double())
     record("merged Ŵ + s·BA bf16", e < 1e-2, f"rel {e:.1e}")
-    for N in (1, 4, 16):
-        x = torch.randn(N, k, generator=gen, device=DEV).to(torch.bfloat16)
+    for N, dtype, kw in ((1, torch.bfloat16, {}), (4, torch.bfloat16, {}), (16, torch.bfloat16, {}),
+                         (16, torch.bfloat16, {"dot_tokens": 17}), (3, torch.float16, {"dot_tokens": 1}),
+                         (1, torch.float32, {}), (16, torch.float32, {})):
+        x = torch.randn(N, k, generator=gen, device=DEV).to(dtype)
         b = torch.randn(d, generator=gen, device=DEV)
-        got = triton_nf4.gemv(x, t, b, A, B, 2.0)
-        ref = x.double() @ Wd.t() + 2.0 * (x.double() @ A.to(torch.bfloat16).double().t()) @ B.double().t() + b.double()
+        got = triton_nf4.gemv(x, t, b, A, B, 2.0, **kw)
+        ref = (x.double() @ dequantize_nf4_reference(t, dtype).double().t()
+               + 2.0 * (x.double() @ A.to(dtype).double().t()) @ B.double().t() + b.double())
         e = rel(got, ref)
-        record(f"gemv N={N} bf16", e < 1e-2, f"rel {e:.1e}")
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        record(f"gemv N={N} {str(dtype)[6:]} {kw}", e < tol and got.dtype == dtype, f"rel {e:.1e}")
     for p, N in ((0.0, 2048), (0.05, 2048), (0.0, 4096), (0.05, 4096)):  # torch_lora / triton_lora pieces
         x = torch.randn(N, k, generator=gen, device=DEV).to(torch.bfloat16).requires_grad_()
         A_ = A.clone().requires_grad_()
@@ -154,14 +161,22 @@ def kernel_timings() -> None:
     gbs = n * (4.127 / 8 + 2) / ms / 1e6
     K["dequant_28672x8192_ms"], K["dequant_GBps"] = ms, gbs
     say(f"  dequantise 28672x8192 -> bf16: {ms:.3f} ms, {gbs:.0f} GB/s (0.52 B read + 2 B written a weight)")
-    for d, k in ((2048, 2048), (8192, 2048), (2048, 8192), (8192, 8192)):
+    say("  decode GEMV, bf16 x (N, k) times the (d, k) weight, µs: NF4 fused gemv (with LoRA r=16) | "
+        "triton_nf4.dequantize + F.linear | bf16 cuBLAS F.linear")
+    for d, k in GEMV_SHAPES:
         t = quantize_nf4(torch.randn(d, k, device=DEV) * 0.02)
         W = dequantize_nf4_reference(t, torch.bfloat16)
-        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
-        a = med(lambda: triton_nf4.gemv(x, t))
-        b = med(lambda: torch.nn.functional.linear(x, W))
-        K[f"gemv_{d}x{k}"] = {"nf4_ms": a, "bf16_cublas_ms": b}
-        say(f"  decode GEMV {d}x{k}: NF4 fused {a * 1e3:.1f} µs, bf16 cuBLAS {b * 1e3:.1f} µs")
+        A = torch.randn(16, k, device=DEV, dtype=torch.bfloat16) / k**0.5
+        B = torch.randn(d, 16, device=DEV, dtype=torch.bfloat16) * 0.01
+        for N in (1, 4, 16):
+            x = torch.randn(N, k, device=DEV, dtype=torch.bfloat16)
+            row = {"nf4_fused_ms": med(lambda: triton_nf4.gemv(x, t)),
+                   "nf4_fused_lora_ms": med(lambda: triton_nf4.gemv(x, t, None, A, B, 2.0)),
+                   "nf4_dequant_linear_ms": med(lambda: torch.nn.functional.linear(x, triton_nf4.dequantize(t))),
+                   "bf16_cublas_ms": med(lambda: torch.nn.functional.linear(x, W))}
+            K[f"gemv_{d}x{k}_N{N}"] = row
+            say(f"  {d}x{k} N={N:2d}: fused {row['nf4_fused_ms'] * 1e3:7.1f} ({row['nf4_fused_lora_ms'] * 1e3:7.1f}) | "
+                f"dequant+linear {row['nf4_dequant_linear_ms'] * 1e3:7.1f} | cuBLAS {row['bf16_cublas_ms'] * 1e3:7.1f}")
     d = k = 4096
     N, r = 8192, 16
     W = (torch.randn(d, k, device=DEV) * 0.02).to(torch.bfloat16)
@@ -174,6 +189,40 @@ def kernel_timings() -> None:
     b = med(lambda: lora_linear(x, W, None, A, B, 2.0).backward(g))
     K["layer_4096_N8192_step"] = {"nf4_ms": a, "bf16_ms": b}
     say(f"  one LoRA layer 4096², N=8192, fwd+bwd: NF4 {a:.3f} ms, bf16 {b:.3f} ms ({a / b:.2f}x)")
+
+
+GEMV_SHAPES = ((2048, 2048), (8192, 2048), (2048, 8192), (8192, 8192))
+
+
+def gemv_sweep() -> None:
+    """triton_nf4.gemv's tile keywords at N=1, bf16, every shape of GEMV_SHAPES: µs, checked against the
+    defaults' output first."""
+    say("\ngemv sweep, N=1 bf16 (µs; programs = per SM × SMs): " + ", ".join(f"{d}x{k}" for d, k in GEMV_SHAPES))
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    cases = []
+    for d, k in GEMV_SHAPES:
+        t = quantize_nf4(torch.randn(d, k, device=DEV) * 0.02)
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        cases.append((t, x, triton_nf4.gemv(x, t).double()))
+    best: dict = {}
+    for block_d in (16, 32, 64):
+        for block_k in (256, 512, 1024):
+            for num_warps in (4, 8):
+                if block_d * block_k // 2 > 64 * 32 * num_warps:  # > 64 bytes a thread: spills, not a contender
+                    continue
+                for per_sm in (2, 4, 8, 16):
+                    kw = dict(block_d=block_d, block_k=block_k, num_warps=num_warps, programs=per_sm * sms)
+                    times = []
+                    for (d, k), (t, x, ref) in zip(GEMV_SHAPES, cases):
+                        e = rel(triton_nf4.gemv(x, t, **kw), ref)
+                        times.append(med(lambda: triton_nf4.gemv(x, t, **kw), rep=20) if e < 1e-2 else float("nan"))
+                        if times[-1] < best.get((d, k), (float("inf"),))[0]:
+                            best[(d, k)] = (times[-1], kw)
+                    name = f"bd{block_d}_bk{block_k}_w{num_warps}_p{per_sm}"
+                    results["kernels"].setdefault("gemv_sweep", {})[name] = times
+                    say(f"  {name:22s} " + " ".join(f"{v * 1e3:7.1f}" for v in times))
+    for (d, k), (ms, kw) in best.items():
+        say(f"  best {d}x{k}: {ms * 1e3:.1f} µs with {kw}")
 
 
 # --------------------------------------------------------------------------------------- models (a, b)
@@ -410,6 +459,8 @@ def main() -> int:
                     return 1
                 dump()
                 kernel_timings()
+            elif part == "sweep":
+                gemv_sweep()
             elif part == "a":
                 part_a([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], args.steps)
             elif part == "b":
@@ -417,7 +468,7 @@ def main() -> int:
             elif part == "c":
                 part_c(args.layers_70b)
             else:
-                raise SystemExit(f"--parts: unknown part {part!r} (check, a, b, c)")
+                raise SystemExit(f"--parts: unknown part {part!r} (check, sweep, a, b, c)")
             dump()
     finally:
         dump()
