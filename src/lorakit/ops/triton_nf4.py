@@ -95,8 +95,8 @@ if triton is not None:
         #   upart[s, tok, r]   = Σ_{cols in slice} x[tok, cols] A[r, cols]  for r = i, i + #programs(0), ..
         # k is a multiple of 64, so a row holds KBLK = k/64 whole blocks and KB = k/2 bytes: a tile is
         # (BD, NB, 32) contiguous bytes a row, one m̂ per (row, block), both nibbles of each byte used.  The
-        # next tile's bytes and scales are loaded before this one is multiplied, so a program keeps a tile
-        # in flight while it computes.
+        # bytes and scales of the next two tiles are loaded before this one is multiplied: a program keeps
+        # two tiles in flight (a quarter of a register a byte) while it unpacks one (about four a byte).
         pid_d, pid_s = tl.program_id(0), tl.program_id(1)
         tok0 = tl.program_id(2) * BN
         tok_end = tl.minimum(tok0 + BN, N)
@@ -110,13 +110,15 @@ if triton is not None:
         limit = tl.minimum(KBLK, first + ITERS * NB)  # this slice's blocks end here
         blk = first + tl.arange(0, NB)
         byte, a, nested = _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, rows64, row_ok, blk, blk < limit, KB, KBLK)
+        byte1, a1, nested1 = _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, rows64, row_ok, blk + NB,
+                                       blk + NB < limit, KB, KBLK)
         offset = tl.load(offset_ptr)
         acc = tl.zeros((BN, BD), dtype=tl.float32)
         for _ in range(0, ITERS):
             blk_ok = blk < limit
-            nxt = blk + NB
-            byte_n, a_n, nested_n = _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, rows64, row_ok, nxt, nxt < limit,
-                                              KB, KBLK)
+            ahead = blk + 2 * NB
+            byte2, a2, nested2 = _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, rows64, row_ok, ahead, ahead < limit,
+                                           KB, KBLK)
             m = (tl.load(dyn_ptr + a) * nested + offset)[:, :, None]  # m̂ once per block
             # ŵ at even columns (high nibble) and odd columns (low nibble), rounded to x's dtype
             w_hi = (tl.load(code_ptr + (byte >> 4)) * m).to(xdt)
@@ -139,7 +141,9 @@ if triton is not None:
                     x_o = tl.load(xrow + 1, mask=blk_ok[:, None], other=0.0).to(tl.float32)
                     s = tl.sum(tl.sum(wf_hi * x_e[None, :, :] + wf_lo * x_o[None, :, :], axis=2), axis=1)
                     acc = tl.where((toks == n)[:, None], acc + s[None, :], acc)
-            blk, byte, a, nested = nxt, byte_n, a_n, nested_n
+            blk = blk + NB
+            byte, a, nested = byte1, a1, nested1
+            byte1, a1, nested1 = byte2, a2, nested2
         dst = part_ptr + (pid_s * N + toks[:, None]).to(tl.int64) * D + rows[None, :]
         tl.store(dst, acc, mask=(toks < N)[:, None] & row_ok[None, :])
         if HAS_LORA:  # x Aᵀ over this slice, A's rows dealt out among the programs along d
@@ -241,8 +245,9 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
     multiplied elementwise one token at a time; more go through ``tl.dot`` in tiles of 16 tokens.  The
     second launch sums the partials, adds s·u Bᵀ and the bias and casts (block_f outputs a program).
 
-    split_k defaults to the fewest slices that give ``programs`` programs (default: 8 per SM).  k must be
-    a multiple of 64 (every real layer); other widths take :func:`dequantize` and a GEMM.
+    split_k defaults to ⌈programs / ⌈d / block_d⌉⌉ (``programs``: 8 per SM unless given), at most one
+    slice a tile.  k must be a multiple of 64 (every real layer); other widths take :func:`dequantize` and
+    a GEMM.
     block_d, block_k: powers of two, block_d ≥ 16 and block_k ≥ 64 (block_k ≥ 128 where tl.dot is used).
     """
     x = x if x.stride(-1) == 1 else x.contiguous()
