@@ -18,7 +18,7 @@
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1  # a crashing worker prints its Python stack
 if ls .whl/*.whl >/dev/null 2>&1; then   # liger-kernel and bitsandbytes, carried as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
     mkdir -p "$OUT/$name"
-    OUT="$OUT/$name" timeout "$limit" "$@" --out "$OUT/$name" 2>&1 | tail -n 60
+    OUT="$OUT/$name" timeout "$limit" "$@" --out "$OUT/$name" 2>&1 | tee "$OUT/$name/log.txt" | tail -n 60
     echo "=== $name exit ${PIPESTATUS[0]}"
     pack
 }
@@ -35,12 +35,23 @@ shapes() { step "$1" "$2" python3 benchmarks/gpu_shapes.py --warmup 2 --steps 5 
 run_step() {
     case $1 in
     # issue 19: frozen limit, PEFT, lorakit at every shape, eager (with the correctness check and decode)
+    # issue 19, one build per contender: eager and CUDA graphs at every shape, decode in both (with the check)
+    s19_main) shapes s19_main 570 --timeout 190 --contenders frozen,peft,lorakit --modes eager,reduce-overhead ;;
+    # PEFT alone (its worker crashed in the s19_main run: exit -11 before its first cell), and compiled decode
+    s19_peft) shapes s19_peft 220 --timeout 210 --no-check --contenders peft --modes eager,reduce-overhead ;;
+    s19_decode) shapes s19_decode 150 --timeout 70 --no-check --contenders frozen,lorakit --modes reduce-overhead \
+        --shapes none ;;
+    # issue 19: the command users run, --compile off vs reduce-overhead (decides the default on CUDA)
+    s19_cli)
+        mkdir -p "$OUT/s19_cli"; echo "=== s19_cli $(date -u +%H:%M:%S)"
+        OUT="$OUT/s19_cli" timeout 200 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
+        pack ;;
     s19_eager) shapes s19_eager 170 --timeout 60 --contenders frozen,peft,lorakit --modes eager ;;
     # issue 19: CUDA graphs (reduce-overhead) at the small shapes with compiled decode; torch.compile at 8×2048
     s19_graphs) shapes s19_graphs 300 --timeout 100 --no-check --contenders frozen,peft,lorakit \
         --modes reduce-overhead --shapes 1x512,1x1024 ;;
-    s19_compile) shapes s19_compile 200 --timeout 100 --no-check --no-decode --contenders frozen,peft,lorakit \
-        --modes compile --shapes 8x2048 ;;
+    s19_compile) shapes s19_compile 280 --timeout 100 --no-check --no-decode --contenders frozen,peft,lorakit \
+        --modes compile ;;
     # issue 21: the fused-kernel limit and lorakit with liger in each checkpointing mode
     s21_liger) shapes s21_liger 230 --timeout 45 --no-check --no-decode --modes eager --shapes 1x2048,8x2048 \
         --contenders frozen-liger,peft-liger,lorakit-liger,lorakit-liger-ckpt,lorakit-liger-offload ;;
@@ -60,5 +71,5 @@ run_step() {
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }
-ALL="s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
+ALL="s19_main s19_peft s19_decode s19_cli s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
 for s in ${@:-$ALL}; do run_step "$s"; done

@@ -410,6 +410,22 @@ def train_cell(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tenso
             "step_ms_all": [round(1e3 * s, 3) for s in step_s]}
 
 
+def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tensor, mode: str,
+                 device: torch.device, top: int = 12) -> dict[str, Any]:
+    """Where one (warm) training step's GPU time goes: kernel count, summed kernel time, the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        train_cell(built, opt, ids, mode, device, 0, 1)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    total = sum(e.self_device_time_total for e in kernels)
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return {"kernels": sum(e.count for e in kernels), "kernel_ms": total / 1e3,
+            "top": [{"name": e.key[:90], "count": e.count, "ms": round(e.self_device_time_total / 1e3, 3)}
+                    for e in kernels[:top]]}
+
+
 def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: str, device: torch.device) -> dict[str, Any]:
     """Greedy generation of exactly ``new`` tokens; compiled modes use a static KV cache (one decode shape)."""
     kwargs: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -439,6 +455,8 @@ def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: st
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
+    if text.strip().lower() == "none":  # decode only
+        return []
     shapes = []
     for part in text.split(","):
         b, _, t = part.strip().lower().partition("x")
@@ -477,6 +495,11 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
             try:
                 set_mode(layers, mode, dynamic=not args.static)
                 cell = train_cell(built, opt, ids, mode, device, args.warmup, args.steps)
+                if args.profile:
+                    try:
+                        cell["profile"] = profile_step(built, opt, ids, mode, device)
+                    except Exception as e:  # a profiler problem must not cost the timed cell
+                        cell["profile"] = {"error": f"{type(e).__name__}: {e}"}
                 cell["GFLOP"] = step_flops(shape, b, t, built.lora_r) / 1e9
                 cell["GB"] = step_bytes(shape, b, t, built.lora_r) / 1e9
                 res["train"][key] = cell
@@ -495,7 +518,9 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
         key = f"{mode}/1x{args.prompt}+{args.new_tokens}"
         built.model.eval()
         try:
-            set_mode(layers, mode, dynamic=not args.static)
+            # Decode compiles with static shapes: it has two (prompt, one token), and transformers' static KV
+            # cache under dynamic=True fails in Inductor (torch 2.11: "indices must be int64 ... float64").
+            set_mode(layers, mode, dynamic=False)
             cell = decode_cell(built.model, prompt, args.new_tokens, mode, device)
             res["decode"][key] = cell
             print(f"  {name:10s} decode {key:22s} {cell['tokens_per_s']:8.1f} tok/s (warm-up {cell['warmup_s']:.1f} s)",
@@ -642,6 +667,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"1b: {LLAMA_1B} (default); 8b: {LLAMA_8B} (issue 21's memory table)")
     p.add_argument("--static", action="store_true", help="compile per shape (dynamic=False) instead of once")
     p.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
+    p.add_argument("--profile", action="store_true", help="after each cell, profile one step's GPU kernels")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check (never for figures you keep)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)

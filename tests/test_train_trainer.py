@@ -186,3 +186,27 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path: Path) -> N
     train_toy(str(tmp_path / "run"), 8, resume=True, save_every=0, batch_size=2, grad_accum=2)
     train_toy(str(tmp_path / "straight"), 8, save_every=0, batch_size=2, grad_accum=2)
     assert_identical(adapter(tmp_path / "run"), adapter(tmp_path / "straight"))
+
+
+class CountedToyTask(ToyTask):
+    """ToyTask whose batches say how many tokens they hold (an attention mask of ones, 3 per example)."""
+
+    def collate(self, examples: list[int]) -> dict[str, torch.Tensor]:
+        return {**super().collate(examples), "attention_mask": torch.ones(len(examples), 3)}
+
+
+def test_steady_throughput_leaves_out_the_warm_up_steps(tmp_path: Path) -> None:
+    """tokens/s after the first STEADY_AFTER steps (compilation happens there) — none for a run that short."""
+    from lorakit.train.outputs import STEADY_AFTER
+
+    def fit(out: Path, steps: int):
+        task = CountedToyTask(n=10)
+        lora = lorakit.LoraConfig(r=2, alpha=4, target_modules=task.default_targets)
+        return Trainer(task, lora, TrainConfig(batch_size=4, max_steps=steps), out, log=io.StringIO(), device="cpu").fit()
+
+    short = fit(tmp_path / "short", STEADY_AFTER)
+    assert short.steady_tokens_per_s is None and short.peak_gib is None  # CPU: no GPU peak
+    longer = fit(tmp_path / "long", STEADY_AFTER + 3)
+    assert longer.tokens_per_s > 0 and longer.steady_tokens_per_s is not None and longer.steady_tokens_per_s > 0
+    metrics = json.loads((tmp_path / "long" / "metrics.json").read_text())
+    assert metrics["steady_tokens_per_s"] == round(longer.steady_tokens_per_s, 1) and metrics["peak_gpu_GiB"] is None

@@ -25,6 +25,10 @@ from .progress import format_duration
 from .task import Task
 
 
+#: steps left out of the steady throughput: the first ones compile, record CUDA graphs and warm allocators
+STEADY_AFTER = 3
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns; ``before`` / ``after`` are the task's metrics at step 0 and the end."""
@@ -40,6 +44,11 @@ class TrainResult:
     seconds: float = 0.0
     examples_per_s: float = 0.0
     tokens_per_s: float = 0.0
+    #: tokens/s after the first ``STEADY_AFTER`` steps (compilation, CUDA-graph recording and allocator
+    #: warm-up happen there); None when the run was too short to tell
+    steady_tokens_per_s: float | None = None
+    #: peak GPU memory allocated during training, GiB (None on the CPU)
+    peak_gib: float | None = None
 
 
 def write_outputs(out: Path, model: nn.Module, task: Task, result: TrainResult, run_config: dict[str, Any]) -> None:
@@ -51,7 +60,9 @@ def write_outputs(out: Path, model: nn.Module, task: Task, result: TrainResult, 
     metrics = {"task": task.name, "steps": result.steps, "skipped_steps": result.skipped,
                "trainable_parameters": result.trainable, "total_parameters": result.total,
                "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
-               "tokens_per_s": round(result.tokens_per_s, 1), "before": result.before, "after": result.after,
+               "tokens_per_s": round(result.tokens_per_s, 1),
+               "steady_tokens_per_s": None if result.steady_tokens_per_s is None else round(result.steady_tokens_per_s, 1),
+               "peak_gpu_GiB": None if result.peak_gib is None else round(result.peak_gib, 3), "before": result.before, "after": result.after,
                "history": result.history,
                "config": run_config, **_task_info(task)}
     # strict JSON (a skipped step's NaN loss is null), written beside, fsynced and renamed: a crash never
@@ -89,7 +100,9 @@ def summary_lines(result: TrainResult, peak_gib: float | None = None) -> list[st
         a = result.after[key]
         lines.append(f"    {key}: {b:.4f} → {a:.4f} ({a - b:+.4f})")
     if peak_gib is not None:
-        lines.append(f"  {result.tokens_per_s:,.0f} tokens/s, peak GPU memory {peak_gib:.2f} GiB")
+        steady = (f" ({result.steady_tokens_per_s:,.0f} after the first {STEADY_AFTER} steps)"
+                  if result.steady_tokens_per_s is not None else "")
+        lines.append(f"  {result.tokens_per_s:,.0f} tokens/s{steady}, peak GPU memory {peak_gib:.2f} GiB")
     return lines
 
 

@@ -39,7 +39,7 @@ from ..errors import LorakitError
 from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
 from .compute import base_dtype, cast_base, compile_model, eager, pad_for_graphs, resolve_compile, trainable_to_float32
 from .config import TrainConfig
-from .outputs import TrainResult, clean_stale_outputs, summary_lines, write_outputs
+from .outputs import STEADY_AFTER, TrainResult, clean_stale_outputs, summary_lines, write_outputs
 from .progress import Progress
 from .resume import check_same_run, later_checkpoints, load_trainable
 from .schedule import lr_factor, set_lr, warmup_steps
@@ -284,6 +284,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         restore_sigint = self._catch_interrupt()
+        steady_from: tuple[float, int] | None = None  # (time, tokens) when STEADY_AFTER steps were done
         try:
             first_step = step
             while step < self.total:
@@ -299,8 +300,9 @@ class Trainer:
                         # A new CUDA-graph generation per optimizer step, not per micro-batch: the gradients
                         # accumulated so far are graph outputs, which the next generation may overwrite.
                         torch.compiler.cudagraph_mark_step_begin()
-                    batch = batch_to(self.task.collate([self.task.train_examples[i] for i in ids]), self.device)
-                    tokens += count_tokens(batch)
+                    batch = self.task.collate([self.task.train_examples[i] for i in ids])
+                    tokens += count_tokens(batch)  # before the copy to the GPU: counting there would wait for it
+                    batch = batch_to(batch, self.device)
                     if self.compile_mode == "reduce-overhead":
                         batch = pad_for_graphs(batch, getattr(getattr(self.task, "tokenizer", None), "pad_token_id", None))
                     # each micro-batch counts by its share of the step's examples (a short last one counts less);
@@ -326,6 +328,8 @@ class Trainer:
                     note = f"skipped step {step + 1}: non-finite {what} ({skipped} skipped so far)"
                 self.optimizer.zero_grad(set_to_none=True)
                 step, epoch, index = step + 1, next_epoch, next_index
+                if step == first_step + STEADY_AFTER:
+                    steady_from = time.monotonic(), tokens
                 history["train"].append({"step": step, "loss": loss_sum, "lr": lr})
                 if self.compiled_regions and step == first_step + 1:
                     note = "; ".join(filter(None, [note, f"first step {time.monotonic() - t_step:.1f} s, compilation included"]))
@@ -353,13 +357,18 @@ class Trainer:
         if progress is not None:
             progress.close()
         self._progress = None
-        elapsed = time.monotonic() - t_start
+        t_end = time.monotonic()
+        elapsed = t_end - t_start
+        steady = None
+        if steady_from is not None and step > first_step + STEADY_AFTER:
+            steady = self.mean_over_processes(tokens - steady_from[1]) * self.world_size / max(t_end - steady_from[0], 1e-9)
         tokens = round(self.mean_over_processes(tokens) * self.world_size)  # every process's tokens, like examples
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         after = {"step": step, **self.evaluate()}
         if history["eval"][-1].get("step") != step:
             history["eval"].append(after)
         result = TrainResult(step, skipped, before, after, history, report.trainable, report.total,
-                             elapsed, examples / max(elapsed, 1e-9), tokens / max(elapsed, 1e-9))
+                             elapsed, examples / max(elapsed, 1e-9), tokens / max(elapsed, 1e-9), steady, peak)
         self.write_outputs(result)  # on every process: FSDP gathers the adapter there
         if self.is_main:
             self._summary(result)
