@@ -38,13 +38,14 @@ run_step() {
     # issue 19, one build per contender: eager and CUDA graphs at every shape, decode in both (with the check)
     s19_main) shapes s19_main 570 --timeout 190 --contenders frozen,peft,lorakit --modes eager,reduce-overhead ;;
     # PEFT alone (its worker crashed in the s19_main run: exit -11 before its first cell), and compiled decode
-    s19_peft) shapes s19_peft 220 --timeout 210 --no-check --contenders peft --modes eager,reduce-overhead ;;
-    s19_decode) shapes s19_decode 150 --timeout 70 --no-check --contenders frozen,lorakit --modes reduce-overhead \
-        --shapes none ;;
+    s19_peft) shapes s19_peft 180 --timeout 175 --no-check --contenders peft --modes eager,reduce-overhead ;;
+    # compiled decode, and where a CUDA-graph step's GPU time goes (kernel profile) at 2×1024
+    s19_prof) shapes s19_prof 200 --timeout 98 --no-check --profile --contenders frozen,lorakit --modes reduce-overhead \
+        --shapes 2x1024 ;;
     # issue 19: the command users run, --compile off vs reduce-overhead (decides the default on CUDA)
     s19_cli)
         mkdir -p "$OUT/s19_cli"; echo "=== s19_cli $(date -u +%H:%M:%S)"
-        OUT="$OUT/s19_cli" timeout 200 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
+        OUT="$OUT/s19_cli" timeout 180 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
         pack ;;
     s19_eager) shapes s19_eager 170 --timeout 60 --contenders frozen,peft,lorakit --modes eager ;;
     # issue 19: CUDA graphs (reduce-overhead) at the small shapes with compiled decode; torch.compile at 8×2048
@@ -71,5 +72,5 @@ run_step() {
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }
-ALL="s19_main s19_peft s19_decode s19_cli s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
+ALL="s19_main s19_peft s19_prof s19_cli s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
 for s in ${@:-$ALL}; do run_step "$s"; done
