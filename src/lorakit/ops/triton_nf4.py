@@ -95,8 +95,9 @@ if triton is not None:
         #   upart[s, tok, r]   = Σ_{cols in slice} x[tok, cols] A[r, cols]  for r = i, i + #programs(0), ..
         # k is a multiple of 64, so a row holds KBLK = k/64 whole blocks and KB = k/2 bytes: a tile is
         # (BD, NB, 32) contiguous bytes a row, one m̂ per (row, block), both nibbles of each byte used.  The
-        # bytes and scales of the next two tiles are loaded before this one is multiplied: a program keeps
-        # two tiles in flight (a quarter of a register a byte) while it unpacks one (about four a byte).
+        # bytes and scales of the next two tiles are loaded before this one is multiplied: a waiting tile
+        # costs a quarter of a register a byte, an unpacked one several, so prefetching, not a bigger tile,
+        # is what puts more bytes in flight.
         pid_d, pid_s = tl.program_id(0), tl.program_id(1)
         tok0 = tl.program_id(2) * BN
         tok_end = tl.minimum(tok0 + BN, N)
@@ -121,8 +122,10 @@ if triton is not None:
                                            KB, KBLK)
             m = (tl.load(dyn_ptr + a) * nested + offset)[:, :, None]  # m̂ once per block
             # ŵ at even columns (high nibble) and odd columns (low nibble), rounded to x's dtype
-            w_hi = (tl.load(code_ptr + (byte >> 4)) * m).to(xdt)
-            w_lo = (tl.load(code_ptr + (byte & 0xF)) * m).to(xdt)
+            # code_ptr: the byte-indexed table c[b >> 4] (256 entries) then c[b & 15] (256 more): one
+            # address a byte for both nibbles, the second load at a constant offset
+            w_hi = (tl.load(code_ptr + byte) * m).to(xdt)
+            w_lo = (tl.load(code_ptr + 256 + byte) * m).to(xdt)
             even = (blk * 64)[:, None] + 2 * j[None, :]  # (NB, 32): the column of each high nibble
             if DOT:  # tokens × tile on the tensor cores (BN ≥ 16 rows; the missing ones are masked)
                 ev = tl.reshape(even, (NB * 32,))
@@ -139,7 +142,8 @@ if triton is not None:
                     xrow = x_ptr + n * stride_xn + even
                     x_e = tl.load(xrow, mask=blk_ok[:, None], other=0.0).to(tl.float32)
                     x_o = tl.load(xrow + 1, mask=blk_ok[:, None], other=0.0).to(tl.float32)
-                    s = tl.sum(tl.sum(wf_hi * x_e[None, :, :] + wf_lo * x_o[None, :, :], axis=2), axis=1)
+                    # an explicit fma: the compile flag that keeps ŵ's two roundings apart forbids contracting
+                    s = tl.sum(tl.sum(tl.fma(wf_hi, x_e[None, :, :], wf_lo * x_o[None, :, :]), axis=2), axis=1)
                     acc = tl.where((toks == n)[:, None], acc + s[None, :], acc)
             blk = blk + NB
             byte, a, nested = byte1, a1, nested1
@@ -159,7 +163,7 @@ if triton is not None:
                         xrow = x_ptr + n * stride_xn + cols
                         x_e = tl.load(xrow, mask=aok, other=0.0).to(tl.float32)
                         x_o = tl.load(xrow + 1, mask=aok, other=0.0).to(tl.float32)
-                        un = tl.sum(tl.sum(x_e * a_e + x_o * a_o, axis=1), axis=0)
+                        un = tl.sum(tl.sum(tl.fma(x_e, a_e, x_o * a_o), axis=1), axis=0)
                         u = tl.where(toks == n, u + un, u)
                 tl.store(upart_ptr + (pid_s * N + toks) * R + r, u, mask=toks < N)
 
@@ -206,6 +210,18 @@ def _state(t: NF4Tensors) -> tuple[Tensor, ...]:
     return t.packed, t.absmax, t.nested_absmax, t.offset, code, dyn
 
 
+@functools.lru_cache(maxsize=None)
+def _nibble_table(device: torch.device) -> Tensor:
+    """(512,) float32: c[b >> 4] for the bytes b = 0..255, then c[b & 15]: both codes of a byte by its value."""
+    code = nf4_map(device)
+    b = torch.arange(256, device=device)
+    return torch.cat((code[b >> 4], code[b & 15]))
+
+
+def _gemv_state(t: NF4Tensors) -> tuple[Tensor, ...]:
+    return t.packed, t.absmax, t.nested_absmax, t.offset, _nibble_table(t.packed.device), dynamic_map(t.packed.device)
+
+
 def dequantize(t: NF4Tensors, dtype: torch.dtype = torch.bfloat16, *, block: int = 1024) -> Tensor:
     """Ŵ (d, k) in ``dtype``, one Triton pass."""
     out = torch.empty(t.shape, dtype=dtype, device=t.packed.device)
@@ -229,8 +245,8 @@ def merged(t: NF4Tensors, B: Tensor, A: Tensor, scale: float, dtype: torch.dtype
 
 
 def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None = None, B: Tensor | None = None,
-         scale: float = 1.0, *, block_d: int = 16, block_k: int = 512, split_k: int | None = None,
-         programs: int | None = None, dot_tokens: int = 4, num_warps: int = 8, block_f: int = 256) -> Tensor:
+         scale: float = 1.0, *, block_d: int = 16, block_k: int = 256, split_k: int | None = None,
+         programs: int | None = None, dot_tokens: int = 4, num_warps: int = 4, block_f: int = 256) -> Tensor:
     """h = x Ŵᵀ + s · (x Aᵀ) Bᵀ + b for x: (N, k) with few rows (decode), from the packed weight.
 
     A: (r, k), B: (d, r) (both or neither); bias: (d,).  Returns (N, d) in x's dtype.  Ŵ's values are
@@ -270,7 +286,7 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
     upart = torch.empty((splits, N, R), dtype=torch.float32, device=x.device) if A is not None else part
     BN = 16  # token tile: tl.dot's smallest
     _gemv_partial_kernel[(tiles_d, splits, cdiv(N, BN))](
-        x, *_state(t), A.contiguous() if A is not None else x, part, upart, N, D, K, K // 2, nblk, R, x.stride(0),
+        x, *_gemv_state(t), A.contiguous() if A is not None else x, part, upart, N, D, K, K // 2, nblk, R, x.stride(0),
         iters,
         HAS_LORA=A is not None, DOT=N >= dot_tokens, BN=BN, BD=block_d, NB=nb, PRECISION=_precision(x.dtype),
         num_warps=num_warps, **_EXACT)
@@ -283,9 +299,9 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
 
 @functools.lru_cache(maxsize=None)
 def _programs(device: torch.device) -> int:
-    """8 programs per SM.  The default tile (16 rows × 512 columns, 8 warps, 80 registers a thread on sm_90)
-    lets 3 programs reside on an SM, each with a 4 KiB tile in flight while it multiplies the previous one;
-    8 an SM makes the programs short, so the last wave's tail is small."""
+    """8 programs per SM.  The default tile (16 rows × 256 columns, 4 warps: 16 bytes a thread, 110
+    registers a thread on sm_90) lets 4 programs reside on an SM, each with two 2 KiB tiles in flight while
+    it multiplies a third (16 KiB an SM); 8 an SM keeps the programs short, so the last wave's tail is small."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     return 8 * sms
 
