@@ -148,3 +148,13 @@ def test_the_full_precision_model_is_never_whole_in_memory(ckpts: dict[str, Path
     streamed = _peak_full_precision_bytes(monkeypatch, shapes,
                                           lambda: load_quantized(ckpts["llama"], "AutoModelForCausalLM", CPU))
     assert streamed <= shard_bytes, (streamed, shard_bytes)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux)")
+def test_no_shard_stays_mapped_once_loaded(ckpts: dict[str, Path]) -> None:
+    # safetensors may hand out views of the memory-mapped file: a norm weight kept as such a view would
+    # keep its whole shard mapped, and every page of it read so far resident, for the model's lifetime
+    model, _ = load_quantized(ckpts["llama"], "AutoModelForCausalLM", CPU)
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(ckpts["llama"]) in line]
+    assert mapped == [] and model is not None

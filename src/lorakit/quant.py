@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -152,14 +152,14 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
                 if name is not None and name in persistent:
                     owner_name, _, bname = name.rpartition(".")
                     owner = model.get_submodule(owner_name) if owner_name else model
-                    owner._buffers[bname] = f.get_tensor(key).to(device, getattr(owner, bname).dtype)
+                    owner._buffers[bname] = _read(f, key, device, getattr(owner, bname).dtype)
                     continue
                 if name is None or (name not in targets and name not in params):
                     continue
                 if name in targets and key + "." + BNB_QUANT_STATE_KEY in quant_parts:  # saved pre-quantised (load_in_4bit)
                     lin_name = targets[name]
-                    parts = {s: f.get_tensor(key + "." + s).to(device) for s in BNB_SUFFIXES if key + "." + s in quant_parts}
-                    t4, dtype4 = nf4_from_bnb(parts, f.get_tensor(key).to(device), f"{file}: {key}")
+                    parts = {s: _read(f, key + "." + s, device) for s in BNB_SUFFIXES if key + "." + s in quant_parts}
+                    t4, dtype4 = nf4_from_bnb(parts, _read(f, key, device), f"{file}: {key}")
                     old = linears[lin_name]
                     if t4.shape != (old.out_features, old.in_features):
                         raise QuantizationError(f"{file}: {key} is NF4 of shape {t4.shape}, the model's {lin_name} "
@@ -175,10 +175,8 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
                     setattr(parent, child, new)
                     seen.add(name)
                     continue
-                t = f.get_tensor(key).to(device)
-                cast = meta_dtypes[name] if dtype == "model" else dtype
-                if cast is not None and t.is_floating_point():
-                    t = t.to(cast)
+                # a linear's weight is quantised and dropped at once: it may stay a view of the shard
+                t = _read(f, key, device, meta_dtypes[name] if dtype == "model" else dtype, own=name not in targets)
                 if name in targets:
                     lin_name = targets[name]
                     old = linears[lin_name]
@@ -214,6 +212,16 @@ def quantize_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], *,
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def _read(f: Any, key: str, device: torch.device | str, dtype: torch.dtype | None = None, *,
+          own: bool = True) -> torch.Tensor:
+    """Tensor ``key`` of an open safetensors file on ``device``, floating point cast to ``dtype``.  ``own``: in
+    memory of its own — the reader may hand out a view of the memory-mapped shard, and a kept view keeps
+    the whole shard mapped, its pages read so far resident, for as long as the model lives."""
+    raw = f.get_tensor(key)
+    t = raw.to(device, dtype) if dtype is not None and raw.is_floating_point() else raw.to(device)
+    return t.clone() if own and t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr() else t
 
 
 def tied_parameters(model: nn.Module) -> set[str]:
