@@ -88,7 +88,7 @@ if triton is not None:
     @triton.jit
     def _gemv_partial_kernel(x_ptr, packed_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, dyn_ptr, a_ptr,
                              part_ptr, upart_ptr, N, D, K, KB, KBLK, R, stride_xn, ITERS, HAS_LORA: tl.constexpr,
-                             DOT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
+                             DOT: tl.constexpr, ONE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
                              PRECISION: tl.constexpr):
         # Program (i, s, j): rows i·BD.., k-slice s (ITERS tiles of NB 64-weight blocks), tokens j·BN..
         #   part[s, tok, rows] = Σ_{cols in slice} x[tok, cols] Ŵ[rows, cols]            (float32)
@@ -115,6 +115,7 @@ if triton is not None:
                                        blk + NB < limit, KB, KBLK)
         offset = tl.load(offset_ptr)
         acc = tl.zeros((BN, BD), dtype=tl.float32)
+        acc3 = tl.zeros((BD, NB, 32), dtype=tl.float32)
         for _ in range(0, ITERS):
             blk_ok = blk < limit
             ahead = blk + 2 * NB
@@ -135,19 +136,26 @@ if triton is not None:
                              input_precision=PRECISION)
                 acc = tl.dot(tl.load(xt + 1, mask=xm, other=0.0), tl.trans(tl.reshape(w_lo, (BD, NB * 32))), acc,
                              input_precision=PRECISION)
-            else:  # one token at a time: elementwise products and a sum (decode's 1 token is not padded to 16)
+            elif ONE:  # a single token: elementwise products, summed once after the loop
+                x_e = tl.load(x_ptr + even, mask=blk_ok[:, None], other=0.0).to(tl.float32)
+                x_o = tl.load(x_ptr + even + 1, mask=blk_ok[:, None], other=0.0).to(tl.float32)
+                # explicit fmas: the compile flag that keeps ŵ's two roundings apart forbids contracting
+                acc3 = tl.fma(w_hi.to(tl.float32), x_e[None, :, :],
+                              tl.fma(w_lo.to(tl.float32), x_o[None, :, :], acc3))
+            else:  # one token at a time: elementwise products and a sum (a few tokens are not padded to 16)
                 wf_hi = w_hi.to(tl.float32)
                 wf_lo = w_lo.to(tl.float32)
                 for n in range(tok0, tok_end):
                     xrow = x_ptr + n * stride_xn + even
                     x_e = tl.load(xrow, mask=blk_ok[:, None], other=0.0).to(tl.float32)
                     x_o = tl.load(xrow + 1, mask=blk_ok[:, None], other=0.0).to(tl.float32)
-                    # an explicit fma: the compile flag that keeps ŵ's two roundings apart forbids contracting
                     s = tl.sum(tl.sum(tl.fma(wf_hi, x_e[None, :, :], wf_lo * x_o[None, :, :]), axis=2), axis=1)
                     acc = tl.where((toks == n)[:, None], acc + s[None, :], acc)
             blk = blk + NB
             byte, a, nested = byte1, a1, nested1
             byte1, a1, nested1 = byte2, a2, nested2
+        if ONE:
+            acc += tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
         dst = part_ptr + (pid_s * N + toks[:, None]).to(tl.int64) * D + rows[None, :]
         tl.store(dst, acc, mask=(toks < N)[:, None] & row_ok[None, :])
         if HAS_LORA:  # x Aᵀ over this slice, A's rows dealt out among the programs along d
@@ -258,7 +266,8 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
     contiguous bytes a row, both nibbles of a byte used, one m̂ per 64 weights, the next tile loaded while
     this one is multiplied), and writes float32 partial sums part[s, N, d]; with LoRA it also sums u over
     its slice (A's r rows dealt out over the programs along d).  Fewer than ``dot_tokens`` tokens are
-    multiplied elementwise one token at a time; more go through ``tl.dot`` in tiles of 16 tokens.  The
+    multiplied elementwise (one token: products accumulated elementwise and summed once; a few: a sum per
+    token and tile); more go through ``tl.dot`` in tiles of 16 tokens.  The
     second launch sums the partials, adds s·u Bᵀ and the bias and casts (block_f outputs a program).
 
     split_k defaults to ⌈programs / ⌈d / block_d⌉⌉ (``programs``: 8 per SM unless given), at most one
@@ -288,7 +297,8 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
     _gemv_partial_kernel[(tiles_d, splits, cdiv(N, BN))](
         x, *_gemv_state(t), A.contiguous() if A is not None else x, part, upart, N, D, K, K // 2, nblk, R, x.stride(0),
         iters,
-        HAS_LORA=A is not None, DOT=N >= dot_tokens, BN=BN, BD=block_d, NB=nb, PRECISION=_precision(x.dtype),
+        HAS_LORA=A is not None, DOT=N >= dot_tokens, ONE=N == 1 and dot_tokens > 1, BN=BN, BD=block_d, NB=nb,
+        PRECISION=_precision(x.dtype),
         num_warps=num_warps, **_EXACT)
     _gemv_finish_kernel[(cdiv(D, block_f), N)](
         part, upart, B.contiguous() if B is not None else part, bias if bias is not None else part, out, N, D, R,
