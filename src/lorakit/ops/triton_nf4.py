@@ -263,12 +263,12 @@ def gemv(x: Tensor, t: NF4Tensors, bias: Tensor | None = None, A: Tensor | None 
 
     Two launches, split-K.  The first reads the weight once, as 4-bit codes: program (i, s) takes rows
     i·block_d.. and the s-th of ``split_k`` slices of k, walked in tiles of block_k columns (block_k/2
-    contiguous bytes a row, both nibbles of a byte used, one m̂ per 64 weights, the next tile loaded while
-    this one is multiplied), and writes float32 partial sums part[s, N, d]; with LoRA it also sums u over
+    contiguous bytes a row, both nibbles of a byte used, one m̂ per 64 weights, the next two tiles loaded
+    while one is multiplied), and writes float32 partial sums part[s, N, d]; with LoRA it also sums u over
     its slice (A's r rows dealt out over the programs along d).  Fewer than ``dot_tokens`` tokens are
     multiplied elementwise (one token: products accumulated elementwise and summed once; a few: a sum per
-    token and tile); more go through ``tl.dot`` in tiles of 16 tokens.  The
-    second launch sums the partials, adds s·u Bᵀ and the bias and casts (block_f outputs a program).
+    token and tile); more go through ``tl.dot`` in tiles of 16 tokens.  The second launch sums the
+    partials, adds s·u Bᵀ and the bias and casts (block_f outputs a program).
 
     split_k defaults to ⌈programs / ⌈d / block_d⌉⌉ (``programs``: 8 per SM unless given), at most one
     slice a tile.  k must be a multiple of 64 (every real layer); other widths take :func:`dequantize` and
