@@ -30,11 +30,10 @@ def peak_rss_mb() -> float:
 
 def child(path: str, mode: str, device: str) -> None:
     import torch
+    import transformers  # noqa: F401  (imported before the baseline, so it counts in neither)
 
     import lorakit
     from lorakit.integrations.local_models import QuantizedLoad, load_model, load_quantized
-
-    import transformers  # noqa: F401  (imported before the baseline, so it counts in neither)
 
     before = peak_rss_mb()
     if mode == "streamed":

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_bert, make_llama, with_renamed_weight
 
 import lorakit
 from lorakit.cli import main
-from tiny_models import make_bert, make_llama
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,18 @@ def test_other_tasks_train_on_an_nf4_base(task: str, files: dict[str, Path], tmp
     assert adapter.metadata["lorakit_base_quantization"] == "nf4"
     if task == "classification":  # the trained head is saved in full precision, as a modules_to_save copy
         assert adapter.tensors["base_model.model.classifier.weight"].dtype == torch.float32
+
+
+def test_a_base_that_cannot_be_streamed_is_loaded_whole_and_the_run_says_so(
+        files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # transformers loads it, initialising model.norm; lorakit cannot stream a weight it finds under no name
+    base = with_renamed_weight(files["llama"], tmp_path / "renamed", "model.norm.weight", "model.final_norm.weight")
+    rc = main(["train", "--task", "causal-lm", "--model", str(base), "--data", str(files["lm"]), "--quantize", "nf4",
+               "--max-steps", "1", "--batch-size", "4", "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert ("base quantised to nf4: 14 linear layer(s), 4.13 bits a weight; loaded whole, then quantised "
+            "(model.norm.weight is not in the checkpoint under that name or shape)") in captured.err
 
 
 def test_quantize_option_is_checked(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

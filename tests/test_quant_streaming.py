@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from tiny_models import make_bert, make_llama, with_renamed_weight
 from torch import nn
 
 import lorakit
 import lorakit.nf4_linear
 from lorakit.integrations.local_models import QuantizedLoad, load_model, load_quantized
 from lorakit.quant import safetensors_files
-from tiny_models import make_bert, make_llama
 
 CPU = QuantizedLoad("nf4", torch.device("cpu"))
 
@@ -91,13 +90,7 @@ def test_streamed_encoder_from_a_headed_checkpoint_and_a_fresh_classification_he
 
 def test_a_checkpoint_that_cannot_be_streamed_is_loaded_whole_and_says_why(ckpts: dict[str, Path],
                                                                           tmp_path: Path) -> None:
-    d = tmp_path / "renamed"
-    d.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (d / name).write_bytes((ckpts["llama"] / name).read_bytes())
-    tensors = {k: v for f in safetensors_files(ckpts["llama"]) for k, v in load_file(f).items()}
-    tensors["model.final_norm.weight"] = tensors.pop("model.norm.weight")  # not a name this model has
-    save_file(tensors, str(d / "model.safetensors"))
+    d = with_renamed_weight(ckpts["llama"], tmp_path / "renamed", "model.norm.weight", "model.final_norm.weight")
     model, note = load_quantized(d, "AutoModelForCausalLM", CPU)
     assert note == "loaded whole, then quantised (model.norm.weight is not in the checkpoint under that name or shape)"
     assert not any(isinstance(m, lorakit.NF4Linear) for m in model.modules())  # the trainer quantises it

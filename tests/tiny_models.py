@@ -56,6 +56,20 @@ def make_llama(path: Path, *, chat_template: bool = False, max_shard_size: str |
     return path
 
 
+def with_renamed_weight(src: Path, dst: Path, old: str, new: str) -> Path:
+    """``src``'s checkpoint (config, tokenizer, weights in one safetensors file) at ``dst`` with weight
+    ``old`` stored under the name ``new``: one a loader cannot match by name."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    tensors = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tensors[new] = tensors.pop(old)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
 def make_bert(path: Path, *, num_labels: int = 2) -> Path:
     """A 2-layer BERT sequence classifier (hidden 32) + tokenizer saved at ``path``."""
     from transformers import BertConfig, BertForSequenceClassification

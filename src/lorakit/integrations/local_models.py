@@ -113,8 +113,14 @@ def load_quantized(path: str | os.PathLike[str], auto_class: str, target: Quanti
     import transformers
     from safetensors import safe_open
 
-    from ..quant import QUANT_TYPES, QuantizationError, empty_weights, quantize_checkpoint, safetensors_files, \
-        tied_parameters
+    from ..quant import (
+        QUANT_TYPES,
+        QuantizationError,
+        empty_weights,
+        quantize_checkpoint,
+        safetensors_files,
+        tied_parameters,
+    )
     from ..train.compute import base_dtype, cast_base
 
     if target.quant_type not in QUANT_TYPES:

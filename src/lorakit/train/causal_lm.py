@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BadLine, file_fingerprint, load_train_eval, require
 from ..integrations.local_models import QuantizedLoad, load_model, load_quantized, load_tokenizer
+from .data import BadLine, file_fingerprint, load_train_eval, require
 from .task import TaskDefaults
 
 IGNORE = -100

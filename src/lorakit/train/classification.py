@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
 from ..integrations.local_models import ModelError, QuantizedLoad, load_model, load_quantized, load_tokenizer
+from .data import DataError, Loaded, file_fingerprint, load_train_eval, require
 from .task import TaskDefaults
 
 EXAMPLE = '{"text": "free money, click now", "label": "spam"}'
