@@ -47,6 +47,19 @@ run_step() {
         mkdir -p "$OUT/s19_cli"; echo "=== s19_cli $(date -u +%H:%M:%S)"
         OUT="$OUT/s19_cli" timeout 180 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
         pack ;;
+    # the third call of 2026-12-03: lorakit's CUDA-graph step profiled at 2×1024, compiled decode; DoRA eager
+    s19_prof2) shapes s19_prof2 130 --timeout 125 --no-check --profile --contenders lorakit --modes reduce-overhead \
+        --shapes 2x1024 ;;
+    s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
+        --shapes 1x2048,8x2048 ;;
+    s19_cli_ro)
+        mkdir -p "$OUT/s19_cli_ro"; echo "=== s19_cli_ro $(date -u +%H:%M:%S)"
+        OUT="$OUT/s19_cli_ro" timeout 75 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro/log.txt" | tail -n 12
+        pack ;;
+    s17_gemv)
+        mkdir -p "$OUT/s17_gemv"; echo "=== s17_gemv $(date -u +%H:%M:%S)"
+        OUT="$OUT/s17_gemv" timeout 130 python3 benchmarks/gpu_qlora.py --parts check,b 2>&1 | tee "$OUT/s17_gemv/log.txt" | tail -n 40
+        pack ;;
     s19_eager) shapes s19_eager 170 --timeout 60 --contenders frozen,peft,lorakit --modes eager ;;
     # issue 19: CUDA graphs (reduce-overhead) at the small shapes with compiled decode; torch.compile at 8×2048
     s19_graphs) shapes s19_graphs 300 --timeout 100 --no-check --contenders frozen,peft,lorakit \

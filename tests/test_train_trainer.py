@@ -210,3 +210,17 @@ def test_steady_throughput_leaves_out_the_warm_up_steps(tmp_path: Path) -> None:
     assert longer.tokens_per_s > 0 and longer.steady_tokens_per_s is not None and longer.steady_tokens_per_s > 0
     metrics = json.loads((tmp_path / "long" / "metrics.json").read_text())
     assert metrics["steady_tokens_per_s"] == round(longer.steady_tokens_per_s, 1) and metrics["peak_gpu_GiB"] is None
+
+
+@pytest.mark.parametrize("compile_mode, layer_kernels", [("off", True), ("default", False)])
+def test_compiled_layers_get_the_loss_kernel_only(tmp_path: Path, monkeypatch, compile_mode: str, layer_kernels: bool) -> None:
+    """liger's norm/RoPE/SwiGLU autograd functions fail inside a compiled layer: with --compile only the loss is fused."""
+    seen = {}
+
+    def fake_apply(model, **kwargs):
+        seen.update(kwargs)
+        return "kernels: none (test)"
+
+    monkeypatch.setattr(lorakit.fused_kernels, "apply", fake_apply)
+    make_trainer(tmp_path, batch_size=4, max_steps=1, kernels="liger", compile=compile_mode)
+    assert (seen["rope"], seen["norms"], seen["mlp"]) == (layer_kernels,) * 3 and "loss" not in seen

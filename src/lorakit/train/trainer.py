@@ -105,8 +105,16 @@ class Trainer:
             how = getattr(task, "load_note", None) or "the task's model was loaded whole, then quantised"
             self.setup_notes.append(
                 f"base quantised to {config.quantize}: {count} linear layer(s), 4.13 bits a weight; {how}")
+        self.compile_mode = resolve_compile(config.compile, self.device)
         if config.kernels == "liger":  # before fuse_mlps, whose fused MLP then replaces liger's SwiGLU
-            self.setup_notes.append(str(lorakit.fused_kernels.apply(model, device=self.device)))
+            # Compiled decoder layers get the loss kernel alone (it runs outside them): Inductor fuses norms,
+            # RoPE and SwiGLU itself, and liger's autograd functions inside a compiled layer fail in Dynamo
+            # (torch 2.11, H200, 2026-12-03: AssertionError in overwrite_tensor_vt_proxy at LigerRMSNorm).
+            layer_kernels = self.compile_mode == "off"
+            report = lorakit.fused_kernels.apply(model, device=self.device, rope=layer_kernels, norms=layer_kernels,
+                                                 mlp=layer_kernels)
+            self.setup_notes.append(str(report) + ("" if layer_kernels else
+                                                   " (compiled layers: Inductor fuses their norms, RoPE and SwiGLU)"))
         trainable_to_float32(model)
         #: autocast dtype of forward passes (None: float32 throughout)
         self.amp_dtype = torch.bfloat16 if self.base_dtype == torch.bfloat16 else None
@@ -122,7 +130,6 @@ class Trainer:
             self.setup_notes.append(f"activation checkpointing ({config.checkpointing}): {layers} layer(s)")
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
-        self.compile_mode = resolve_compile(config.compile, self.device)
         #: regions compiled in place (nn.Module.compile): names and state dicts stay the plain model's
         self.compiled_regions = compile_model(model, self.compile_mode) if self.compile_mode != "off" else 0
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
