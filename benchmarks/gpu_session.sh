@@ -48,7 +48,7 @@ run_step() {
         OUT="$OUT/s19_cli" timeout 180 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
         pack ;;
     # the third call of 2026-12-03: lorakit's CUDA-graph step profiled at 2×1024, compiled decode; DoRA eager
-    s19_prof2) shapes s19_prof2 130 --timeout 125 --no-check --profile --contenders lorakit --modes reduce-overhead \
+    s19_prof2) shapes s19_prof2 110 --timeout 105 --no-check --profile --contenders lorakit --modes reduce-overhead \
         --shapes 2x1024 ;;
     s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
         --shapes 1x2048,8x2048 ;;
