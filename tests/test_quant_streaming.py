@@ -112,12 +112,12 @@ def _linear_shapes(ckpt: Path) -> tuple[set[tuple[int, ...]], int]:
 
 
 def _peak_full_precision_bytes(monkeypatch: pytest.MonkeyPatch, shapes: set[tuple[int, ...]], load) -> int:
-    """The most bytes of full-precision linear weights alive at once, seen at each quantisation."""
+    """The most bytes of full-precision linear weights made by ``load`` alive at once, seen at each
+    quantisation (tensors of these shapes that other tests keep alive are counted out)."""
     quantize_nf4 = lorakit.nf4_linear.quantize_nf4
-    peaks: list[int] = []
 
-    def spy(weight: torch.Tensor):
-        gc.collect()  # count only what is alive: garbage of earlier tests may share these shapes
+    def alive() -> dict[int, int]:
+        gc.collect()
         storages = {}
         for o in gc.get_objects():
             if issubclass(type(o), torch.Tensor) and not o.is_meta and o.is_floating_point() and tuple(o.shape) in shapes:
@@ -126,7 +126,13 @@ def _peak_full_precision_bytes(monkeypatch: pytest.MonkeyPatch, shapes: set[tupl
                     storages[s.data_ptr()] = s.nbytes()
                 except RuntimeError:  # a fake tensor left by an earlier torch.compile test: it owns no memory
                     continue
-        peaks.append(sum(storages.values()))
+        return storages
+
+    before = alive()
+    peaks: list[int] = []
+
+    def spy(weight: torch.Tensor):
+        peaks.append(sum(n for ptr, n in alive().items() if ptr not in before))
         return quantize_nf4(weight)
 
     monkeypatch.setattr(lorakit.nf4_linear, "quantize_nf4", spy)
