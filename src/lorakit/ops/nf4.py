@@ -4,9 +4,10 @@ The linear ``h = x Ŵᵀ + b + s · drop(x) Aᵀ Bᵀ`` keeps the packed weight 
 dequantises again (∂L/∂x = g Ŵ + ...), so a layer's activation memory is that of the bf16 LoRA linear
 and the base costs 4.13 bits a weight.  On CUDA the dequantisation is a Triton kernel
 (``ops.triton_nf4``) feeding cuBLAS — with the update folded in (Ŵ + s·B A) where the LoRA pieces run on
-``triton_lora`` — and up to ``GEMV_MAX_TOKENS`` tokens without autograd (decode) use a fused
-dequantise-GEMV instead.  The LoRA pieces follow ``backends.backend_for`` like a bf16 base, so a dropout
-seed names the same mask on either base.
+``triton_lora`` — and up to ``GEMV_MAX_TOKENS`` tokens without autograd may use the fused
+dequantise-GEMV ``triton_nf4.gemv`` instead (none do: measured slower on the H200, see the
+constant).  The LoRA pieces follow ``backends.backend_for`` like a bf16 base, so a dropout seed names
+the same mask on either base.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def dequantize_nf4(t: NF4Tensors, dtype: torch.dtype = torch.float32) -> Tensor:
 # -- the linear ---------------------------------------------------------------------------------------
 
 # Up to this many tokens the CUDA forward without autograd multiplies straight from the packed weight
-# (one pass over 4.13 bits a weight) instead of dequantising to bf16 for cuBLAS (a write and a read of
-# 16 bits a weight more): decode and small batches are bound by reading the weight.
-GEMV_MAX_TOKENS = 16
+# (``triton_nf4.gemv``: one pass over 4.13 bits a weight) instead of dequantising to bf16 for cuBLAS.
+# Measured on the H200 (benchmarks/RESULTS.md, 2026-12-03, µs, N = 1 token, fused / dequantise + cuBLAS):
+# 2048²: 68 / 16, 8192×2048: 37 / 30, 2048×8192: 35 / 31, 8192²: 107 / 103 — and further behind at N = 4
+# and 16.  So no token count takes the fused route until a measurement says otherwise: decode dequantises.
+GEMV_MAX_TOKENS = 0
 
 
 class _NF4LoraLinear(torch.autograd.Function):
