@@ -301,7 +301,7 @@ class Trainer:
                 set_lr(self.optimizer, lr)  # LoRA+ groups keep their ratio
                 n_step = self.step_examples(micro)
                 examples += n_step
-                loss_sum = 0.0
+                loss_acc: torch.Tensor | float = 0.0  # on the device: read once a step, not once a micro-batch
                 for k, ids in enumerate(micro):
                     if self.compile_mode == "reduce-overhead" and k == 0:
                         # A new CUDA-graph generation per optimizer step, not per micro-batch: the gradients
@@ -319,13 +319,18 @@ class Trainer:
                         with self._autocast():
                             loss = self.task.loss(self.model, batch)
                         (loss * weight).backward()
-                    loss_sum += float(loss.detach()) * weight
-                loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
+                    loss_acc = loss_acc + loss.detach().float() * weight
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for _, p in self.params], cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
                 )
+                if hasattr(norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
+                    norm = norm.full_tensor()
+                # one wait for the GPU a step: the loss and whether the gradient is finite, read together
+                loss_sum, grad_finite = torch.stack([torch.as_tensor(loss_acc, dtype=torch.float32, device=norm.device),
+                                                     torch.isfinite(norm).float()]).tolist()
+                loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
                 note = ""
-                if math.isfinite(loss_sum) and bool(torch.isfinite(norm)):
+                if math.isfinite(loss_sum) and grad_finite:
                     self.optimizer.step()
                     bad_run = 0
                 else:
