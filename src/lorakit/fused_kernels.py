@@ -91,6 +91,9 @@ def apply(model: nn.Module, *, device: torch.device | str | None = None, rope: b
         rope, norms, mlp, loss: which kernels to apply (RoPE; RMSNorm/LayerNorm; SwiGLU/GeGLU;
             the fused linear cross-entropy).  Liger's plain cross-entropy, which it installs by
             rebinding ``torch.nn.functional.cross_entropy`` for the whole process, is never used.
+            For decoder layers you will ``torch.compile``, pass ``rope=False, norms=False, mlp=False``:
+            liger's autograd functions fail in Dynamo inside a compiled layer (torch 2.11), and
+            Inductor fuses those ops itself; ``lorakit train --compile`` does this.
 
     Returns:
         a :class:`KernelReport`; ``str(report)`` is one line for a log.  Nothing is changed (and the
