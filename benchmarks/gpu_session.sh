@@ -10,11 +10,15 @@
 # step of each script (gpu_shapes' lorakit-vs-PEFT check, gpu_qlora's kernel checks); later gpu_shapes
 # steps time the same code with --no-check.
 #
-# Sizing, from the 2026-12-03 run on one H200 (every step of this file in one call with limits a third
-# of these: most steps were cut off): a gpu_shapes contender costs 10-20 s to start and build before
-# its first cell; eager cells take seconds; a regional compile costs 30-60 s per contender and mode,
-# and reduce-overhead records CUDA graphs per shape on top. Plan three calls: s19_eager + s19_compile +
-# s17_qlora; s19_graphs + s16_trainer; s21_liger + s18_dora.
+# Sizing, from the two 2026-12-03 sessions on one H200: a gpu_shapes contender costs 5-20 s to build;
+# eager cells take seconds; a regional compile costs 50-75 s per contender and mode (the first
+# reduce-overhead cell's warm-up), and reduce-overhead records CUDA graphs per shape on top; s19_main
+# (3 contenders x eager + reduce-overhead x 4 shapes + decode) took 460 s. gpu_cli_train saves the 1.14B
+# checkpoint (~25 s) before its first run, and each compiled run compiles again.
+# Measured so far: s19_main, s19_peft, s17_gemv (see RESULTS.md). Still to run, about one call each:
+#   s19_prof2 s19_cli_ro                (lorakit's CUDA-graph profile; the CLI's compiled run -> the default)
+#   s18_dora s16_trainer                (DoRA against LoRA and PEFT's DoRA; Trainer at 8x2048)
+#   s21_liger s19_compile               (the fused-kernel rows; compile-mode rows)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -48,13 +52,13 @@ run_step() {
         OUT="$OUT/s19_cli" timeout 180 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
         pack ;;
     # the third call of 2026-12-03: lorakit's CUDA-graph step profiled at 2×1024, compiled decode; DoRA eager
-    s19_prof2) shapes s19_prof2 110 --timeout 105 --no-check --profile --contenders lorakit --modes reduce-overhead \
+    s19_prof2) shapes s19_prof2 200 --timeout 195 --no-check --profile --contenders lorakit --modes reduce-overhead \
         --shapes 2x1024 ;;
     s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
         --shapes 1x2048,8x2048 ;;
     s19_cli_ro)
         mkdir -p "$OUT/s19_cli_ro"; echo "=== s19_cli_ro $(date -u +%H:%M:%S)"
-        OUT="$OUT/s19_cli_ro" timeout 75 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro/log.txt" | tail -n 12
+        OUT="$OUT/s19_cli_ro" timeout 240 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead,8:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro/log.txt" | tail -n 12
         pack ;;
     s17_gemv)
         mkdir -p "$OUT/s17_gemv"; echo "=== s17_gemv $(date -u +%H:%M:%S)"
