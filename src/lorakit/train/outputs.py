@@ -60,9 +60,8 @@ def write_outputs(out: Path, model: nn.Module, task: Task, result: TrainResult, 
     metrics = {"task": task.name, "steps": result.steps, "skipped_steps": result.skipped,
                "trainable_parameters": result.trainable, "total_parameters": result.total,
                "seconds": round(result.seconds, 3), "examples_per_s": round(result.examples_per_s, 2),
-               "tokens_per_s": round(result.tokens_per_s, 1),
-               "steady_tokens_per_s": None if result.steady_tokens_per_s is None else round(result.steady_tokens_per_s, 1),
-               "peak_gpu_GiB": None if result.peak_gib is None else round(result.peak_gib, 3), "before": result.before, "after": result.after,
+               "tokens_per_s": round(result.tokens_per_s, 1), "steady_tokens_per_s": _rounded(result.steady_tokens_per_s, 1),
+               "peak_gpu_GiB": _rounded(result.peak_gib, 3), "before": result.before, "after": result.after,
                "history": result.history,
                "config": run_config, **_task_info(task)}
     # strict JSON (a skipped step's NaN loss is null), written beside, fsynced and renamed: a crash never
@@ -104,6 +103,10 @@ def summary_lines(result: TrainResult, peak_gib: float | None = None) -> list[st
                   if result.steady_tokens_per_s is not None else "")
         lines.append(f"  {result.tokens_per_s:,.0f} tokens/s{steady}, peak GPU memory {peak_gib:.2f} GiB")
     return lines
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _task_info(task: Task) -> dict[str, Any]:

@@ -301,7 +301,7 @@ class Trainer:
                 set_lr(self.optimizer, lr)  # LoRA+ groups keep their ratio
                 n_step = self.step_examples(micro)
                 examples += n_step
-                loss_acc: torch.Tensor | float = 0.0  # on the device: read once a step, not once a micro-batch
+                loss_acc = torch.zeros((), device=self.device)  # read once a step, not once a micro-batch
                 for k, ids in enumerate(micro):
                     if self.compile_mode == "reduce-overhead" and k == 0:
                         # A new CUDA-graph generation per optimizer step, not per micro-batch: the gradients
@@ -326,8 +326,7 @@ class Trainer:
                 if hasattr(norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor
                     norm = norm.full_tensor()
                 # one wait for the GPU a step: the loss and whether the gradient is finite, read together
-                loss_sum, grad_finite = torch.stack([torch.as_tensor(loss_acc, dtype=torch.float32, device=norm.device),
-                                                     torch.isfinite(norm).float()]).tolist()
+                loss_sum, grad_finite = torch.stack([loss_acc, torch.isfinite(norm).float().to(loss_acc.device)]).tolist()
                 loss_sum = self.mean_over_processes(loss_sum)  # so every process skips a non-finite step alike
                 note = ""
                 if math.isfinite(loss_sum) and grad_finite:
@@ -430,8 +429,7 @@ class Trainer:
         write_outputs(self.out, self.base, self.task, result, self.run_config())
 
     def _summary(self, result: TrainResult) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-        self._print(*summary_lines(result, peak))
+        self._print(*summary_lines(result, result.peak_gib))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
