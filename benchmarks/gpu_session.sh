@@ -54,6 +54,19 @@ run_step() {
     # the third call of 2026-12-03: lorakit's CUDA-graph step profiled at 2×1024, compiled decode; DoRA eager
     s19_prof2) shapes s19_prof2 200 --timeout 195 --no-check --profile --contenders lorakit --modes reduce-overhead \
         --shapes 2x1024 ;;
+    # the third session: lorakit's CUDA-graph step at 2048 tokens with each backend (torch / Triton), profiled
+    s19_ro2) shapes s19_ro2 230 --timeout 112 --no-check --no-decode --profile --contenders lorakit,lorakit-triton \
+        --modes reduce-overhead --shapes 1x2048,2x1024 ;;
+    # the Trainer runs under bf16 autocast: lorakit's and PEFT's eager step under autocast, profiled
+    s16_autocast) shapes s16_autocast 90 --timeout 44 --no-check --no-decode --profile --autocast \
+        --contenders lorakit,peft --modes eager --shapes 1x2048 ;;
+    s19_cli_ro1)
+        mkdir -p "$OUT/s19_cli_ro1"; echo "=== s19_cli_ro1 $(date -u +%H:%M:%S)"
+        OUT="$OUT/s19_cli_ro1" timeout 150 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro1/log.txt" | tail -n 12
+        pack ;;
+    # issue 18 at every shape of the batch-shape benchmark
+    s18_dora4) shapes s18_dora4 150 --timeout 40 --no-decode --contenders lorakit-plain,dora,peft-dora \
+        --modes eager ;;
     s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
         --shapes 1x2048,8x2048 ;;
     s19_cli_ro)

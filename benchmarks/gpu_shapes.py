@@ -217,6 +217,16 @@ def build_lorakit(ctx: Ctx) -> Built:
     return Built(m, trainable(m), lora_r=ctx.r)
 
 
+@contender("lorakit-triton", default=False)
+def build_lorakit_triton(ctx: Ctx) -> Built:
+    """lorakit as above with the Triton backend at every token count (``ops.backends.TRITON_MIN_ROWS`` = 0):
+    what decides the backend under CUDA graphs, where launches cost no host time."""
+    from lorakit.ops import backends
+
+    backends.TRITON_MIN_ROWS = 0  # this contender's own process
+    return build_lorakit(ctx)
+
+
 @contender("lorakit-plain", default=False)
 def build_lorakit_plain(ctx: Ctx) -> Built:
     """lorakit's plain inject (no share_inputs / fuse_mlps): the LoRA that DoRA's figures compare with."""
@@ -351,9 +361,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_MODE: list[tuple[str, bool]] = []  # the mode the layers are compiled in now
+
+
 def set_mode(layers: list[torch.nn.Module], mode: str, dynamic: bool) -> None:
-    """Regional compilation: each decoder layer compiled alone (``mode`` "eager" undoes it)."""
+    """Regional compilation: each decoder layer compiled alone (``mode`` "eager" undoes it).
+
+    ``compile`` keeps its compiled code from one shape to the next (dynamic shapes: one compilation serves
+    them, as in a training run); ``reduce-overhead`` starts afresh per shape, so one shape's CUDA graphs
+    and their memory pool are gone before the next shape's peak memory is measured."""
+    if _MODE == [(mode, dynamic)] and mode == "compile":
+        return
     torch._dynamo.reset()  # frees CUDA-graph trees and compiled code of the previous mode / shape
+    _MODE[:] = [(mode, dynamic)]
     for layer in layers:
         if mode == "eager":
             layer._compiled_call_impl = None
@@ -373,14 +393,15 @@ def reset_peak(device: torch.device) -> None:
 
 
 def train_cell(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tensor, mode: str, device: torch.device,
-               warm: int, steps: int) -> dict[str, Any]:
+               warm: int, steps: int, autocast: bool = False) -> dict[str, Any]:
     model = built.model
     graphs = mode == "reduce-overhead"
 
     def step() -> torch.Tensor:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # as Trainer(bf16=True) runs
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -410,18 +431,34 @@ def train_cell(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tenso
             "step_ms_all": [round(1e3 * s, 3) for s in step_s]}
 
 
+#: kernel families, by name prefix: cuBLAS GEMMs, Inductor's and lorakit's Triton kernels, attention, the rest
+_FAMILIES = (("gemm", ("nvjet", "sm90_xmma", "cutlass", "ampere_", "sm80_")), ("inductor", ("triton_",)),
+             ("lorakit", ("_xa_kernel", "_tall_kernel", "_merge_kernel", "_mask_kernel", "_fwd_kernel", "_bwd_kernel")),
+             ("attention", ("cudnn", "flash", "fmha", "pytorch_flash")))
+
+
+def _family(name: str) -> str:
+    return next((fam for fam, prefixes in _FAMILIES if name.startswith(prefixes)), "other")
+
+
 def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tensor, mode: str,
-                 device: torch.device, top: int = 12) -> dict[str, Any]:
-    """Where one (warm) training step's GPU time goes: kernel count, summed kernel time, the top kernels."""
+                 device: torch.device, autocast: bool = False, top: int = 25) -> dict[str, Any]:
+    """Where one (warm) training step's GPU time goes: kernel count and time, per family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        train_cell(built, opt, ids, mode, device, 0, 1)
+        train_cell(built, opt, ids, mode, device, 0, 1, autocast)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
     total = sum(e.self_device_time_total for e in kernels)
     kernels.sort(key=lambda e: -e.self_device_time_total)
+    families: dict[str, list[float]] = {}
+    for e in kernels:
+        fam = families.setdefault(_family(e.key), [0, 0.0])
+        fam[0] += e.count
+        fam[1] += e.self_device_time_total / 1e3
     return {"kernels": sum(e.count for e in kernels), "kernel_ms": total / 1e3,
+            "families": {k: {"count": c, "ms": round(ms, 3)} for k, (c, ms) in families.items()},
             "top": [{"name": e.key[:90], "count": e.count, "ms": round(e.self_device_time_total / 1e3, 3)}
                     for e in kernels[:top]]}
 
@@ -505,10 +542,10 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
             ids = torch.randint(0, shape.vocab, (b, t), generator=gen).to(device)
             try:
                 set_mode(layers, mode, dynamic=not args.static)
-                cell = train_cell(built, opt, ids, mode, device, args.warmup, args.steps)
+                cell = train_cell(built, opt, ids, mode, device, args.warmup, args.steps, args.autocast)
                 if args.profile:
                     try:
-                        cell["profile"] = profile_step(built, opt, ids, mode, device)
+                        cell["profile"] = profile_step(built, opt, ids, mode, device, args.autocast)
                     except Exception as e:  # a profiler problem must not cost the timed cell
                         cell["profile"] = {"error": f"{type(e).__name__}: {e}"}
                 cell["GFLOP"] = step_flops(shape, b, t, built.lora_r) / 1e9
@@ -679,6 +716,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--static", action="store_true", help="compile per shape (dynamic=False) instead of once")
     p.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
     p.add_argument("--profile", action="store_true", help="after each cell, profile one step's GPU kernels")
+    p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (as Trainer(bf16=True) does)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check (never for figures you keep)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
