@@ -67,6 +67,27 @@ run_step() {
     # issue 18 at every shape of the batch-shape benchmark
     s18_dora4) shapes s18_dora4 150 --timeout 40 --no-decode --contenders lorakit-plain,dora,peft-dora \
         --modes eager ;;
+    # issue 19: decode with CUDA graphs (static KV cache), the merged reference (frozen) and lorakit unmerged
+    s19_decode) shapes s19_decode 240 --timeout 118 --no-check --contenders frozen,lorakit --modes reduce-overhead \
+        --shapes none ;;
+    # issue 19: PEFT under torch.compile (its reduce-overhead crashed), every shape
+    s19_peftc) shapes s19_peftc 200 --timeout 195 --no-check --no-decode --contenders peft --modes compile ;;
+    # issue 21: the small shapes of the fused-kernel rows, and QLoRA with the kernels
+    s21_small) shapes s21_small 150 --timeout 40 --no-check --no-decode --modes eager --shapes 1x512,2x1024 \
+        --contenders frozen-liger,peft-liger,lorakit-liger,qlora-liger ;;
+    # issue 21's 8B memory table (offload mode, bf16 and NF4)
+    s21_8b) step s21_8b 150 python3 benchmarks/gpu_shapes.py --model 8b --warmup 1 --steps 2 --timeout 72 --no-check \
+        --no-decode --modes eager --shapes 1x2048,8x2048 --contenders lorakit-liger-offload,qlora-liger-offload ;;
+    # issue 17: decode through the dequantise route (GEMV_MAX_TOKENS = 0)
+    s17_decode)
+        mkdir -p "$OUT/s17_decode"; echo "=== s17_decode $(date -u +%H:%M:%S)"
+        OUT="$OUT/s17_decode" timeout 100 python3 benchmarks/gpu_qlora.py --parts b 2>&1 | tee "$OUT/s17_decode/log.txt" | tail -n 12
+        pack ;;
+    s16_trainer8)
+        mkdir -p "$OUT/s16_trainer8"; echo "=== s16_trainer8 $(date -u +%H:%M:%S)"
+        OUT="$OUT/s16_trainer8" timeout 170 python3 benchmarks/gpu_trainer.py --budget 150 --batches 8 1 \
+            --contenders lorakit peft 2>&1 | tee "$OUT/s16_trainer8/log.txt" | tail -n 14
+        pack ;;
     s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
         --shapes 1x2048,8x2048 ;;
     s19_cli_ro)

@@ -32,6 +32,25 @@ def test_matches_explicit_formula_with_mask():
     torch.testing.assert_close(lora_linear(x, W, b, A, B, s, p, seed), ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_inference_skips_autograd_and_equals_the_training_route(p, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("lorakit.ops.lora_linear")
+
+    x, W, b, A, B = _inputs(N=9, k=8)
+    ref = lora_linear(x, W, b, A, B, 0.9, p, 4)  # the autograd route
+    calls = []
+    monkeypatch.setattr(module._LoraLinear, "apply", lambda *a: calls.append(a))  # would return None
+    with torch.no_grad():
+        out = lora_linear(x, W, b, A, B, 0.9, p, 4)
+    plain = [t.detach() for t in (x, W, b, A, B)]  # no input requires grad: no graph either, grad mode on
+    out_plain = lora_linear(*plain, 0.9, p, 4)
+    assert calls == [] and not out.requires_grad and not out_plain.requires_grad
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(out_plain, ref.detach(), rtol=0, atol=0)
+
+
 def test_hand_computed_values():
     x = torch.tensor([[1.0, 2.0]])
     W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

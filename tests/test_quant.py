@@ -107,6 +107,19 @@ def test_nf4_lora_linear_matches_the_dequantized_reference(p):
         assert torch.allclose(a, r, atol=1e-12)
 
 
+def test_nf4_lora_linear_inference_equals_the_training_route():
+    torch.manual_seed(0)
+    t, Wd = _nf4(24, 64)
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    A, B, b = torch.randn(4, 64, dtype=torch.float64), torch.randn(24, 4, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    with torch.no_grad():
+        h = nf4_lora_linear(x, t, b, A, B, 0.5)
+    ref = nf4_lora_linear(x.requires_grad_(), t, b, A, B, 0.5)
+    assert ref.requires_grad and not h.requires_grad
+    assert torch.allclose(h, ref.detach(), atol=1e-12)
+    assert torch.allclose(h, x.detach() @ Wd.T + b + 0.5 * x.detach() @ A.T @ B.T, atol=1e-10)
+
+
 def test_nf4_lora_linear_gradcheck():
     torch.manual_seed(0)
     t, _ = _nf4(4, 64)

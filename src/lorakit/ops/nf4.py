@@ -152,6 +152,13 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
         from . import triton_nf4
 
         h = triton_nf4.gemv(x2, t, bias, lora_A, lora_B, float(scale))
+    elif not needs_grad and lora_A is not None and not dropout_p:
+        # Inference: dequantise, then the torch backend's forward (the op below, without an autograd node's
+        # host time: decode runs this once per linear and token).
+        from . import torch_lora
+
+        h, _ = torch_lora.lora_forward(x2, dequantize_nf4(t, x2.dtype), bias, lora_A, lora_B, float(scale), 0.0, 0,
+                                       False)
     else:
         from .backends import backend_for
         from . import triton_lora
