@@ -57,9 +57,17 @@ run_step() {
     # the third session: lorakit's CUDA-graph step at 2048 tokens with each backend (torch / Triton), profiled
     s19_ro2) shapes s19_ro2 230 --timeout 112 --no-check --no-decode --profile --contenders lorakit,lorakit-triton \
         --modes reduce-overhead --shapes 1x2048,2x1024 ;;
+    # (s19_ro2 ran out of time: reduce-overhead compiles again for each shape, ~75 s each.)  One shape:
+    s19_ro3) shapes s19_ro3 270 --timeout 134 --no-check --no-decode --profile --contenders lorakit,lorakit-triton \
+        --modes reduce-overhead --shapes 2x1024 ;;
     # the Trainer runs under bf16 autocast: lorakit's and PEFT's eager step under autocast, profiled
     s16_autocast) shapes s16_autocast 90 --timeout 44 --no-check --no-decode --profile --autocast \
         --contenders lorakit,peft --modes eager --shapes 1x2048 ;;
+    # the same, lorakit alone, without and with autocast in one run (the host-side profile says what autocast adds)
+    s16_ac2)
+        shapes s16_ac2a 45 --timeout 42 --no-check --no-decode --profile --contenders lorakit --modes eager --shapes 1x2048
+        shapes s16_ac2b 45 --timeout 42 --no-check --no-decode --profile --autocast --contenders lorakit --modes eager \
+            --shapes 1x2048 ;;
     s19_cli_ro1)
         mkdir -p "$OUT/s19_cli_ro1"; echo "=== s19_cli_ro1 $(date -u +%H:%M:%S)"
         OUT="$OUT/s19_cli_ro1" timeout 150 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro1/log.txt" | tail -n 12

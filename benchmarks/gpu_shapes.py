@@ -457,8 +457,11 @@ def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Ten
         fam = families.setdefault(_family(e.key), [0, 0.0])
         fam[0] += e.count
         fam[1] += e.self_device_time_total / 1e3
+    host = sorted((e for e in prof.key_averages() if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
     return {"kernels": sum(e.count for e in kernels), "kernel_ms": total / 1e3,
             "families": {k: {"count": c, "ms": round(ms, 3)} for k, (c, ms) in families.items()},
+            "host_top": [{"name": e.key[:90], "count": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 3)}
+                         for e in host[:top]],
             "top": [{"name": e.key[:90], "count": e.count, "ms": round(e.self_device_time_total / 1e3, 3)}
                     for e in kernels[:top]]}
 
