@@ -351,6 +351,46 @@ def part_b(new_tokens: int) -> None:
         say(f"  {kind:14s} {res['tokens_per_s']:7.1f} tokens/s")
 
 
+def part_bprof(tokens: int = 16) -> None:
+    """Where a decode token's time goes: ``tokens`` decode steps of each model profiled (host ops, kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    say(f"\n(b-profile) {tokens} decode steps profiled: the top host-side ops and the kernel time")
+    for kind in ("lorakit_nf4", "lorakit_bf16"):
+        free()
+        model = build(kind).eval()
+        ids = torch.randint(0, 32000, (1, 64), device=DEV)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            for _ in range(4):  # warm: Triton kernels compiled, allocator primed
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                sec = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu = [e for e in events if e.device_type.name == "CUDA"]
+        host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: -e.self_cpu_time_total)
+        res = {"ms_per_token_profiled": 1e3 * sec / tokens,
+               "kernels_per_token": sum(e.count for e in gpu) / tokens,
+               "kernel_ms_per_token": sum(e.self_device_time_total for e in gpu) / 1e3 / tokens,
+               "host_top": [{"name": e.key[:80], "count": e.count // tokens,
+                             "self_us_per_token": round(e.self_cpu_time_total / tokens, 1)} for e in host[:20]]}
+        results.setdefault("b_profile", {})[kind] = res
+        say(f"  {kind}: {res['ms_per_token_profiled']:.1f} ms a token (profiled), {res['kernels_per_token']:.0f} kernels "
+            f"{res['kernel_ms_per_token']:.2f} ms; top host ops:")
+        for h in res["host_top"][:12]:
+            say(f"    {h['name']:80s} x{h['count']:<5d} {h['self_us_per_token']:9.1f} us")
+        del model
+        free()
+
+
 # ------------------------------------------------------------------------------------------------ (c) 70B
 def llama70b_qlora(layers: int = 80, hidden: int = 8192, mlp: int = 28672, heads: int = 64, kv_heads: int = 8,
                    vocab: int = 32000):
@@ -472,10 +512,12 @@ def main() -> int:
                 part_a([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], args.steps)
             elif part == "b":
                 part_b(args.decode_tokens)
+            elif part == "bprof":
+                part_bprof()
             elif part == "c":
                 part_c(args.layers_70b)
             else:
-                raise SystemExit(f"--parts: unknown part {part!r} (check, sweep, a, b, c)")
+                raise SystemExit(f"--parts: unknown part {part!r} (check, sweep, a, b, bprof, c)")
             dump()
     finally:
         dump()

@@ -91,6 +91,10 @@ run_step() {
         mkdir -p "$OUT/s17_decode"; echo "=== s17_decode $(date -u +%H:%M:%S)"
         OUT="$OUT/s17_decode" timeout 100 python3 benchmarks/gpu_qlora.py --parts b 2>&1 | tee "$OUT/s17_decode/log.txt" | tail -n 12
         pack ;;
+    s17_bprof)
+        mkdir -p "$OUT/s17_bprof"; echo "=== s17_bprof $(date -u +%H:%M:%S)"
+        OUT="$OUT/s17_bprof" timeout 70 python3 benchmarks/gpu_qlora.py --parts bprof 2>&1 | tee "$OUT/s17_bprof/log.txt" | tail -n 32
+        pack ;;
     s16_trainer8)
         mkdir -p "$OUT/s16_trainer8"; echo "=== s16_trainer8 $(date -u +%H:%M:%S)"
         OUT="$OUT/s16_trainer8" timeout 170 python3 benchmarks/gpu_trainer.py --budget 150 --batches 8 1 \
