@@ -351,16 +351,24 @@ def part_b(new_tokens: int) -> None:
         say(f"  {kind:14s} {res['tokens_per_s']:7.1f} tokens/s")
 
 
-def part_bprof(tokens: int = 16) -> None:
-    """Where a decode token's time goes: ``tokens`` decode steps of each model profiled (host ops, kernels)."""
+def part_bprof(tokens: int = 16, sdpa: str = "default") -> None:
+    """Where a decode token's time goes: ``tokens`` decode steps of each model profiled (host ops, kernels).
+    ``sdpa`` "no-cudnn" keeps SDPA off cuDNN's backend (flash / memory-efficient / math only)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    say(f"\n(b-profile) {tokens} decode steps profiled: the top host-side ops and the kernel time")
+    def backends():
+        allowed = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel(allowed) if sdpa == "no-cudnn" else contextlib.nullcontext()
+
+    say(f"\n(b-profile) {tokens} decode steps profiled (SDPA backends: {sdpa}): the top host-side ops and the kernel time")
     for kind in ("lorakit_nf4", "lorakit_bf16"):
         free()
         model = build(kind).eval()
         ids = torch.randint(0, 32000, (1, 64), device=DEV)
-        with torch.no_grad():
+        with torch.no_grad(), backends():
             out = model(input_ids=ids, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             for _ in range(4):  # warm: Triton kernels compiled, allocator primed
@@ -382,7 +390,7 @@ def part_bprof(tokens: int = 16) -> None:
                "kernel_ms_per_token": sum(e.self_device_time_total for e in gpu) / 1e3 / tokens,
                "host_top": [{"name": e.key[:80], "count": e.count // tokens,
                              "self_us_per_token": round(e.self_cpu_time_total / tokens, 1)} for e in host[:20]]}
-        results.setdefault("b_profile", {})[kind] = res
+        results.setdefault("b_profile", {})[f"{kind}/sdpa-{sdpa}"] = res
         say(f"  {kind}: {res['ms_per_token_profiled']:.1f} ms a token (profiled), {res['kernels_per_token']:.0f} kernels "
             f"{res['kernel_ms_per_token']:.2f} ms; top host ops:")
         for h in res["host_top"][:12]:
@@ -489,6 +497,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--layers-70b", type=int, default=80)
+    ap.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
+                    help="part bprof: SDPA backends allowed in the profiled decode")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     import peft
@@ -513,7 +523,7 @@ def main() -> int:
             elif part == "b":
                 part_b(args.decode_tokens)
             elif part == "bprof":
-                part_bprof()
+                part_bprof(sdpa=args.sdpa)
             elif part == "c":
                 part_c(args.layers_70b)
             else:

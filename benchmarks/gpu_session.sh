@@ -15,10 +15,13 @@
 # reduce-overhead cell's warm-up), and reduce-overhead records CUDA graphs per shape on top; s19_main
 # (3 contenders x eager + reduce-overhead x 4 shapes + decode) took 460 s. gpu_cli_train saves the 1.14B
 # checkpoint (~25 s) before its first run, and each compiled run compiles again.
-# Measured so far: s19_main, s19_peft, s17_gemv (see RESULTS.md). Still to run, about one call each:
-#   s19_prof2 s19_cli_ro                (lorakit's CUDA-graph profile; the CLI's compiled run -> the default)
-#   s18_dora s16_trainer                (DoRA against LoRA and PEFT's DoRA; Trainer at 8x2048)
-#   s21_liger s19_compile               (the fused-kernel rows; compile-mode rows)
+# Measured so far (see RESULTS.md): s19_main, s19_peft, s17_gemv (second session); s16_ac2, s17_decode, s17_bprof,
+# s18_dora4, s19_ro3, s19_cli_ro1, s16_trainer8, s21_8b, s21_small, s19_peftc8 (third session).  Sizing lessons of
+# the third: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
+# machines differ by up to 1.5x in host speed, so every ratio must come from one step.  Still to run, about one call:
+#   s19_decode s19_compile             (compiled decode; frozen / lorakit / PEFT under torch.compile at every shape)
+#   s19_ro3 (lorakit-triton only)      (the Triton backend under CUDA graphs: its caches are now off)
+#   s17_bprof2                         (NF4 decode without cuDNN's SDPA: 36 ms a token went to its host side)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -80,6 +83,8 @@ run_step() {
         --shapes none ;;
     # issue 19: PEFT under torch.compile (its reduce-overhead crashed), every shape
     s19_peftc) shapes s19_peftc 200 --timeout 195 --no-check --no-decode --contenders peft --modes compile ;;
+    s19_peftc8) shapes s19_peftc8 125 --timeout 120 --no-check --no-decode --contenders peft --modes compile \
+        --shapes 8x2048 ;;
     # issue 21: the small shapes of the fused-kernel rows, and QLoRA with the kernels
     s21_small) shapes s21_small 150 --timeout 40 --no-check --no-decode --modes eager --shapes 1x512,2x1024 \
         --contenders frozen-liger,peft-liger,lorakit-liger,qlora-liger ;;
@@ -94,6 +99,10 @@ run_step() {
     s17_bprof)
         mkdir -p "$OUT/s17_bprof"; echo "=== s17_bprof $(date -u +%H:%M:%S)"
         OUT="$OUT/s17_bprof" timeout 70 python3 benchmarks/gpu_qlora.py --parts bprof 2>&1 | tee "$OUT/s17_bprof/log.txt" | tail -n 32
+        pack ;;
+    s17_bprof2)  # the same without cuDNN's SDPA backend (the NF4 model spent 36 ms a token in it)
+        mkdir -p "$OUT/s17_bprof2"; echo "=== s17_bprof2 $(date -u +%H:%M:%S)"
+        OUT="$OUT/s17_bprof2" timeout 70 python3 benchmarks/gpu_qlora.py --parts bprof --sdpa no-cudnn 2>&1 | tee "$OUT/s17_bprof2/log.txt" | tail -n 32
         pack ;;
     s16_trainer8)
         mkdir -p "$OUT/s16_trainer8"; echo "=== s16_trainer8 $(date -u +%H:%M:%S)"

@@ -221,9 +221,16 @@ def build_lorakit(ctx: Ctx) -> Built:
 def build_lorakit_triton(ctx: Ctx) -> Built:
     """lorakit as above with the Triton backend at every token count (``ops.backends.TRITON_MIN_ROWS`` = 0):
     what decides the backend under CUDA graphs, where launches cost no host time."""
+    import torch._functorch.config
+    import torch._inductor.config
+
     from lorakit.ops import backends
 
     backends.TRITON_MIN_ROWS = 0  # this contender's own process
+    # Inductor's caches key a graph by its custom-op calls, not by what their bodies trace to: with them
+    # on, this contender reused the torch-backend code the "lorakit" worker had compiled (2026-12-03, s19_ro3).
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     return build_lorakit(ctx)
 
 
@@ -393,7 +400,9 @@ def reset_peak(device: torch.device) -> None:
 
 
 def train_cell(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tensor, mode: str, device: torch.device,
-               warm: int, steps: int, autocast: bool = False) -> dict[str, Any]:
+               warm: int, steps: int, autocast: bool = False, fresh: bool = True) -> dict[str, Any]:
+    """``fresh``: empty the allocator's cache and reset the peak first (a profiled step must not, or it
+    would time cudaMalloc / cudaFree that a steady step never calls)."""
     model = built.model
     graphs = mode == "reduce-overhead"
 
@@ -408,7 +417,8 @@ def train_cell(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Tenso
             opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    reset_peak(device)
+    if fresh:
+        reset_peak(device)
     t0 = time.perf_counter()
     for _ in range(warm):
         loss = step()
@@ -448,7 +458,7 @@ def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Ten
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        train_cell(built, opt, ids, mode, device, 0, 1, autocast)
+        train_cell(built, opt, ids, mode, device, 0, 1, autocast, fresh=False)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
     total = sum(e.self_device_time_total for e in kernels)
     kernels.sort(key=lambda e: -e.self_device_time_total)

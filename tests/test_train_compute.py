@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.cli import main
 from lorakit.train.causal_lm import CausalLMTask
-from lorakit.train.compute import base_dtype, cast_base, compile_regions, resolve_compile, trainable_to_float32
+from lorakit.train.compute import (base_dtype, cast_base, compile_regions, optimizer_kernel, resolve_compile,
+                                   trainable_to_float32)
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer
 from tiny_models import make_llama
@@ -84,6 +86,30 @@ def test_trainer_on_cpu_trains_a_bf16_checkpoint_in_float32(files: dict[str, Pat
                       tmp_path, device="cpu")
     assert {p.dtype for p in trainer.base.parameters()} == {torch.float32}
     assert trainer.amp_dtype is None and trainer.compile_mode == "off" and trainer.compiled_regions == 0
+    assert not trainer.optimizer.defaults["fused"]  # torch's default implementation off CUDA
+
+
+def test_optimizer_kernel_is_fused_on_cuda_and_its_state_loads_from_the_default_one() -> None:
+    assert optimizer_kernel(CUDA) == {"fused": True} and optimizer_kernel(CPU) == {}
+    # A checkpoint written by the default (foreach / for-loop) AdamW loads into a fused one and steps the
+    # same: fused AdamW runs on the CPU too, so the state conversion is checked here.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    plain = torch.optim.AdamW(params, lr=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        plain.step()
+    fused_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = torch.optim.AdamW(fused_params, lr=0.1, fused=True)
+    fused.load_state_dict(copy.deepcopy(plain.state_dict()))  # (a state dict shares its tensors)
+    grads = [torch.randn_like(p) for p in params]
+    for p, q, g in zip(params, fused_params, grads):
+        p.grad, q.grad = g, g.clone()
+    plain.step()
+    fused.step()
+    for p, q in zip(params, fused_params):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
 def test_compile_regions_are_the_decoder_layers(files: dict[str, Path]) -> None:

@@ -28,11 +28,14 @@ from ..layer_checkpointing import decoder_layers
 #: values of ``--compile``; "auto" is what the option defaults to (see :func:`resolve_compile`)
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 
-# The default on CUDA, chosen by measurement (issue #19's table, H200, 1.14B Llama): compiled whole,
-# a lorakit model ran slower than eager (1×1024: 15.1k tokens/s) and CUDA graphs failed in the LoRA
-# ops; so compiling stays opt-in until benchmarks/gpu_shapes.py measures a compiled mode ahead.  Its
-# "compile" and "reduce-overhead" rows compile exactly as --compile does (each decoder layer, in place,
-# dynamic=True), so its lorakit rows are the figures that decide this constant.
+# The default on CUDA, from the measurements in benchmarks/RESULTS.md (H200, the 1.14B Llama, r = 16):
+# reduce-overhead runs this model 1.4-3.6x faster than eager at every batch shape once compiled
+# (gpu_shapes.py, one run), and `lorakit train --compile reduce-overhead` works (liger's loss kernel
+# only inside compiled layers) at 27.1k steady tokens/s at 1 x 2048, 4.44 GiB.  It stays opt-in because
+# (a) compiling costs about 70 s before the first step, more than a short run saves; (b) the causal-lm
+# default has dropout 0.05, whose compiled CUDA route (custom_ops.dense_dropout_lora) has never run
+# under CUDA graphs on a GPU; (c) CUDA graphs are recorded per batch shape (pad_for_graphs bounds how
+# many).  The README recommends --compile reduce-overhead for long runs.
 CUDA_DEFAULT_COMPILE = "off"
 
 
@@ -73,6 +76,17 @@ def trainable_to_float32(model: nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                 p.data = p.data.float()
+
+
+def optimizer_kernel(device: torch.device) -> dict[str, bool]:
+    """AdamW's implementation: ``fused`` on CUDA (one multi-tensor kernel per step), torch's default elsewhere.
+
+    The LoRA step updates a few hundred small tensors (two per adapted linear); the default ``foreach``
+    implementation issues about a dozen multi-tensor kernels for them, each with its own host time, which
+    matters where the step is bound by the host (batch 1, CUDA graphs: the optimizer stays eager).  The
+    fused kernel computes the same update; its state (``step`` on the device) loads from either kind's
+    checkpoint (``Optimizer.load_state_dict`` moves it)."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:

@@ -37,7 +37,8 @@ import lorakit
 from ..config import LoraConfig
 from ..errors import LorakitError
 from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
-from .compute import base_dtype, cast_base, compile_model, eager, pad_for_graphs, resolve_compile, trainable_to_float32
+from .compute import (base_dtype, cast_base, compile_model, eager, optimizer_kernel, pad_for_graphs, resolve_compile,
+                      trainable_to_float32)
 from .config import TrainConfig
 from .outputs import STEADY_AFTER, TrainResult, clean_stale_outputs, summary_lines, write_outputs
 from .progress import Progress
@@ -140,7 +141,8 @@ class Trainer:
             names = {id(p): n for n, p in self.params}
             # the optimizer numbers parameters group by group; checkpoints rely on self.params in that order
             self.params = [(names[id(p)], p) for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                           **optimizer_kernel(self.device))
         self.steps_per_epoch = math.ceil(len(task.train_examples) / (config.batch_size * config.grad_accum * self.world_size))
         self.total = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup = warmup_steps(config.warmup, self.total)
