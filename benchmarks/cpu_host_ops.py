@@ -1,11 +1,15 @@
-"""Host work per training step, counted on the CPU: aten ops a step issues for LoRA and DoRA.
+"""Host work per training step, counted on the CPU: aten ops a step issues for LoRA and DoRA, and Dynamo's
+guard evaluation per call of a compiled decoder layer.
 
     python benchmarks/cpu_host_ops.py
 
 Where a GPU step is bound by the host (batch 1 in eager mode: the GPU waits for Python), its time follows the
 number of ops the step issues, which does not depend on the device.  This counts them with ``torch.profiler`` on a
 2-layer Llama (hidden 64, bf16 base, float32 adapters, r = 16 on all 7 projections, 1×16 tokens, AdamW) for lorakit
-LoRA (plain inject) and DoRA, and prints the most frequent ops of each.
+LoRA (plain inject) and DoRA, and prints the most frequent ops of each.  Then it compiles that model's decoder
+layer (``layer.compile(dynamic=True)``, as ``lorakit train --compile`` does) for the frozen model and for lorakit
+(inject + share_inputs + fuse_mlps) and measures ``TorchDynamo Cache Lookup`` — the guard evaluation every call
+of a compiled layer pays before its graph runs, host time that CUDA graphs do not remove.
 """
 
 from __future__ import annotations
@@ -54,6 +58,35 @@ def count(use_dora: bool) -> tuple[float, collections.Counter]:
     return ms, collections.Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
 
 
+def guard_time(variant: str) -> tuple[float, int]:
+    """(µs of Dynamo cache lookup per compiled-layer call, number of calls) over 20 training steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if variant == "frozen":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    else:
+        model = lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, target_modules=TARGETS))
+        lorakit.share_inputs(model)
+        lorakit.fuse_mlps(model)
+    model.train()
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    layer.compile(dynamic=True)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            model(input_ids=ids, labels=ids).loss.backward()
+    lookup = next(e for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup")
+    return lookup.cpu_time_total / lookup.count, lookup.count
+
+
 def main() -> None:
     linears = 2 * len(TARGETS)
     rows = {name: count(name == "DoRA") for name in ("LoRA", "DoRA")}
@@ -62,6 +95,10 @@ def main() -> None:
         print(f"{name}: {sum(ops.values())} aten ops a step ({ms:.1f} ms on this CPU); most: {top}")
     extra = sum(rows["DoRA"][1].values()) - sum(rows["LoRA"][1].values())
     print(f"DoRA issues {extra} more ops a step: {extra / linears:.0f} per adapted linear ({linears} linears)")
+    torch.set_num_threads(1)
+    for variant in ("frozen", "lorakit"):
+        us, calls = guard_time(variant)
+        print(f"compiled decoder layer, {variant}: Dynamo cache lookup {us:.0f} µs a call ({calls} calls)")
 
 
 if __name__ == "__main__":
