@@ -164,3 +164,31 @@ def test_padding_for_cuda_graphs_keeps_the_loss(files: dict[str, Path]) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(**padded).loss, model(**batch).loss, rtol=1e-6, atol=1e-6)
     assert pad_for_graphs(padded, 0, multiple=64) is padded and pad_for_graphs([1], 0) == [1]
+
+
+def test_fused_adamw_steps_fsdp2_style_dtensor_parameters() -> None:
+    """FSDP2 shards parameters as DTensors; the fused AdamW that CUDA runs must accept them (here on one CPU rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        full = torch.randn(6, 4)
+        grad = torch.randn(6, 4)
+        sharded = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(full.clone())
+        opt_sharded = torch.optim.AdamW([sharded], lr=0.1, fused=True)
+        opt_plain = torch.optim.AdamW([plain], lr=0.1)
+        for _ in range(2):
+            sharded.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            plain.grad = grad.clone()
+            opt_sharded.step()
+            opt_plain.step()
+        torch.testing.assert_close(sharded.full_tensor(), plain.detach(), rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
