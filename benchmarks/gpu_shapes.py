@@ -15,7 +15,9 @@ Issue 21 (liger-kernel's fused kernels, checkpointing modes; contenders outside 
 Writes gpu_shapes.json and gpu_shapes.txt under $OUT (or ./bench_out).
 
 The model (issue #19): a Llama-architecture 1.14B (hidden 2048, 16 layers, MLP 8192, 16/8 heads, vocab
-32000, sdpa), random weights, bf16; LoRA r = 16, α = 32 on all 7 projections; AdamW; ``labels = input_ids``.
+32000, sdpa), random weights, bf16; LoRA r = 16, α = 32 on all 7 projections; AdamW (``fused`` on CUDA, as
+``lorakit train`` and transformers' Trainer default to; torch's default in every run up to 2026-12-03);
+``labels = input_ids``.
 
 One run does, in order, each step in its own subprocess (so one contender's memory, compiled code or
 crash cannot touch the next one's figures):
@@ -546,7 +548,7 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
     res["trainable"] = sum(p.numel() for p in built.params)
     layers = built.layers if built.layers is not None else decoder_layers(built.model)
     res["compiled_layers"] = len(layers)
-    opt = torch.optim.AdamW(built.params, lr=1e-5) if built.params else None
+    opt = torch.optim.AdamW(built.params, lr=1e-5, fused=device.type == "cuda") if built.params else None
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, shape.vocab, (1, args.prompt), generator=gen).to(device)
     for mode in args.modes.split(","):
