@@ -41,7 +41,6 @@ pack() { tar -cf "$OUT/results.tar" -C "$OUT" --exclude=results.tar --exclude=lo
 shapes() { step "$1" "$2" python3 benchmarks/gpu_shapes.py --warmup 2 --steps 5 "${@:3}"; }
 run_step() {
     case $1 in
-    # issue 19: frozen limit, PEFT, lorakit at every shape, eager (with the correctness check and decode)
     # issue 19, one build per contender: eager and CUDA graphs at every shape, decode in both (with the check)
     s19_main) shapes s19_main 570 --timeout 190 --contenders frozen,peft,lorakit --modes eager,reduce-overhead ;;
     # PEFT alone (its worker crashed in the s19_main run: exit -11 before its first cell), and compiled decode
@@ -54,23 +53,16 @@ run_step() {
         mkdir -p "$OUT/s19_cli"; echo "=== s19_cli $(date -u +%H:%M:%S)"
         OUT="$OUT/s19_cli" timeout 180 python3 benchmarks/gpu_cli_train.py --cases 1:off,1:reduce-overhead,8:reduce-overhead,8:off 2>&1 | tee "$OUT/s19_cli/log.txt" | tail -n 12
         pack ;;
-    # the third call of 2026-12-03: lorakit's CUDA-graph step profiled at 2×1024, compiled decode; DoRA eager
-    s19_prof2) shapes s19_prof2 200 --timeout 195 --no-check --profile --contenders lorakit --modes reduce-overhead \
-        --shapes 2x1024 ;;
-    # the third session: lorakit's CUDA-graph step at 2048 tokens with each backend (torch / Triton), profiled
-    s19_ro2) shapes s19_ro2 230 --timeout 112 --no-check --no-decode --profile --contenders lorakit,lorakit-triton \
-        --modes reduce-overhead --shapes 1x2048,2x1024 ;;
-    # (s19_ro2 ran out of time: reduce-overhead compiles again for each shape, ~75 s each.)  One shape:
+    # lorakit's CUDA-graph step profiled at 2×1024, with the torch backend and with Triton's (reduce-overhead
+    # compiles again for each shape, ~75-100 s: one shape per contender)
     s19_ro3) shapes s19_ro3 270 --timeout 134 --no-check --no-decode --profile --contenders lorakit,lorakit-triton \
         --modes reduce-overhead --shapes 2x1024 ;;
-    # the Trainer runs under bf16 autocast: lorakit's and PEFT's eager step under autocast, profiled
-    s16_autocast) shapes s16_autocast 90 --timeout 44 --no-check --no-decode --profile --autocast \
-        --contenders lorakit,peft --modes eager --shapes 1x2048 ;;
-    # the same, lorakit alone, without and with autocast in one run (the host-side profile says what autocast adds)
+    # issue 16: lorakit's eager step without and with bf16 autocast (as Trainer(bf16=True) runs), profiled, one call
     s16_ac2)
         shapes s16_ac2a 45 --timeout 42 --no-check --no-decode --profile --contenders lorakit --modes eager --shapes 1x2048
         shapes s16_ac2b 45 --timeout 42 --no-check --no-decode --profile --autocast --contenders lorakit --modes eager \
             --shapes 1x2048 ;;
+    # issue 19: the command with CUDA graphs at batch 1 alone
     s19_cli_ro1)
         mkdir -p "$OUT/s19_cli_ro1"; echo "=== s19_cli_ro1 $(date -u +%H:%M:%S)"
         OUT="$OUT/s19_cli_ro1" timeout 150 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro1/log.txt" | tail -n 12
@@ -109,12 +101,6 @@ run_step() {
         OUT="$OUT/s16_trainer8" timeout 170 python3 benchmarks/gpu_trainer.py --budget 150 --batches 8 1 \
             --contenders lorakit peft 2>&1 | tee "$OUT/s16_trainer8/log.txt" | tail -n 14
         pack ;;
-    s18_dora2) shapes s18_dora2 70 --timeout 65 --no-check --no-decode --contenders dora --modes eager \
-        --shapes 1x2048,8x2048 ;;
-    s19_cli_ro)
-        mkdir -p "$OUT/s19_cli_ro"; echo "=== s19_cli_ro $(date -u +%H:%M:%S)"
-        OUT="$OUT/s19_cli_ro" timeout 240 python3 benchmarks/gpu_cli_train.py --cases 1:reduce-overhead,8:reduce-overhead 2>&1 | tee "$OUT/s19_cli_ro/log.txt" | tail -n 12
-        pack ;;
     s17_gemv)
         mkdir -p "$OUT/s17_gemv"; echo "=== s17_gemv $(date -u +%H:%M:%S)"
         OUT="$OUT/s17_gemv" timeout 130 python3 benchmarks/gpu_qlora.py --parts check,b 2>&1 | tee "$OUT/s17_gemv/log.txt" | tail -n 40
@@ -144,5 +130,5 @@ run_step() {
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }
-ALL="s19_main s19_peft s19_prof s19_cli s19_eager s19_compile s17_qlora s19_graphs s16_trainer s21_liger s18_dora"
+ALL="s19_main s19_peft s19_compile s19_decode s19_ro3 s19_cli s16_trainer s18_dora4 s17_qlora s21_liger s21_small s21_8b"
 for s in ${@:-$ALL}; do run_step "$s"; done
