@@ -78,7 +78,7 @@ run_step() {
     s19_peftc8) shapes s19_peftc8 125 --timeout 120 --no-check --no-decode --contenders peft --modes compile \
         --shapes 8x2048 ;;
     # issue 21: the small shapes of the fused-kernel rows, and QLoRA with the kernels
-    s21_small) shapes s21_small 150 --timeout 40 --no-check --no-decode --modes eager --shapes 1x512,2x1024 \
+    s21_small) shapes s21_small 170 --timeout 45 --no-check --no-decode --profile --modes eager --shapes 1x512,2x1024 \
         --contenders frozen-liger,peft-liger,lorakit-liger,qlora-liger ;;
     # issue 21's 8B memory table (offload mode, bf16 and NF4)
     s21_8b) step s21_8b 150 python3 benchmarks/gpu_shapes.py --model 8b --warmup 1 --steps 2 --timeout 72 --no-check \
