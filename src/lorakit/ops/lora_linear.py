@@ -65,7 +65,8 @@ def lora_linear(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear(x.to(dtype), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     if torch.compiler.is_compiling():  # the custom ops: Inductor sees inside them, no graph break
-        from .custom_ops import lora_linear_op  # imported on first compile: registering its triton_ops loads Inductor (seconds)
+        # imported on first compile: registering its triton_ops loads Inductor (seconds)
+        from .custom_ops import lora_linear_op
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     if not _needs_graph(x, weight, bias, lora_A, lora_B):

@@ -160,8 +160,8 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
         h, _ = torch_lora.lora_forward(x2, dequantize_nf4(t, x2.dtype), bias, lora_A, lora_B, float(scale), 0.0, 0,
                                        False)
     else:
-        from .backends import backend_for
         from . import triton_lora
+        from .backends import backend_for
 
         h = _NF4LoraLinear.apply(x2, t, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),
                                  _triton_ok() and backend_for(x2) is triton_lora)

@@ -37,8 +37,16 @@ import lorakit
 from ..config import LoraConfig
 from ..errors import LorakitError
 from .checkpoint import Checkpoint, CheckpointError, capture_rng, clean_stale, restore_rng, save_checkpoint
-from .compute import (base_dtype, cast_base, compile_model, eager, optimizer_kernel, pad_for_graphs, resolve_compile,
-                      trainable_to_float32)
+from .compute import (
+    base_dtype,
+    cast_base,
+    compile_model,
+    eager,
+    optimizer_kernel,
+    pad_for_graphs,
+    resolve_compile,
+    trainable_to_float32,
+)
 from .config import TrainConfig
 from .outputs import STEADY_AFTER, TrainResult, clean_stale_outputs, summary_lines, write_outputs
 from .progress import Progress
