@@ -85,6 +85,28 @@ def test_same_as_separate_lora_linear_fp32_with_an_unused_member():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_skips_autograd_and_equals_the_training_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    module = importlib.import_module("lorakit.ops.lora_group")
+    x, Ws, bs, As, Bs, scales = make()
+    for t in [x, *As, *Bs]:
+        t.requires_grad_()
+    ref = lora_linear_group(x, Ws, bs, As, Bs, scales)  # the autograd node
+    assert all(h.requires_grad for h in ref)
+    calls = []
+    monkeypatch.setattr(module._LoraGroup, "apply", lambda *a: calls.append(a))  # would return None
+    with torch.no_grad():
+        outs = lora_linear_group(x, Ws, bs, As, Bs, scales)
+    detached = [[t.detach() for t in ts] for ts in (As, Bs)]
+    plain = lora_linear_group(x.detach(), Ws, bs, *detached, scales)  # grad mode on, nothing requires grad
+    assert calls == []
+    for h, h_plain, h_ref in zip(outs, plain, ref):
+        assert not h.requires_grad and not h_plain.requires_grad
+        torch.testing.assert_close(h, h_ref.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(h_plain, h_ref.detach(), rtol=0, atol=0)
+
+
 def test_member_count_must_agree():
     x, Ws, bs, As, Bs, scales = make()
     with pytest.raises(ValueError, match="one weight, bias, A, B and scale per member"):

@@ -57,9 +57,31 @@ def lora_linear_group(
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear_group(x.to(dtype), weights, biases, As, Bs, scales)
     lead = x.shape[:-1]
-    outs = _LoraGroup.apply(x.reshape(-1, x.shape[-1]), tuple(float(s) for s in scales), torch.is_grad_enabled(),
-                            *weights, *biases, *As, *Bs)
+    x2 = x.reshape(-1, x.shape[-1])
+    scales = tuple(float(s) for s in scales)
+    params = (x, *weights, *biases, *As, *Bs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        outs = _LoraGroup.apply(x2, scales, True, *weights, *biases, *As, *Bs)
+    else:  # inference: the same forward without an autograd node (Function.apply's host time, per group and token)
+        outs, _, _ = _group_forward(x2, scales, weights, biases, As, Bs, need_u=False)
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
+
+
+def _group_forward(x2: Tensor, scales: Sequence[float], Ws: Sequence[Tensor], bs: Sequence[Tensor | None],
+                   As: Sequence[Tensor], Bs: Sequence[Tensor], need_u: bool) -> tuple[list[Tensor], Tensor, object]:
+    """(h_1 … h_m, u_cat, backend) for x2 (N, k); u_cat is (0, Σr) unless ``need_u`` or the backend needs it."""
+    be = backends.backend_for(x2)
+    if need_u or not be.MERGED_WEIGHT:  # one pass over x for every member
+        u = be.input_product(x2, torch.cat([A.to(x2.dtype) for A in As]))  # (N, Σr)
+    else:
+        u = x2.new_empty((0, sum(A.shape[0] for A in As)))
+    outs, start = [], 0
+    for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
+        r = A.shape[0]
+        u_i = u[:, start:start + r] if u.shape[0] else None
+        outs.append(be.lora_forward(x2, W, b, A, B, s, 0.0, 0, False, u_i)[0])
+        start += r
+    return outs, u, be
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -67,19 +89,8 @@ class _LoraGroup(torch.autograd.Function):
     def forward(ctx, x2, scales, grad_enabled, *params):  # type: ignore[override]
         m = len(scales)
         Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
-        be = backends.backend_for(x2)
         # (needs_input_grad ignores torch.no_grad: the grad mode says whether backward can come)
-        need_u = grad_enabled and any(ctx.needs_input_grad)
-        if need_u or not be.MERGED_WEIGHT:  # one pass over x for every member
-            u = be.input_product(x2, torch.cat([A.to(x2.dtype) for A in As]))  # (N, Σr)
-        else:
-            u = x2.new_empty((0, sum(A.shape[0] for A in As)))
-        outs, start = [], 0
-        for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
-            r = A.shape[0]
-            u_i = u[:, start:start + r] if u.shape[0] else None
-            outs.append(be.lora_forward(x2, W, b, A, B, s, 0.0, 0, False, u_i)[0])
-            start += r
+        outs, u, be = _group_forward(x2, scales, Ws, bs, As, Bs, need_u=grad_enabled and any(ctx.needs_input_grad))
         ctx.save_for_backward(x2, u, *Ws, *As, *Bs)
         ctx.be, ctx.scales, ctx.has_bias = be, scales, [b is not None for b in bs]
         return tuple(outs)
