@@ -40,6 +40,12 @@ TRITON_MIN_ROWS = 16384
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors``: grad mode is on and one of them requires grad.
+    Ops whose call records nothing (decode, evaluation) skip their autograd node and its host time."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def backend_for(x: Tensor):
     """The backend module (``triton_lora`` or ``torch_lora``) for a LoRA linear whose (N, k) input is ``x``."""
     if (triton_lora is not None and x.is_cuda and x.dtype in _TRITON_DTYPES and x.shape[0] >= TRITON_MIN_ROWS

@@ -129,8 +129,7 @@ def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A
     if dropout_p and x.is_cuda and torch.compiler.is_compiling():
         h = dense_dropout_lora(x2, weight, bias, lora_A, lora_B, scale, dropout_p)
         return h.view(*x.shape[:-1], h.shape[-1])
-    need_u = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B))
+    need_u = backends.records_grad(x, weight, bias, lora_A, lora_B)
     h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p,
                                              seed_tensor(seed) if dropout_p else None, need_u)
     return h.view(*x.shape[:-1], h.shape[-1])

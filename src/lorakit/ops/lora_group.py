@@ -59,8 +59,7 @@ def lora_linear_group(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     scales = tuple(float(s) for s in scales)
-    params = (x, *weights, *biases, *As, *Bs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+    if backends.records_grad(x, *weights, *biases, *As, *Bs):
         outs = _LoraGroup.apply(x2, scales, True, *weights, *biases, *As, *Bs)
     else:  # inference: the same forward without an autograd node (Function.apply's host time, per group and token)
         outs, _, _ = _group_forward(x2, scales, weights, biases, As, Bs, need_u=False)

@@ -69,7 +69,7 @@ def lora_linear(
         from .custom_ops import lora_linear_op
 
         return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    if not _needs_graph(x, weight, bias, lora_A, lora_B):
+    if not backends.records_grad(x, weight, bias, lora_A, lora_B):
         # Inference (decode, evaluation): the backend's forward alone.  An autograd node would record nothing,
         # yet Function.apply costs host time per call — the pace of batch-1 decoding.
         x2 = x.reshape(-1, x.shape[-1])
@@ -78,11 +78,6 @@ def lora_linear(
         return h.view(*x.shape[:-1], h.shape[-1])
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),
                              torch.is_grad_enabled())
-
-
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd will record this call: grad mode is on and some input requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _LoraLinear(torch.autograd.Function):

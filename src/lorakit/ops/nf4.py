@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .backends import backend_for, records_grad
 from .nf4_format import (  # noqa: F401  (the format's names, for callers of the NF4 ops)
     BLOCK,
     NESTED_BLOCK,
@@ -145,8 +146,7 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
             return nf4_lora_linear(x.to(dtype), t, bias, lora_A, lora_B, scale, dropout_p, seed)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    needs_grad = torch.is_grad_enabled() and any(
-        v is not None and v.requires_grad for v in (x, bias, lora_A, lora_B))
+    needs_grad = records_grad(x, bias, lora_A, lora_B)
     if not needs_grad and x2.is_cuda and x2.shape[0] <= GEMV_MAX_TOKENS and (lora_A is None or not dropout_p) \
             and _triton_ok():
         from . import triton_nf4
@@ -161,7 +161,6 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
                                        False)
     else:
         from . import triton_lora
-        from .backends import backend_for
 
         h = _NF4LoraLinear.apply(x2, t, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),
                                  _triton_ok() and backend_for(x2) is triton_lora)

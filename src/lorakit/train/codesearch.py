@@ -360,7 +360,7 @@ def build_code_search_task(
     D = CODE_SEARCH_DEFAULTS
     split = build_code_search_pairs(source, eval_pairs=D.eval_pairs if eval_pairs is None else eval_pairs)
     model, tokenizer, note = task_encoder(model_dir if model_dir is not None else default_model_dir(), quantize)
-    task = EmbeddingTask(
+    return EmbeddingTask(
         model,
         tokenizer,
         [EmbeddingPair(p.query, p.code) for p in split.train],
@@ -371,7 +371,5 @@ def build_code_search_task(
         top_layers=D.top_layers,
         data_id=split.fingerprint(),
         source=split.source,
+        load_note=note,
     )
-    if note is not None:
-        task.load_note = note
-    return task

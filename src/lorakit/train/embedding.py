@@ -197,6 +197,7 @@ class EmbeddingTask:
             one call per loss / evaluation.
         top_layers: share of the layers (the top ones) in :attr:`default_targets`, see
             :func:`encoder_targets`.
+        load_note: how a model built for ``--quantize`` was loaded (:func:`task_encoder`'s note).
     """
 
     modules_to_save: tuple[str, ...] = ()
@@ -219,6 +220,7 @@ class EmbeddingTask:
         source: str = "",
         chunk_tokens: int | None = 1024,
         top_layers: float = 1.0,
+        load_note: str | None = None,
     ) -> None:
         if temperature <= 0:
             raise EmbeddingTaskError(f"temperature must be > 0, got {temperature}")
@@ -237,6 +239,8 @@ class EmbeddingTask:
         self.eval_pairs = list(eval_pairs)
         self._data_id = data_id
         self._source = source
+        #: how a model built for --quantize was loaded (task.py's optional member); None otherwise
+        self.load_note = load_note
         self.train_examples: list[_Tokens] = self._tokenize_pairs(self.train_pairs)
         # The held-out corpus: each distinct positive once; answers[i] is query i's document.
         corpus: dict[str, int] = {}
@@ -399,7 +403,7 @@ def build_embedding_task(
         train_idx, held_idx = split_holdout(len(pairs), eval_fraction, seed)
         train, held = [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
     model, tokenizer, note = task_encoder(model_dir if model_dir is not None else default_model_dir(), quantize)
-    task = EmbeddingTask(
+    return EmbeddingTask(
         model,
         tokenizer,
         train,
@@ -409,7 +413,5 @@ def build_embedding_task(
         name="embedding",
         data_id=file_fingerprint(data_file, eval_file),
         source=str(data_file),
+        load_note=note,
     )
-    if note is not None:
-        task.load_note = note
-    return task
