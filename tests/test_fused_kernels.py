@@ -75,6 +75,31 @@ def test_replaces_on_this_instance_only() -> None:
     assert fused_kernels.applied(model) is rep
 
 
+def test_an_architecture_without_the_fused_loss_keeps_the_other_kernels(monkeypatch) -> None:
+    """liger raises NotImplementedError for the fused loss on some architectures (e.g. granite): apply undoes
+    that attempt, applies the rest and says so in the report."""
+    import functools
+
+    from liger_kernel.transformers import monkey_patch
+
+    real = monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN["llama"]
+
+    @functools.wraps(real)  # the same signature: apply reads its parameters
+    def no_fused_loss(*args, **kwargs):
+        if kwargs.get("fused_linear_cross_entropy"):
+            raise NotImplementedError("no fused linear cross-entropy for this model")
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN, "llama", no_fused_loss)
+    before = _globals()
+    model = _lora(tiny_llama())
+    rep = fused_kernels.apply(model, device="cuda")
+    assert rep.applied and rep.replaced == {"LigerRMSNorm": 5, "LigerSwiGLUMLP": 2, "RoPE": 2}
+    assert "fused linear cross-entropy not available for llama" in str(rep)
+    assert "forward" not in model.__dict__  # the causal LM keeps its own forward (and loss)
+    assert _globals() == before
+
+
 def test_loss_only_for_causal_lms() -> None:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
