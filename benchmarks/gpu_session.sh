@@ -86,11 +86,11 @@ run_step() {
     # issue 17: decode through the dequantise route (GEMV_MAX_TOKENS = 0)
     s17_decode)
         mkdir -p "$OUT/s17_decode"; echo "=== s17_decode $(date -u +%H:%M:%S)"
-        OUT="$OUT/s17_decode" timeout 100 python3 benchmarks/gpu_qlora.py --parts b 2>&1 | tee "$OUT/s17_decode/log.txt" | tail -n 12
+        OUT="$OUT/s17_decode" timeout 130 python3 benchmarks/gpu_qlora.py --parts b 2>&1 | tee "$OUT/s17_decode/log.txt" | tail -n 12
         pack ;;
     s17_bprof)
         mkdir -p "$OUT/s17_bprof"; echo "=== s17_bprof $(date -u +%H:%M:%S)"
-        OUT="$OUT/s17_bprof" timeout 70 python3 benchmarks/gpu_qlora.py --parts bprof 2>&1 | tee "$OUT/s17_bprof/log.txt" | tail -n 32
+        OUT="$OUT/s17_bprof" timeout 80 python3 benchmarks/gpu_qlora.py --parts bprof 2>&1 | tee "$OUT/s17_bprof/log.txt" | tail -n 32
         pack ;;
     s17_bprof2)  # the same without cuDNN's SDPA backend (the NF4 model spent 36 ms a token in it)
         mkdir -p "$OUT/s17_bprof2"; echo "=== s17_bprof2 $(date -u +%H:%M:%S)"
@@ -109,7 +109,7 @@ run_step() {
     # issue 19: CUDA graphs (reduce-overhead) at the small shapes with compiled decode; torch.compile at 8×2048
     s19_graphs) shapes s19_graphs 300 --timeout 100 --no-check --contenders frozen,peft,lorakit \
         --modes reduce-overhead --shapes 1x512,1x1024 ;;
-    s19_compile) shapes s19_compile 280 --timeout 100 --no-check --no-decode --contenders frozen,peft,lorakit \
+    s19_compile) shapes s19_compile 340 --timeout 112 --no-check --no-decode --contenders frozen,peft,lorakit \
         --modes compile ;;
     # issue 21: the fused-kernel limit and lorakit with liger in each checkpointing mode
     s21_liger) shapes s21_liger 230 --timeout 45 --no-check --no-decode --modes eager --shapes 1x2048,8x2048 \
@@ -127,6 +127,18 @@ run_step() {
         mkdir -p "$OUT/s16_trainer"; echo "=== s16_trainer $(date -u +%H:%M:%S)"
         OUT="$OUT/s16_trainer" timeout 200 python3 benchmarks/gpu_trainer.py --budget 180 2>&1 | tail -n 20
         pack ;;
+    # fourth session: where liger's extra eager host time goes (lorakit with and without it, profiled, one call)
+    s21_hprof) shapes s21_hprof 110 --timeout 52 --no-check --no-decode --profile --modes eager --shapes 2x1024 \
+        --contenders lorakit,lorakit-liger ;;
+    # issue 17 at every shape: QLoRA (lorakit's NF4) against PEFT + bitsandbytes, eager
+    s17_shapes) shapes s17_shapes 130 --timeout 62 --no-check --no-decode --modes eager --contenders qlora,peft-bnb ;;
+    # issue 21: the fused-kernel limit and its peers compiled (regional torch.compile), and QLoRA compiled
+    s21_compile) shapes s21_compile 290 --timeout 95 --no-check --no-decode --modes compile --shapes 8x2048 \
+        --contenders frozen-liger,peft-liger,lorakit-liger ;;
+    # issue 19: decode under torch.compile without CUDA graphs (reduce-overhead's decode fails on the static cache)
+    s19_decodec) shapes s19_decodec 130 --timeout 64 --no-check --contenders frozen,lorakit --modes compile \
+        --shapes none ;;
+    s19_decodec2) shapes s19_decodec2 125 --timeout 120 --no-check --contenders lorakit --modes compile --shapes none ;;
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }

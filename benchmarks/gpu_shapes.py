@@ -111,6 +111,9 @@ class Ctx:
     dtype: torch.dtype
     r: int = 16
     alpha: float = 32.0
+    # liger's RMSNorm / RoPE / SwiGLU autograd functions fail in Dynamo inside a compiled layer (torch 2.11): a run
+    # with a compiled mode puts only the fused loss on (as `lorakit train --compile` does); Inductor fuses the rest
+    layer_kernels: bool = True
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def base_model(self, seed: int = 0) -> torch.nn.Module:
@@ -259,12 +262,37 @@ def build_peft_dora(ctx: Ctx) -> Built:
     return Built(m, trainable(m), lora_r=ctx.r)
 
 
+# ------------------------------------------------------------------------- 4-bit NF4 bases (issue 17)
+@contender("qlora", default=False)
+def build_qlora(ctx: Ctx) -> Built:
+    """lorakit as the ``lorakit`` contender on an NF4 base (``lorakit.quantize_base``): QLoRA."""
+    import lorakit
+
+    m = lorakit.quantize_base(lorakit_model(ctx, fuse=False), "nf4")
+    ctx.note(f"qlora: {lorakit.share_inputs(m)} shared-input groups, {lorakit.fuse_mlps(m)} fused MLPs")
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
+@contender("peft-bnb", default=False)
+def build_peft_bnb(ctx: Ctx) -> Built:
+    """PEFT over bitsandbytes' Linear4bit (NF4, double quantisation, bf16 compute: QLoRA's setup), bf16 adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    from gpu_qlora import to_bnb  # bitsandbytes' CUDA build must be importable
+
+    m = get_peft_model(to_bnb(ctx.base_model()), LoraConfig(r=ctx.r, lora_alpha=ctx.alpha, target_modules=TARGETS),
+                       autocast_adapter_dtype=False)
+    m.train()
+    return Built(m, trainable(m), lora_r=ctx.r)
+
+
 # ----------------------------------------------- liger-kernel's fused kernels and checkpointing (issue 21)
 def with_kernels(ctx: Ctx, model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with liger-kernel's fused loss, RMSNorm, RoPE and SwiGLU (``lorakit.fused_kernels.apply``)."""
     from lorakit import fused_kernels
 
-    ctx.note(str(fused_kernels.apply(model)))
+    on = ctx.layer_kernels
+    ctx.note(str(fused_kernels.apply(model, rope=on, norms=on, mlp=on)))
     return model
 
 
@@ -540,7 +568,7 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
                 json.dump(res, f, indent=1)
             os.replace(out_json + ".tmp", out_json)
 
-    ctx = Ctx(shape, device, dtype)
+    ctx = Ctx(shape, device, dtype, layer_kernels=args.modes == "eager")
     t0 = time.perf_counter()
     built = CONTENDERS[name](ctx)
     res["build_s"] = time.perf_counter() - t0
