@@ -36,7 +36,8 @@ Modes: ``eager``; ``compile`` and ``reduce-overhead`` compile *regionally*: each
 ``layer.compile(mode=..., dynamic=True)``, the same for every contender, so one compilation serves all
 16 layers and every shape (CUDA graphs, in reduce-overhead, are recorded per shape).  Embedding, final
 norm, lm_head, loss and optimizer stay eager.  ``--static`` compiles per shape instead (slower to
-compile).  Decode in compiled modes uses transformers' static KV cache so the decode step has one shape.
+compile).  Decode in compiled modes compiles the whole forward with transformers' static KV cache (one decode
+shape), as transformers' own generate does.
 
 The frozen limit (as in RESULTS.md): the same model with every weight frozen and the input embeddings
 requiring grad, so backward runs through every layer and computes input gradients but no weight
@@ -507,11 +508,14 @@ def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Ten
 
 
 def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: str, device: torch.device) -> dict[str, Any]:
-    """Greedy generation of exactly ``new`` tokens; compiled modes use a static KV cache (one decode shape)."""
+    """Greedy generation of exactly ``new`` tokens; compiled modes compile the whole forward (static shapes) and
+    use a static KV cache (one decode shape), as transformers' generate does on its own for a static cache."""
     kwargs: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if mode != "eager":
         kwargs["cache_implementation"] = "static"
-    kwargs["disable_compile"] = True  # transformers would otherwise compile the whole forward on its own
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, mode=None if mode == "compile" else mode, dynamic=False)
+    kwargs["disable_compile"] = True  # compiled above (or eager): transformers must not compile on its own
 
     def run() -> torch.Tensor:
         with torch.no_grad():
@@ -525,6 +529,9 @@ def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: st
     finally:
         if hook is not None:
             hook.remove()
+        if "forward" in vars(model):
+            del model.forward  # the class's forward again
+            torch._dynamo.reset()
 
 
 def _timed_decode(run: Callable[[], torch.Tensor], prompt: torch.Tensor, device: torch.device) -> dict[str, Any]:
@@ -609,9 +616,11 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
         key = f"{mode}/1x{args.prompt}+{args.new_tokens}"
         built.model.eval()
         try:
-            # Decode compiles with static shapes: it has two (prompt, one token), and transformers' static KV
-            # cache under dynamic=True fails in Inductor (torch 2.11: "indices must be int64 ... float64").
-            set_mode(layers, mode, dynamic=False)
+            # Decode compiles the whole forward instead (decode_cell), as transformers does for a static KV cache:
+            # with regional compilation the cache's in-place update inside each layer broke CUDA-graph trees for
+            # the frozen model and lorakit alike (2026-12-03: "accessing tensor output of CUDAGraphs that has been
+            # overwritten"), and under dynamic=True Inductor failed on it ("indices must be int64 ... float64").
+            set_mode(layers, "eager", dynamic=False)
             cell = decode_cell(built.model, prompt, args.new_tokens, mode, device)
             res["decode"][key] = cell
             print(f"  {name:10s} decode {key:22s} {cell['tokens_per_s']:8.1f} tok/s (warm-up {cell['warmup_s']:.1f} s)",

@@ -1,6 +1,7 @@
 """torch.compile (Inductor, on the CPU) of a tiny Llama with lorakit's whole training set-up — inject,
 share_inputs, fuse_mlps, with and without dropout — against the same model run eagerly: no graph break, the
-same loss and the same adapter gradients, and an optimizer step that agrees too."""
+same loss and the same adapter gradients, and an optimizer step that agrees too; and generation with the whole
+forward compiled (fullgraph, static KV cache), as transformers compiles it for decode, gives the eager tokens."""
 
 from __future__ import annotations
 
@@ -59,3 +60,19 @@ def test_compiled_llama_matches_eager(dropout: float) -> None:
     if dropout:  # the masks matter: the same model without dropout gives another first loss
         with torch.no_grad():
             assert not torch.allclose(_model(dropout).eval()(input_ids=ids, labels=ids).loss, runs[0][0][0])
+
+
+def test_compiled_generation_matches_eager() -> None:
+    """Decode with the forward compiled whole (fullgraph: a graph break is an error) and a static KV cache, the
+    set-up of ``torch.compile(model.forward, mode="reduce-overhead")`` on a GPU, with the adapters unmerged."""
+    model = _model(0.0).eval()
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static",
+              disable_compile=True)  # this test compiles; transformers must not do it again
+    with torch.no_grad():
+        eager = model.generate(ids, **kw)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        compiled = model.generate(ids, **kw)
+    assert compiled.shape == (1, 12)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
