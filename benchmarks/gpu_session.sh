@@ -16,12 +16,13 @@
 # (3 contenders x eager + reduce-overhead x 4 shapes + decode) took 460 s. gpu_cli_train saves the 1.14B
 # checkpoint (~25 s) before its first run, and each compiled run compiles again.
 # Measured so far (see RESULTS.md): s19_main, s19_peft, s17_gemv (second session); s16_ac2, s17_decode, s17_bprof,
-# s18_dora4, s19_ro3, s19_cli_ro1, s16_trainer8, s21_8b, s21_small, s19_peftc8 (third session).  Sizing lessons of
-# the third: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
-# machines differ by up to 1.5x in host speed, so every ratio must come from one step.  Still to run, about one call:
-#   s19_decode s19_compile             (compiled decode; frozen / lorakit / PEFT under torch.compile at every shape)
-#   s19_ro3 (lorakit-triton only)      (the Triton backend under CUDA graphs: its caches are now off)
-#   s17_bprof2                         (NF4 decode without cuDNN's SDPA: 36 ms a token went to its host side)
+# s18_dora4, s19_ro3, s19_cli_ro1, s16_trainer8, s21_8b, s21_small, s19_peftc8 (third); s17_decode and s17_bprof (decode
+# now warmed over every KV length), s21_hprof, s17_shapes, s19_compile, s19_decodec, s21_compile (fourth).  Sizing
+# lessons: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
+# compile mode recompiles once more at the first new shape (20-35 s); machines differ by up to 1.5x in host speed, so
+# every ratio must come from one step.  Not yet measured, about one call:
+#   s19_compile for peft and lorakit at 8x2048 (cut off), PEFT + bitsandbytes compiled, lorakit's compiled decode
+#   (s19_decodec2); reduce-overhead decode (s19_decode) fails on transformers 5.17's generate for every model.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
