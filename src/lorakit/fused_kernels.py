@@ -172,7 +172,7 @@ def _apply(model: nn.Module, apply_fn: Any, model_type: str, wanted: dict[str, b
         else:
             replaced[_kernel_name(new)] += 1
     for (owner, name), value in rebound.items():
-        if isinstance(owner, types.ModuleType) and inspect.isfunction(vars(owner).get(name)) and callable(value):
+        if isinstance(owner, types.ModuleType) and _plain_callable(vars(owner).get(name)) and _plain_callable(value):
             n = _rebind_in_model(model, owner, name, value)
             label = "RoPE" if "rotary" in name else name
             if n:
@@ -256,6 +256,12 @@ def _put_back_forwards(model: nn.Module, before: dict[int, Any]) -> None:
 
 
 # -- RoPE on this model only -----------------------------------------------------------------------------------
+def _plain_callable(value: Any) -> bool:
+    """A function-like global (not a class): a plain function, or, with the ``kernels`` package installed,
+    transformers' wrapper module around one (transformers ≥ 5.25 makes ``apply_rotary_pos_emb`` such a ``Func``)."""
+    return callable(value) and not isinstance(value, type)
+
+
 def _rebind_in_model(model: nn.Module, owner: types.ModuleType, name: str, value: Any) -> int:
     """Give every module of ``model`` whose class forward (defined in ``owner``) calls ``owner.name`` a forward
     that calls ``value`` instead; returns how many modules got one."""
