@@ -189,6 +189,9 @@ def _apply(model: nn.Module, apply_fn: Any, model_type: str, wanted: dict[str, b
                 replaced[f"{owner.__name__}.{name}"] += n
     if wanted["fused_linear_cross_entropy"] and _LOSS not in replaced and not any(_LOSS in n for n in notes):
         notes.append(f"{_LOSS}: liger-kernel replaces no loss of {type(model).__name__}")
+    if wanted["rope"] and "RoPE" not in replaced and not any(n.startswith("RoPE") for n in notes):
+        # e.g. a transformers release that wraps the RoPE function in a way the rebinding above does not know
+        notes.append(f"RoPE: no rotary-embedding kernel could be put on this {type(model).__name__} alone; left as it was")
     return KernelReport(bool(replaced), model_type, dict(replaced), notes)
 
 
