@@ -190,10 +190,6 @@ def _check(name: str) -> str:
     return "" if worst < 1e-4 else f"adapter gradients differ by {worst:.2e} (relative)"
 
 
-if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is already in the environment
-    report(["train", "eval", "lora_head_falls_back"], _check)
-
-
 def test_rope_that_cannot_be_put_on_is_reported(monkeypatch) -> None:
     """A RoPE global the rebinding does not recognise (as transformers 5.25 + kernels once made it) is never skipped
     silently: the other kernels go on and the report names RoPE."""
@@ -204,3 +200,8 @@ def test_rope_that_cannot_be_put_on_is_reported(monkeypatch) -> None:
     assert rep.applied and "RoPE" not in rep.replaced and rep.replaced["LigerRMSNorm"] == 5
     assert "RoPE: no rotary-embedding kernel could be put on" in str(rep)
     assert _globals() == before
+
+
+if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is already in the environment
+    report(["train", "eval", "lora_head_falls_back"], _check)
+
