@@ -21,8 +21,9 @@
 # lessons: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
 # compile mode recompiles once more at the first new shape (20-35 s); machines differ by up to 1.5x in host speed, so
 # every ratio must come from one step.  Not yet measured, about one call:
-#   s19_compile for peft and lorakit at 8x2048 (cut off), PEFT + bitsandbytes compiled, lorakit's compiled decode
-#   (s19_decodec2); reduce-overhead decode (s19_decode) fails on transformers 5.17's generate for every model.
+#   s19_decode: reduce-overhead decode now through transformers' own compiled generate (compiling the forward
+#   ourselves failed for every model); s19_decodec2 (lorakit's compile-mode decode); s19_compile for peft and lorakit
+#   at 8x2048 (cut off); PEFT + bitsandbytes compiled.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

@@ -36,8 +36,8 @@ Modes: ``eager``; ``compile`` and ``reduce-overhead`` compile *regionally*: each
 ``layer.compile(mode=..., dynamic=True)``, the same for every contender, so one compilation serves all
 16 layers and every shape (CUDA graphs, in reduce-overhead, are recorded per shape).  Embedding, final
 norm, lm_head, loss and optimizer stay eager.  ``--static`` compiles per shape instead (slower to
-compile).  Decode in compiled modes compiles the whole forward with transformers' static KV cache (one decode
-shape), as transformers' own generate does.
+compile).  Decode in compiled modes uses transformers' static KV cache (one decode shape) and compiles the whole
+forward (``compile``) or lets transformers' generate compile its decode step with CUDA graphs (``reduce-overhead``).
 
 The frozen limit (as in RESULTS.md): the same model with every weight frozen and the input embeddings
 requiring grad, so backward runs through every layer and computes input gradients but no weight
@@ -508,30 +508,35 @@ def profile_step(built: Built, opt: torch.optim.Optimizer | None, ids: torch.Ten
 
 
 def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: str, device: torch.device) -> dict[str, Any]:
-    """Greedy generation of exactly ``new`` tokens; compiled modes compile the whole forward (static shapes) and
-    use a static KV cache (one decode shape), as transformers' generate does on its own for a static cache."""
+    """Greedy generation of exactly ``new`` tokens.  Compiled modes use a static KV cache (one decode shape):
+    ``compile`` compiles the whole forward here (static shapes, no CUDA graphs); ``reduce-overhead`` leaves it to
+    transformers' own ``generate``, which compiles the decode step with CUDA graphs for a static cache on a GPU (its
+    default ``CompileConfig``) and runs the prefill eagerly: what users get from
+    ``generate(..., cache_implementation="static")``.  Compiling the forward ourselves under reduce-overhead failed
+    for every model, the plain one too (2026-12-03, H200: "accessing tensor output of CUDAGraphs that has been
+    overwritten")."""
     kwargs: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if mode != "eager":
         kwargs["cache_implementation"] = "static"
         torch._dynamo.reset()
-        model.forward = torch.compile(model.forward, mode=None if mode == "compile" else mode, dynamic=False)
-    kwargs["disable_compile"] = True  # compiled above (or eager): transformers must not compile on its own
+    if mode == "compile":
+        model.forward = torch.compile(model.forward, dynamic=False)
+    if mode != "reduce-overhead":
+        kwargs["disable_compile"] = True  # compiled above (or eager): transformers must not compile on its own
 
     def run() -> torch.Tensor:
         with torch.no_grad():
             return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **kwargs)
 
-    hook = None
-    if mode == "reduce-overhead":  # one CUDA-graph generation per token: generate keeps no graph output across steps
-        hook = model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     try:
         return _timed_decode(run, prompt, device)
     finally:
-        if hook is not None:
-            hook.remove()
         if "forward" in vars(model):
             del model.forward  # the class's forward again
-            torch._dynamo.reset()
+        for owner in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
+            if owner is not None and "_compiled_call" in vars(owner):
+                del owner._compiled_call  # transformers' compiled decode step, and its CUDA graphs
+        torch._dynamo.reset()
 
 
 def _timed_decode(run: Callable[[], torch.Tensor], prompt: torch.Tensor, device: torch.device) -> dict[str, Any]:
@@ -616,10 +621,10 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
         key = f"{mode}/1x{args.prompt}+{args.new_tokens}"
         built.model.eval()
         try:
-            # Decode compiles the whole forward instead (decode_cell), as transformers does for a static KV cache:
-            # with regional compilation the cache's in-place update inside each layer broke CUDA-graph trees for
-            # the frozen model and lorakit alike (2026-12-03: "accessing tensor output of CUDAGraphs that has been
-            # overwritten"), and under dynamic=True Inductor failed on it ("indices must be int64 ... float64").
+            # Decode does not use the compiled layers (decode_cell compiles its own way): with regional compilation
+            # the static cache's in-place update inside each layer broke CUDA-graph trees for the frozen model and
+            # lorakit alike (2026-12-03: "accessing tensor output of CUDAGraphs that has been overwritten"), and
+            # under dynamic=True Inductor failed on it ("indices must be int64 ... float64").
             set_mode(layers, "eager", dynamic=False)
             cell = decode_cell(built.model, prompt, args.new_tokens, mode, device)
             res["decode"][key] = cell
