@@ -20,10 +20,12 @@
 # now warmed over every KV length), s21_hprof, s17_shapes, s19_compile, s19_decodec, s21_compile (fourth).  Sizing
 # lessons: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
 # compile mode recompiles once more at the first new shape (20-35 s); machines differ by up to 1.5x in host speed, so
-# every ratio must come from one step.  Not yet measured, about one call:
-#   s19_decode: reduce-overhead decode now through transformers' own compiled generate (compiling the forward
-#   ourselves failed for every model); s19_decodec2 (lorakit's compile-mode decode); s19_compile for peft and lorakit
-#   at 8x2048 (cut off); PEFT + bitsandbytes compiled.
+# every ratio must come from one step.  Not yet measured, three calls (one device session):
+#   call 1: s19_decode s19_decodec2 s21_qlora8  (#19: reduce-overhead decode through transformers' own compiled
+#           generate, since compiling the forward ourselves failed for every model; lorakit's compile-mode decode;
+#           #21: QLoRA + liger at 8x2048)
+#   call 2: s21_8b_modes s21_small_compiled  (#21: the 8B table's off/on modes; PEFT + liger compiled, small shapes)
+#   call 3: s17_compile  (#17: QLoRA and PEFT + bitsandbytes compiled)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -141,6 +143,16 @@ run_step() {
     s19_decodec) shapes s19_decodec 130 --timeout 64 --no-check --contenders frozen,lorakit --modes compile \
         --shapes none ;;
     s19_decodec2) shapes s19_decodec2 125 --timeout 120 --no-check --contenders lorakit --modes compile --shapes none ;;
+    # still unmeasured after the fourth session, one step per missing figure (about two calls in all)
+    s21_8b_modes) step s21_8b_modes 300 python3 benchmarks/gpu_shapes.py --model 8b --warmup 1 --steps 2 --timeout 74 \
+        --no-check --no-decode --modes eager --shapes 1x2048,8x2048 \
+        --contenders lorakit-liger,lorakit-liger-ckpt,qlora-liger,qlora-liger-ckpt ;;
+    s21_small_compiled) shapes s21_small_compiled 270 --timeout 132 --no-check --no-decode --modes compile \
+        --shapes 1x512,2x1024 --contenders peft-liger,lorakit-liger ;;
+    s17_compile) shapes s17_compile 270 --timeout 132 --no-check --no-decode --modes compile --shapes 1x2048,8x2048 \
+        --contenders qlora,peft-bnb ;;
+    s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
+        --contenders qlora-liger ;;
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }
