@@ -25,7 +25,7 @@
 #           generate, since compiling the forward ourselves failed for every model; lorakit's compile-mode decode;
 #           #21: QLoRA + liger at 8x2048)
 #   call 2: s21_8b_modes s21_small_compiled  (#21: the 8B table's off/on modes; PEFT + liger compiled, small shapes)
-#   call 3: s17_compile  (#17: QLoRA and PEFT + bitsandbytes compiled)
+#   call 3: s17_compile s19_peftc2  (#17: QLoRA and PEFT + bitsandbytes compiled; #19: PEFT compiled at 2x1024)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -151,6 +151,8 @@ run_step() {
         --shapes 1x512,2x1024 --contenders peft-liger,lorakit-liger ;;
     s17_compile) shapes s17_compile 270 --timeout 132 --no-check --no-decode --modes compile --shapes 1x2048,8x2048 \
         --contenders qlora,peft-bnb ;;
+    s19_peftc2) shapes s19_peftc2 115 --timeout 112 --no-check --no-decode --contenders peft --modes compile \
+        --shapes 2x1024 ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
         --contenders qlora-liger ;;
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
