@@ -533,9 +533,8 @@ def decode_cell(model: torch.nn.Module, prompt: torch.Tensor, new: int, mode: st
     finally:
         if "forward" in vars(model):
             del model.forward  # the class's forward again
-        for owner in (model, getattr(model, "base_model", None), getattr(model, "model", None)):
-            if owner is not None and "_compiled_call" in vars(owner):
-                del owner._compiled_call  # transformers' compiled decode step, and its CUDA graphs
+        for module in model.modules():  # the model whose generate ran holds transformers' compiled decode step
+            vars(module).pop("_compiled_call", None)
         torch._dynamo.reset()
 
 

@@ -60,7 +60,7 @@ def lora_linear_group(
     x2 = x.reshape(-1, x.shape[-1])
     scales = tuple(float(s) for s in scales)
     if backends.records_grad(x, *weights, *biases, *As, *Bs):
-        outs = _LoraGroup.apply(x2, scales, True, *weights, *biases, *As, *Bs)
+        outs = _LoraGroup.apply(x2, scales, *weights, *biases, *As, *Bs)
     else:  # inference: the same forward without an autograd node (Function.apply's host time, per group and token)
         outs, _, _ = _group_forward(x2, scales, weights, biases, As, Bs, need_u=False)
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
@@ -85,11 +85,11 @@ def _group_forward(x2: Tensor, scales: Sequence[float], Ws: Sequence[Tensor], bs
 
 class _LoraGroup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, scales, grad_enabled, *params):  # type: ignore[override]
+    def forward(ctx, x2, scales, *params):  # type: ignore[override]
         m = len(scales)
         Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
-        # (needs_input_grad ignores torch.no_grad: the grad mode says whether backward can come)
-        outs, u, be = _group_forward(x2, scales, Ws, bs, As, Bs, need_u=grad_enabled and any(ctx.needs_input_grad))
+        # (only applied when autograd records the call: lora_linear_group's records_grad)
+        outs, u, be = _group_forward(x2, scales, Ws, bs, As, Bs, need_u=any(ctx.needs_input_grad))
         ctx.save_for_backward(x2, u, *Ws, *As, *Bs)
         ctx.be, ctx.scales, ctx.has_bias = be, scales, [b is not None for b in bs]
         return tuple(outs)
@@ -102,7 +102,7 @@ class _LoraGroup(torch.autograd.Function):
         Ws, As, Bs = (params[i * m:(i + 1) * m] for i in range(3))
         needs = ctx.needs_input_grad
         need_x = needs[0]
-        need_W, need_b, need_A, need_B = (needs[3 + i * m:3 + (i + 1) * m] for i in range(4))
+        need_W, need_b, need_A, need_B = (needs[2 + i * m:2 + (i + 1) * m] for i in range(4))
         need_v = any(need_A) or (need_x and not be.MERGED_WEIGHT)  # (merged: ∂x is g W', v is not needed)
         N = x2.shape[0]
         grad_x = None
@@ -139,4 +139,4 @@ class _LoraGroup(torch.autograd.Function):
                 start += r
         if need_x and grad_x is None:
             grad_x = torch.zeros_like(x2)
-        return (grad_x, None, None, *grad_W, *grad_b, *grad_A, *grad_B)
+        return (grad_x, None, *grad_W, *grad_b, *grad_A, *grad_B)

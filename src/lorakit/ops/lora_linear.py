@@ -76,8 +76,7 @@ def lora_linear(
         h, _ = backends.backend_for(x2).lora_forward(x2, weight, bias, lora_A, lora_B, float(scale),
                                                      float(dropout_p), int(seed), False)
         return h.view(*x.shape[:-1], h.shape[-1])
-    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed),
-                             torch.is_grad_enabled())
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scale), float(dropout_p), int(seed))
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -87,15 +86,14 @@ class _LoraLinear(torch.autograd.Function):
     H200 host — more than the GPU work of a 4096² layer's low-rank branch.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, p, seed, grad_enabled):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, A, B, scale, p, seed):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (N, k)
         be = backends.backend_for(x2)
         ctx.dtypes = A.dtype, B.dtype
         if not be.MERGED_WEIGHT:  # aten products: cast the small factors once, for forward and backward alike
             A, B = _as(A, x.dtype), _as(B, x.dtype)  # (each cast is a kernel launch: host time, per call)
-        # needs_input_grad is True for inputs that require grad even under torch.no_grad(); only the
-        # caller's grad mode (forward itself always runs without grad) says whether backward can come.
-        need_u = grad_enabled and any(ctx.needs_input_grad[:5])
+        # Only applied when autograd records the call (lora_linear's records_grad), so backward can come.
+        need_u = any(ctx.needs_input_grad[:5])
         h, u = be.lora_forward(x2, weight, bias, A, B, scale, p, seed, need_u)
         ctx.save_for_backward(x2, weight, A, B, u)
         ctx.x_shape, ctx.be, ctx.scale, ctx.p, ctx.seed, ctx.has_bias = x.shape, be, scale, p, seed, bias is not None
@@ -116,4 +114,4 @@ class _LoraLinear(torch.autograd.Function):
             grad_B = _as(grad_B, ctx.dtypes[1])
         grad_w = (g.t() @ x2).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None

@@ -109,7 +109,9 @@ class _SwigluLoraDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, A, B, scale, p, seed, grad_enabled):  # type: ignore[override]
         be = backends.backend_for(gate)
         triton = be is triton_lora
-        need_u = grad_enabled and any(ctx.needs_input_grad[:6])  # (see lora_linear._LoraLinear)
+        # needs_input_grad is True for inputs that require grad even under torch.no_grad(): only the caller's
+        # grad mode says whether backward can come
+        need_u = grad_enabled and any(ctx.needs_input_grad[:6])
         y, u = be.lora_forward(_swiglu(gate, up, triton), weight, bias, A, B, scale, p, seed, need_u)
         ctx.save_for_backward(gate, up, weight, A, B, u)
         ctx.be, ctx.scale, ctx.p, ctx.seed, ctx.has_bias = be, scale, p, seed, bias is not None
