@@ -153,6 +153,11 @@ run_step() {
         --contenders qlora,peft-bnb ;;
     s19_peftc2) shapes s19_peftc2 115 --timeout 112 --no-check --no-decode --contenders peft --modes compile \
         --shapes 2x1024 ;;
+    # the same two with room for a slow machine's compile (both were cut off at ~110-130 s on 2026-12-03, 5th session)
+    s19_peftc2b) shapes s19_peftc2b 250 --timeout 245 --no-check --no-decode --contenders peft --modes compile \
+        --shapes 2x1024 ;;
+    s17_compile8) shapes s17_compile8 300 --timeout 148 --no-check --no-decode --modes compile --shapes 8x2048 \
+        --contenders qlora,peft-bnb ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
         --contenders qlora-liger ;;
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;

@@ -144,3 +144,34 @@ def test_triton_route_under_interpreter():
 
 if __name__ == "__main__":  # the subprocess: TRITON_INTERPRET=1 is already in the environment
     report(["group"], _triton_check)
+
+
+def test_nf4_member_weights_give_what_their_dequantized_values_give():
+    """QLoRA: a member's 4-bit weight (NF4Tensors) is dequantised where it is used, in forward and for ∂x;
+    the group over packed weights (here with a dense member among them) equals the group over the
+    dequantised tensors in float64, passes gradcheck, and keeps no dense copy of a 4-bit weight."""
+    from lorakit.ops.nf4 import dequantize_nf4_reference, quantize_nf4
+
+    x, Ws, bs, As, Bs, scales = make(seed=2)
+    packed = [quantize_nf4(W.float()) for W in Ws]
+    dense = [dequantize_nf4_reference(t, torch.float64) for t in packed]
+    mixed = [packed[0], dense[1], packed[2]]
+    leaves = [t.requires_grad_() for t in [x, *As, *Bs]]
+    m = len(MEMBERS)
+
+    def run(weights):
+        outs = lora_linear_group(x, weights, bs, As, Bs, scales)
+        torch.autograd.backward(outs, [torch.full_like(h, 0.5) + h for h in outs])
+        got = [h.detach() for h in outs] + [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return got
+
+    for a, e in zip(run(mixed), run(dense)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *ab: lora_linear_group(x, mixed, bs, ab[:m], ab[m:], scales), leaves)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_linear_group(x, mixed, bs, As, Bs, scales)
+    shapes = [tuple(t.shape) for t in saved]
+    assert shapes.count((MEMBERS[0][0], K)) == 1  # the dense member's weight only, never a dequantised one

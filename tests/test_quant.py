@@ -191,6 +191,47 @@ def test_quantize_base_then_inject_trains_and_saves_for_the_full_precision_base(
         torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits)
 
 
+def _activation_bytes_and_grads(model, ids):
+    """(bytes autograd keeps that are not the model's own parameters or buffers, loss, adapter gradients)."""
+    own = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    kept = []
+
+    def pack(t):
+        kept.append(0 if id(t) in own else t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return sum(kept), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_shared_inputs_and_fused_mlps_on_an_nf4_base_keep_what_a_full_precision_base_keeps():
+    """QLoRA with ``share_inputs`` and ``fuse_mlps``: the groups and the fused MLP compute over the 4-bit
+    weights (same loss and gradients as the layers one by one), and autograd keeps exactly the activations
+    it keeps over a full-precision base: one x per group, gate and up instead of the MLP's product."""
+    ids = torch.randint(0, 64, (2, 24))
+
+    def build(quantize, fuse):
+        model = _tiny_llama()
+        if quantize:
+            quantize_base(model, "nf4")
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+        for _, layer in lorakit.lora_layers(model):
+            nn.init.normal_(layer.lora_B["default"], std=0.1)
+        if fuse:
+            assert (lorakit.share_inputs(model), lorakit.fuse_mlps(model)) == (4, 2)
+        return model
+
+    alone, loss, grads = _activation_bytes_and_grads(build(True, False), ids)
+    fused, fused_loss, fused_grads = _activation_bytes_and_grads(build(True, True), ids)
+    full, _, _ = _activation_bytes_and_grads(build(False, True), ids)
+    torch.testing.assert_close(fused_loss, loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6)
+    assert fused == full < 0.75 * alone, (fused, full, alone)
+
+
 def test_inject_then_quantize_base_matches_and_merge_and_unload_dequantizes():
     model = _tiny_llama().to(torch.bfloat16)
     cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])

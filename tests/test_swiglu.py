@@ -160,3 +160,26 @@ def test_saves_gate_and_up_not_the_product() -> None:
     big = [t for t in saved if t.numel() == h.numel()]
     assert {t.data_ptr() for t in big} == {gate.data_ptr(), up.data_ptr()}
 
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_an_nf4_weight_gives_what_its_dequantized_values_give(p: float) -> None:
+    """QLoRA: a 4-bit down-projection weight is dequantised where it is used and kept packed; values and
+    gradients equal the op over the dequantised tensor (float64), gradcheck passes, and neither the product
+    nor the dense weight is kept for backward."""
+    from lorakit.ops.nf4 import dequantize_nf4_reference, quantize_nf4
+
+    gate, up, W, b, A, B = _inputs(seed=3, k=64)  # gate, up (2, 3, 64): (6, 64) inside; W (5, 64)
+    t = quantize_nf4(W.float())
+    dense = dequantize_nf4_reference(t, torch.float64)
+    got = _grads(lambda *a: swiglu_lora_down(a[0], a[1], t, *a[3:]), (gate, up, None, b, A, B), 0.7, p, 5)
+    ref = _grads(swiglu_lora_down, (gate, up, dense, b, A, B), 0.7, p, 5)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda g, u, b_, A_, B_: swiglu_lora_down(g, u, t, b_, A_, B_, 0.7, p, 5),
+                                    (gate, up, b, A, B))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        swiglu_lora_down(gate, up, t, b, A, B, 0.7, p, 5)
+    shapes = [tuple(x.shape) for x in saved]
+    assert (5, 64) not in shapes and shapes.count((6, 64)) == 2, shapes  # gate and up; no dense weight, no product

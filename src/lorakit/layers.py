@@ -26,7 +26,7 @@ from .errors import AdapterNameError, MergeError, UnsupportedModuleError
 from .delta import Layout, add_delta, delta_weight
 from .config import MUTATING_INITS, init_kind
 from .ops import dora_linear, dora_weight_norm, lora_linear
-from .ops.nf4 import nf4_lora_linear
+from .ops.nf4 import NF4Tensors, nf4_lora_linear
 from .nf4_linear import NF4Linear
 
 
@@ -412,18 +412,18 @@ class LoraLinear(LoraLayer):
 
     def single_adapter(self) -> str | None:
         """The adapter when the layer computes its (d, k) base plus exactly one unmerged adapter, else None
-        (merged, disabled, several active, DoRA, a transposed Conv1D weight, or a 4-bit base): the state in which callers
-        that compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
+        (merged, disabled, several active, DoRA, or a transposed Conv1D weight): the state in which callers that
+        compute the layer themselves (``share_inputs``, ``fuse_mlps``) may do so."""
         names = self._unmerged_active()  # [] when disabled
         if len(names) == 1 and (names[0] in self.lora_magnitude or names[0] in self.lora_bias or names[0] in self.blocks):
             return None  # DoRA, a lora_bias or BD-LoRA: not the LoRA product those callers compute
-        if self.quantized():
-            return None  # a 4-bit base is computed only by its own op, which never keeps the dequantised weight
         return names[0] if len(names) == 1 and self.layout == "linear" else None
 
-    def adapter_params(self, name: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float]:
-        """(W, b, A, B, s) of adapter ``name``: what :func:`lorakit.ops.lora_linear` takes."""
-        return self.base_weight(), self.base_layer.bias, self.lora_A[name], self.lora_B[name], self.scaling[name]
+    def adapter_params(self, name: str) -> tuple[Tensor | NF4Tensors, Tensor | None, Tensor, Tensor, float]:
+        """(W, b, A, B, s) of adapter ``name``: what :func:`lorakit.ops.lora_linear` takes — except that a 4-bit
+        base gives its packed weight (``NF4Tensors``), which the grouped ops dequantise where they use it."""
+        W = self.base_layer.nf4() if isinstance(self.base_layer, NF4Linear) else self.base_layer.weight
+        return W, self.base_layer.bias, self.lora_A[name], self.lora_B[name], self.scaling[name]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_group is not None and not torch.compiler.is_compiling():

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .layers import LoraLinear
 from .ops.lora_group import lora_linear_group
+from .ops.nf4 import NF4Tensors
 
 # Child names that transformers models give to projections of one input, per parent module.
 SIBLINGS: tuple[tuple[str, ...], ...] = (
@@ -63,9 +64,9 @@ class InputGroup:
                 return self._pending.pop(i)
             self._pending.clear()  # a new input arrived before every member took its output
         params = [_plain_params(m) for m in self.members]
-        if any(p is None or p[0].device != x.device for p in params) or any(
+        if any(p is None or p[2].device != x.device for p in params) or any(
                 m.in_features != x.shape[-1] for m in self.members):
-            return None  # (members split across devices compute alone)
+            return None  # (members split across devices compute alone; p[2] is A, a tensor on any base)
         Ws, bs, As, Bs, ss = zip(*params)  # type: ignore[misc]
         outs = lora_linear_group(x, Ws, bs, As, Bs, ss)
         self._pending = {j: h for j, h in enumerate(outs) if j != i}
@@ -82,8 +83,8 @@ class InputGroup:
         return ref() is x and x._version == version
 
 
-def _plain_params(layer: LoraLinear) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
-    """(W, b, A, B, s) when the layer computes base + one unmerged adapter without dropout, else None."""
+def _plain_params(layer: LoraLinear) -> tuple[Tensor | NF4Tensors, Tensor | None, Tensor, Tensor, float] | None:
+    """(W, b, A, B, s) (W packed for a 4-bit base) when the layer computes base + one unmerged adapter without dropout, else None."""
     name = layer.single_adapter()
     if name is None or layer.training and layer.dropout_p[name]:
         return None

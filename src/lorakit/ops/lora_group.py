@@ -15,7 +15,9 @@ node, with the members' A stacked into A_cat (Σr, k):
 
 Dropout is not grouped (each member has its own mask): callers use this only when every member's
 dropout is off, which is the case at inference and for the usual LoRA recipes with dropout 0.
-Saved for backward: x, u_cat (N, Σr) and the (frozen) weights and factors, as for a single layer.
+Saved for backward: x, u_cat (N, Σr) and the (frozen) weights and factors, as for a single layer.  A
+member's weight may be 4-bit (``NF4Tensors``, QLoRA): it is dequantised where it is used, in forward and
+again for ∂L/∂x, and only the packed weight is kept, as in :func:`lorakit.ops.nf4.nf4_lora_linear`.
 The arithmetic is the backend's (``backends.backend_for``): the pieces its single-layer functions are
 made of (``input_product``, ``grad_B``, ``branch_grad``, ``grad_A``, ``add_grad_x``), composed per group.
 """
@@ -28,11 +30,12 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .nf4 import NF4Tensors, dense_weight
 
 
 def lora_linear_group(
     x: Tensor,
-    weights: Sequence[Tensor],
+    weights: Sequence[Tensor | NF4Tensors],
     biases: Sequence[Tensor | None],
     As: Sequence[Tensor],
     Bs: Sequence[Tensor],
@@ -42,7 +45,7 @@ def lora_linear_group(
 
     Args:
         x: (..., k) input shared by every member.
-        weights: m frozen (d_i, k) weights.   biases: m (d_i,) tensors or None.
+        weights: m frozen (d_i, k) weights (tensors, or 4-bit ``NF4Tensors``).   biases: m (d_i,) tensors or None.
         As: m (r_i, k) factors.   Bs: m (d_i, r_i) factors.   scales: m floats s_i.
 
     Returns:
@@ -59,14 +62,14 @@ def lora_linear_group(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     scales = tuple(float(s) for s in scales)
-    if backends.records_grad(x, *weights, *biases, *As, *Bs):
+    if backends.records_grad(x, *(W for W in weights if isinstance(W, Tensor)), *biases, *As, *Bs):
         outs = _LoraGroup.apply(x2, scales, *weights, *biases, *As, *Bs)
     else:  # inference: the same forward without an autograd node (Function.apply's host time, per group and token)
         outs, _, _ = _group_forward(x2, scales, weights, biases, As, Bs, need_u=False)
     return tuple(h.view(*lead, h.shape[-1]) for h in outs)
 
 
-def _group_forward(x2: Tensor, scales: Sequence[float], Ws: Sequence[Tensor], bs: Sequence[Tensor | None],
+def _group_forward(x2: Tensor, scales: Sequence[float], Ws: Sequence[Tensor | NF4Tensors], bs: Sequence[Tensor | None],
                    As: Sequence[Tensor], Bs: Sequence[Tensor], need_u: bool) -> tuple[list[Tensor], Tensor, object]:
     """(h_1 … h_m, u_cat, backend) for x2 (N, k); u_cat is (0, Σr) unless ``need_u`` or the backend needs it."""
     be = backends.backend_for(x2)
@@ -78,7 +81,7 @@ def _group_forward(x2: Tensor, scales: Sequence[float], Ws: Sequence[Tensor], bs
     for W, b, A, B, s in zip(Ws, bs, As, Bs, scales):
         r = A.shape[0]
         u_i = u[:, start:start + r] if u.shape[0] else None
-        outs.append(be.lora_forward(x2, W, b, A, B, s, 0.0, 0, False, u_i)[0])
+        outs.append(be.lora_forward(x2, dense_weight(W, x2.dtype), b, A, B, s, 0.0, 0, False, u_i)[0])
         start += r
     return outs, u, be
 
@@ -90,7 +93,8 @@ class _LoraGroup(torch.autograd.Function):
         Ws, bs, As, Bs = (params[i * m:(i + 1) * m] for i in range(4))
         # (only applied when autograd records the call: lora_linear_group's records_grad)
         outs, u, be = _group_forward(x2, scales, Ws, bs, As, Bs, need_u=any(ctx.needs_input_grad))
-        ctx.save_for_backward(x2, u, *Ws, *As, *Bs)
+        ctx.save_for_backward(x2, u, *(W if isinstance(W, Tensor) else None for W in Ws), *As, *Bs)
+        ctx.nf4 = [W if isinstance(W, NF4Tensors) else None for W in Ws]  # (not tensors: kept on ctx as they are)
         ctx.be, ctx.scales, ctx.has_bias = be, scales, [b is not None for b in bs]
         return tuple(outs)
 
@@ -100,6 +104,7 @@ class _LoraGroup(torch.autograd.Function):
         be, scales = ctx.be, ctx.scales
         m = len(scales)
         Ws, As, Bs = (params[i * m:(i + 1) * m] for i in range(3))
+        Ws = [W if t is None else t for W, t in zip(Ws, ctx.nf4)]
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_W, need_b, need_A, need_B = (needs[2 + i * m:2 + (i + 1) * m] for i in range(4))
@@ -123,7 +128,7 @@ class _LoraGroup(torch.autograd.Function):
             v = be.branch_grad(g, B, s) if need_v else None  # (N, r) = s·g B
             vs.append(v)
             if need_x:  # accumulated member by member into one buffer, inside the GEMMs
-                grad_x = be.add_grad_x(grad_x, g, W, A, B, v, s)
+                grad_x = be.add_grad_x(grad_x, g, dense_weight(W, x2.dtype), A, B, v, s)
             if need_W[i]:  # only when a caller unfroze a base weight
                 grad_W[i] = (g.t() @ x2).to(W.dtype)
             if need_b[i] and ctx.has_bias[i]:

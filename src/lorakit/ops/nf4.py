@@ -40,6 +40,14 @@ def dequantize_nf4(t: NF4Tensors, dtype: torch.dtype = torch.float32) -> Tensor:
     return dequantize_nf4_reference(t, dtype)
 
 
+def dense_weight(weight: Tensor | NF4Tensors, dtype: torch.dtype) -> Tensor:
+    """A frozen weight as a tensor: an NF4 weight dequantised into a new ``dtype`` tensor, any other returned
+    as it is (the LoRA backends cast it).  Ops that take either (the shared-input group, the fused SwiGLU
+    down-projection) call this where they use the weight and drop the result at once, so an NF4 weight is
+    never kept dense between forward and backward."""
+    return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensors) else weight
+
+
 # -- the linear ---------------------------------------------------------------------------------------
 
 # Up to this many tokens the CUDA forward without autograd multiplies straight from the packed weight

@@ -39,12 +39,13 @@ from .backends import triton_lora
 if backends.TRITON_USABLE:
     from . import triton_swiglu
 from .lora_linear import lora_linear
+from .nf4 import NF4Tensors, dense_weight
 
 
 def swiglu_lora_down(
     gate: Tensor,
     up: Tensor,
-    weight: Tensor | None,
+    weight: Tensor | NF4Tensors | None,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -56,7 +57,9 @@ def swiglu_lora_down(
 
     Args:
         gate, up: (..., k) outputs of the MLP's gate and up projections (same shape).
-        weight: (d, k) frozen down-projection weight, or None for the low-rank term alone.
+        weight: (d, k) frozen down-projection weight (a tensor, or 4-bit ``NF4Tensors``: dequantised where it is
+            used and kept packed, as :func:`lorakit.ops.nf4.nf4_lora_linear` does), or None for the low-rank
+            term alone.
         bias: (d,) or None.   lora_A: (r, k).   lora_B: (d, r).   scale: s.
         dropout_p, seed: the branch's dropout, exactly as :func:`lorakit.ops.lora_linear` takes them
             (same seed, same device type → same mask).
@@ -76,13 +79,21 @@ def swiglu_lora_down(
     k = gate.shape[-1]
     gate2, up2 = gate.to(dtype).reshape(-1, k), up.to(dtype).reshape(-1, k)  # (N, k)
     scale, dropout_p = float(scale), float(dropout_p)
-    if torch.compiler.is_compiling():  # h marked for recomputation (see the module docstring)
+    if isinstance(weight, NF4Tensors):  # the eager route, a graph break under torch.compile like any NF4 linear
+        y = _swiglu_nf4_down(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    elif torch.compiler.is_compiling():  # h marked for recomputation (see the module docstring)
         h = torch.utils.checkpoint.checkpoint(_silu_mul, gate2, up2, use_reentrant=False)
         y = lora_linear(h, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     else:
         y = _SwigluLoraDown.apply(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed),
                                   torch.is_grad_enabled())
     return y.view(*gate.shape[:-1], y.shape[-1])
+
+
+@torch._disable_dynamo  # (see nf4_lora_linear: imports Dynamo on the first call, not at import)
+def _swiglu_nf4_down(gate: Tensor, up: Tensor, weight: NF4Tensors, bias: Tensor | None, A: Tensor, B: Tensor,
+                     scale: float, p: float, seed: int | Tensor) -> Tensor:
+    return _SwigluLoraDown.apply(gate, up, weight, bias, A, B, scale, p, int(seed), torch.is_grad_enabled())
 
 
 def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -103,7 +114,8 @@ def _swiglu_backward(grad_h: Tensor, gate: Tensor, up: Tensor, triton: bool) -> 
 
 
 class _SwigluLoraDown(torch.autograd.Function):
-    """The eager route: saves gate, up, W, A, B and u = c·drop(h) Aᵀ; h is recomputed in backward."""
+    """The eager route: saves gate, up, W, A, B and u = c·drop(h) Aᵀ; h is recomputed in backward (and a 4-bit W
+    dequantised again)."""
 
     @staticmethod
     def forward(ctx, gate, up, weight, bias, A, B, scale, p, seed, grad_enabled):  # type: ignore[override]
@@ -112,23 +124,27 @@ class _SwigluLoraDown(torch.autograd.Function):
         # needs_input_grad is True for inputs that require grad even under torch.no_grad(): only the caller's
         # grad mode says whether backward can come
         need_u = grad_enabled and any(ctx.needs_input_grad[:6])
-        y, u = be.lora_forward(_swiglu(gate, up, triton), weight, bias, A, B, scale, p, seed, need_u)
-        ctx.save_for_backward(gate, up, weight, A, B, u)
+        h = _swiglu(gate, up, triton)
+        y, u = be.lora_forward(h, dense_weight(weight, h.dtype), bias, A, B, scale, p, seed, need_u)
+        ctx.save_for_backward(gate, up, None if isinstance(weight, NF4Tensors) else weight, A, B, u)
+        ctx.nf4 = weight if isinstance(weight, NF4Tensors) else None  # (not a tensor: kept on ctx as it is)
         ctx.be, ctx.scale, ctx.p, ctx.seed, ctx.has_bias = be, scale, p, seed, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         gate, up, weight, A, B, u = ctx.saved_tensors
+        nf4 = ctx.nf4
         need_gate, need_up, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:6]
         need_in = need_gate or need_up
         triton = ctx.be is triton_lora
         g = grad_y.contiguous()
         h = _swiglu(gate, up, triton)
-        grad_h, grad_A, grad_B = ctx.be.lora_backward(g, h, weight, A, B, u, ctx.scale, ctx.p, ctx.seed, need_in,
+        W = weight if nf4 is None else dense_weight(nf4, h.dtype) if need_in else None
+        grad_h, grad_A, grad_B = ctx.be.lora_backward(g, h, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_in,
                                                       need_A, need_B)
         grad_w = (g.t() @ h).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
-        del h  # before the (N, k) gradients below are allocated
+        del h, W  # before the (N, k) gradients below are allocated
         grad_gate = grad_up = None
         if need_in:
             grad_gate, grad_up = _swiglu_backward(grad_h, gate, up, triton)
