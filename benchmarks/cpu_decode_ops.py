@@ -3,7 +3,9 @@
 With CUDA graphs a decode step's host time is gone and its GPU time is a chain of tiny kernels, each a few µs
 whatever its size, so the number of kernels a step launches predicts its time.  This script counts, in one eager
 decode step of a small Llama of the benchmark's architecture (the count per decoder layer does not depend on the
-sizes), the aten ops that launch a kernel: views, no-op casts and allocations are left out.
+sizes), the aten ops that launch a kernel: views, no-op casts and allocations are left out.  It also times greedy
+decoding of that small model on the CPU, where each op's cost is host work (dispatch, Python), as it is for an
+eager decode step on a GPU: tokens/s, median of 5 runs.
 
     python benchmarks/cpu_decode_ops.py [--layers 16]
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -50,18 +54,45 @@ def kernel_ops(model: torch.nn.Module) -> collections.Counter:
     return counts
 
 
+def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int = 64, runs: int = 5) -> float:
+    """Greedy decode of ``new_tokens`` after an 8-token prompt, DynamicCache, median tokens/s over ``runs``."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    times = []
+    with torch.no_grad():
+        model.generate(prompt, **kw)  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            model.generate(prompt, **kw)
+            times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
+
+
+VARIANTS = ("frozen", "lorakit", "lorakit-bf16")
+
+
 def build(name: str, layers: int) -> torch.nn.Module:
-    """The frozen bf16 model, or lorakit's set-up on it: float32 adapters as trained (r 16, all linears),
-    shared-input groups and fused MLPs, as in the batch-shape benchmark."""
+    """A variant of the small bf16 Llama: "frozen"; "lorakit", float32 adapters as trained (r 16, all linears) with
+    shared-input groups and fused MLPs, as in the batch-shape benchmark; "lorakit-bf16", the same with its
+    adapters cast to bf16, as a trained model is served after ``model.to(torch.bfloat16)``."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    if name == "lorakit":
+    if name != "frozen":
         lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=16, target_modules="all-linear"))
         lorakit.share_inputs(model)
         lorakit.fuse_mlps(model)
+        if name == "lorakit-bf16":
+            model.to(torch.bfloat16)
     return model
+
+
+def layer_kernels(name: str) -> tuple[collections.Counter, int]:
+    """(one decoder layer's kernel-launching ops, the ops outside the layers) of variant ``name``."""
+    one, two = kernel_ops(build(name, 1)), kernel_ops(build(name, 2))
+    layer = two - one  # (Counter subtraction keeps the positive counts; a layer only adds ops)
+    return layer, sum(one.values()) - sum(layer.values())
 
 
 def main() -> None:
@@ -69,15 +100,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16, help="decoder layers to scale the count to")
     args = parser.parse_args()
     total = {}
-    for name in ("frozen", "lorakit"):
-        one, two = kernel_ops(build(name, 1)), kernel_ops(build(name, 2))
-        layer = two - one  # a decoder layer's ops (Counter subtraction keeps the positive counts)
-        outside = sum(one.values()) - sum(layer.values())
+    for name in VARIANTS:
+        layer, outside = layer_kernels(name)
         total[name] = outside + args.layers * sum(layer.values())
-        print(f"{name:8s} per decoder layer {sum(layer.values()):3d}, outside the layers {outside:3d}: "
+        print(f"{name:12s} per decoder layer {sum(layer.values()):3d}, outside the layers {outside:3d}: "
               + ", ".join(f"{op.removeprefix('aten::')} {n}" for op, n in sorted(layer.items())))
-    print(f"one decode step at {args.layers} layers: frozen {total['frozen']}, lorakit {total['lorakit']} kernels "
-          f"({total['lorakit'] / total['frozen']:.2f}×)")
+    print(f"one decode step at {args.layers} layers: " + ", ".join(
+        f"{name} {total[name]} ({total[name] / total['frozen']:.2f}×)" for name in VARIANTS))
+    torch.set_num_threads(1)  # host work, not parallel GEMMs
+    speed = {name: decode_tokens_per_s(build(name, 2)) for name in VARIANTS}
+    print("eager decode on the CPU, 2 layers, 64 new tokens, tokens/s: " + ", ".join(
+        f"{name} {speed[name]:.0f} ({speed[name] / speed['frozen']:.2f}×)" for name in VARIANTS))
 
 
 if __name__ == "__main__":

@@ -17,15 +17,16 @@
 # checkpoint (~25 s) before its first run, and each compiled run compiles again.
 # Measured so far (see RESULTS.md): s19_main, s19_peft, s17_gemv (second session); s16_ac2, s17_decode, s17_bprof,
 # s18_dora4, s19_ro3, s19_cli_ro1, s16_trainer8, s21_8b, s21_small, s19_peftc8 (third); s17_decode and s17_bprof (decode
-# now warmed over every KV length), s21_hprof, s17_shapes, s19_compile, s19_decodec, s21_compile (fourth).  Sizing
-# lessons: reduce-overhead compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s;
-# compile mode recompiles once more at the first new shape (20-35 s); machines differ by up to 1.5x in host speed, so
-# every ratio must come from one step.  Not yet measured, three calls (one device session):
-#   call 1: s19_decode s19_decodec2 s21_qlora8  (#19: reduce-overhead decode through transformers' own compiled
-#           generate, since compiling the forward ourselves failed for every model; lorakit's compile-mode decode;
-#           #21: QLoRA + liger at 8x2048)
-#   call 2: s21_8b_modes s21_small_compiled  (#21: the 8B table's off/on modes; PEFT + liger compiled, small shapes)
-#   call 3: s17_compile s19_peftc2  (#17: QLoRA and PEFT + bitsandbytes compiled; #19: PEFT compiled at 2x1024)
+# now warmed over every KV length), s21_hprof, s17_shapes, s19_compile, s19_decodec, s21_compile (fourth); s19_decode
+# (through transformers' compiled generate), s19_decodec2, s21_qlora8, s21_8b_modes, s21_small_compiled, s19_peftc2b
+# (fifth; s17_compile, s19_peftc2 and s17_compile8 were cut off while compiling).  Sizing lessons: reduce-overhead
+# compiles again for every shape (~75-100 s each), so one shape per contender fits ~130 s; compile mode recompiles
+# once more at the first new shape (20-35 s); some hosts compile QLoRA's and PEFT + bitsandbytes' layers for over
+# 150 s; machines differ by up to 1.5x in host speed, so every ratio must come from one step.  Not yet measured:
+#   s21_qlora8 s17_shapes   (QLoRA's memory and speed after the fifth session's fix: share_inputs / fuse_mlps now
+#                            work over NF4; issues 17 and 21)
+#   s19_decode_bf16         (#19: decode with CUDA graphs, adapters cast to bf16 for serving)
+#   s17_compile8            (#17: QLoRA and PEFT + bitsandbytes compiled; give it a call of its own)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -156,6 +157,9 @@ run_step() {
     # the same two with room for a slow machine's compile (both were cut off at ~110-130 s on 2026-12-03, 5th session)
     s19_peftc2b) shapes s19_peftc2b 250 --timeout 245 --no-check --no-decode --contenders peft --modes compile \
         --shapes 2x1024 ;;
+    # issue 19: decode with CUDA graphs, adapters as trained (float32) and cast to bf16 for serving, one machine
+    s19_decode_bf16) shapes s19_decode_bf16 280 --timeout 130 --no-check --contenders frozen,lorakit,lorakit-bf16 \
+        --modes reduce-overhead --shapes none ;;
     s17_compile8) shapes s17_compile8 300 --timeout 148 --no-check --no-decode --modes compile --shapes 8x2048 \
         --contenders qlora,peft-bnb ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
