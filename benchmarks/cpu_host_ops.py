@@ -7,15 +7,18 @@ Where a GPU step is bound by the host (batch 1 in eager mode: the GPU waits for 
 number of ops the step issues, which does not depend on the device.  This counts them with ``torch.profiler`` on a
 2-layer Llama (hidden 64, bf16 base, float32 adapters, r = 16 on all 7 projections, 1×16 tokens, AdamW) for lorakit
 LoRA (plain inject) and DoRA, and prints the most frequent ops of each.  Then it compiles that model's decoder
-layer (``layer.compile(dynamic=True)``, as ``lorakit train --compile`` does) for the frozen model and for lorakit
-(inject + share_inputs + fuse_mlps) and measures ``TorchDynamo Cache Lookup`` — the guard evaluation every call
-of a compiled layer pays before its graph runs, host time that CUDA graphs do not remove.
+layer for the frozen model and for lorakit (inject + share_inputs + fuse_mlps) and measures ``TorchDynamo Cache
+Lookup`` — the guard evaluation every call of a compiled layer pays before its graph runs, host time that CUDA
+graphs do not remove — with all of Dynamo's guards (``layer.compile(dynamic=True)``) and without those on module
+attributes, as ``lorakit train --compile`` compiles (``lorakit.train.compute.compile_options``).  Median of 5
+measurements of 20 steps each.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -58,8 +61,9 @@ def count(use_dora: bool) -> tuple[float, collections.Counter]:
     return ms, collections.Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
 
 
-def guard_time(variant: str) -> tuple[float, int]:
-    """(µs of Dynamo cache lookup per compiled-layer call, number of calls) over 20 training steps."""
+def guard_time(variant: str, options: dict | None = None) -> tuple[float, int]:
+    """(µs of Dynamo cache lookup per compiled-layer call, number of calls): the median of 5 measurements of 20
+    training steps, the layer compiled with torch.compile ``options``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
@@ -76,15 +80,19 @@ def guard_time(variant: str) -> tuple[float, int]:
         lorakit.fuse_mlps(model)
     model.train()
     layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
-    layer.compile(dynamic=True)
+    torch._dynamo.reset()
+    layer.compile(dynamic=True, options=options)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         model(input_ids=ids, labels=ids).loss.backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            model(input_ids=ids, labels=ids).loss.backward()
-    lookup = next(e for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup")
-    return lookup.cpu_time_total / lookup.count, lookup.count
+    times = []
+    for _ in range(5):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                model(input_ids=ids, labels=ids).loss.backward()
+        lookup = next(e for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup")
+        times.append(lookup.cpu_time_total / lookup.count)
+    return statistics.median(times), lookup.count
 
 
 def main() -> None:
@@ -96,9 +104,13 @@ def main() -> None:
     extra = sum(rows["DoRA"][1].values()) - sum(rows["LoRA"][1].values())
     print(f"DoRA issues {extra} more ops a step: {extra / linears:.0f} per adapted linear ({linears} linears)")
     torch.set_num_threads(1)
+    from lorakit.train.compute import compile_options
+
     for variant in ("frozen", "lorakit"):
-        us, calls = guard_time(variant)
-        print(f"compiled decoder layer, {variant}: Dynamo cache lookup {us:.0f} µs a call ({calls} calls)")
+        every, calls = guard_time(variant)
+        run, _ = guard_time(variant, compile_options("default"))
+        print(f"compiled decoder layer, {variant}: Dynamo cache lookup {every:.0f} µs a call with every guard, "
+              f"{run:.0f} µs as lorakit train compiles (no guards on module attributes; {calls} calls)")
 
 
 if __name__ == "__main__":

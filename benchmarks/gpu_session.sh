@@ -26,6 +26,7 @@
 #   s21_qlora8 s17_shapes   (QLoRA's memory and speed after the fifth session's fix: share_inputs / fuse_mlps now
 #                            work over NF4; issues 17 and 21)
 #   s19_decode_bf16         (#19: decode with CUDA graphs, adapters cast to bf16 for serving)
+#   s19_guards              (#19: the CUDA-graph step without guards on module attributes, as lorakit train compiles)
 #   s17_compile8            (#17: QLoRA and PEFT + bitsandbytes compiled; give it a call of its own)
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -160,6 +161,13 @@ run_step() {
     # issue 19: decode with CUDA graphs, adapters as trained (float32) and cast to bf16 for serving, one machine
     s19_decode_bf16) shapes s19_decode_bf16 280 --timeout 130 --no-check --contenders frozen,lorakit,lorakit-bf16 \
         --modes reduce-overhead --shapes none ;;
+    # issue 19: the CUDA-graph step at 2x1024 with every Dynamo guard and as lorakit train compiles (no guards on
+    # module attributes), frozen and lorakit, one call
+    s19_guards)
+        shapes s19_guards_all 260 --timeout 128 --no-check --no-decode --contenders frozen,lorakit \
+            --modes reduce-overhead --shapes 2x1024
+        shapes s19_guards_run 260 --timeout 128 --no-check --no-decode --no-module-guards --contenders frozen,lorakit \
+            --modes reduce-overhead --shapes 2x1024 ;;
     s17_compile8) shapes s17_compile8 300 --timeout 148 --no-check --no-decode --modes compile --shapes 8x2048 \
         --contenders qlora,peft-bnb ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \

@@ -411,7 +411,7 @@ def sync(device: torch.device) -> None:
 _MODE: list[tuple[str, bool]] = []  # the mode the layers are compiled in now
 
 
-def set_mode(layers: list[torch.nn.Module], mode: str, dynamic: bool) -> None:
+def set_mode(layers: list[torch.nn.Module], mode: str, dynamic: bool, module_guards: bool = True) -> None:
     """Regional compilation: each decoder layer compiled alone (``mode`` "eager" undoes it).
 
     ``compile`` keeps its compiled code from one shape to the next (dynamic shapes: one compilation serves
@@ -425,7 +425,12 @@ def set_mode(layers: list[torch.nn.Module], mode: str, dynamic: bool) -> None:
         if mode == "eager":
             layer._compiled_call_impl = None
         else:
-            layer.compile(mode=None if mode == "compile" else mode, dynamic=dynamic)
+            if module_guards:
+                layer.compile(mode=None if mode == "compile" else mode, dynamic=dynamic)
+            else:  # as `lorakit train --compile` compiles
+                from lorakit.train.compute import compile_options
+
+                layer.compile(dynamic=dynamic, options=compile_options("default" if mode == "compile" else mode))
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -604,7 +609,7 @@ def run_worker(name: str, args: argparse.Namespace, out_json: str | None) -> dic
             key = f"{mode}/{b}x{t}"
             ids = torch.randint(0, shape.vocab, (b, t), generator=gen).to(device)
             try:
-                set_mode(layers, mode, dynamic=not args.static)
+                set_mode(layers, mode, dynamic=not args.static, module_guards=not args.no_module_guards)
                 cell = train_cell(built, opt, ids, mode, device, args.warmup, args.steps, args.autocast)
                 if args.profile:
                     try:
@@ -779,6 +784,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=("1b", "8b"), default="1b",
                    help=f"1b: {LLAMA_1B} (default); 8b: {LLAMA_8B} (issue 21's memory table)")
     p.add_argument("--static", action="store_true", help="compile per shape (dynamic=False) instead of once")
+    p.add_argument("--no-module-guards", action="store_true",
+                   help="compile as lorakit train does: without Dynamo's guards on module attributes")
     p.add_argument("--no-decode", action="store_true", help="skip the decode measurements")
     p.add_argument("--profile", action="store_true", help="after each cell, profile one step's GPU kernels")
     p.add_argument("--autocast", action="store_true", help="train under bf16 autocast (as Trainer(bf16=True) does)")
@@ -914,7 +921,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"env": env(), "args": {k: v for k, v in vars(args).items() if k != "check_shape"},
                                "model": dataclasses.asdict(model_shape(args)), "contenders": {},
                                "compilation": "regional: layer.compile() on each decoder layer, dynamic="
-                                              + ("False" if args.static else "True")}
+                                              + ("False" if args.static else "True")
+                                              + (", no guards on module attributes" if args.no_module_guards else "")}
     print(f"env: {results['env']}", flush=True)
     print(f"contenders {args.contenders}; shapes {args.shapes}; modes {args.modes}; {results['compilation']}", flush=True)
     t_start = time.perf_counter()

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.cli import main
 from lorakit.train.causal_lm import CausalLMTask
-from lorakit.train.compute import (base_dtype, cast_base, compile_regions, optimizer_kernel, resolve_compile,
-                                   trainable_to_float32)
+from lorakit.train.compute import (base_dtype, cast_base, compile_model, compile_options, compile_regions,
+                                   optimizer_kernel, resolve_compile, trainable_to_float32)
 from lorakit.train.config import TrainConfig
 from lorakit.train.trainer import Trainer
 from tiny_models import make_llama
@@ -150,6 +150,43 @@ def test_compiled_run_equals_eager_and_resumes(files: dict[str, Path], tmp_path:
     c = load_file(part / "adapter" / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_compile_options_drop_only_module_guards() -> None:
+    """The run's compile options: reduce-overhead as Inductor's CUDA-graph option, and (torch ≥ 2.8) a guard
+    filter that drops the checks on module attributes; checks on inputs (shapes, grad mode) stay, so a compiled
+    layer still recompiles for what changes between its calls in a run."""
+    assert compile_options("reduce-overhead").get("triton.cudagraphs") is True
+    assert "triton.cudagraphs" not in compile_options("default")
+    if not hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):
+        pytest.skip("this torch has no guard filter")
+    assert compile_options("default")["guard_filter_fn"] is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    from tests.conftest import tiny_llama
+
+    model = lorakit.inject(tiny_llama(1), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    for _, layer in lorakit.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["default"], std=0.1)
+    torch._dynamo.reset()
+    reference = copy.deepcopy(model)
+    assert compile_model(model, "default") == 2
+    for batch, length, grad in [(1, 5, True), (2, 7, True), (3, 4, False), (1, 9, True)]:
+        ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(batch * length))
+        with torch.set_grad_enabled(grad):
+            got, want = model(ids).logits, reference(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert compile_model(model, "off") == 0
+    assert all(region._compiled_call_impl is None for region in compile_regions(model))
+
+
+def test_fit_leaves_no_compiled_layers(files: dict[str, Path], tmp_path: Path) -> None:
+    """A model handed back after a compiled run runs eagerly: its layers' compiled code does not check module
+    attributes, so switching adapters on it afterwards must not reach that code."""
+    task = CausalLMTask(files["llama"], files["lm"], max_length=32)
+    trainer = Trainer(task, lorakit.LoraConfig(r=4, target_modules="all-linear"),
+                      TrainConfig(max_steps=1, batch_size=2, compile="default"), tmp_path, device="cpu")
+    assert trainer.compiled_regions == 2
+    trainer.fit()
+    assert all(getattr(region, "_compiled_call_impl", None) is None for region in compile_regions(trainer.base))
 
 
 def test_padding_for_cuda_graphs_keeps_the_loss(files: dict[str, Path]) -> None:

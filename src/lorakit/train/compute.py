@@ -13,6 +13,17 @@ state dicts stay the plain module's (no ``_orig_mod.``), so checkpoints, ``--res
 are the same whether a run was compiled or not.  Layers are compiled with ``dynamic=True``: batches are
 padded to their longest example, so sequence lengths change from step to step and a shape-specialised
 graph would recompile at each new length.  Evaluation runs eagerly (:func:`eager`).
+
+Guards.  Before every call of a compiled layer Dynamo checks that what it read while tracing still holds
+(its guards): input shapes and dtypes, global state such as grad mode and autocast, and every module
+attribute the forward touched — for a LoRA layer its adapter bookkeeping (active adapters, scaling, dropout,
+the factor containers), about 25 checks per adapted linear.  That check is host time each layer call pays,
+and at small batches host time sets the pace.  A run never changes a module while its compiled layers run:
+adapters are not switched, merged or added, and evaluation runs eagerly.  So the run drops the guards on
+module attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``) and keeps those on inputs, shapes
+and global state.  Measured on the CPU (``benchmarks/cpu_host_ops.py``): a lorakit decoder layer's check
+takes about half the time (94 → 48 µs a call; the frozen layer's 62 → 36).  The compiled regions are
+removed when :meth:`Trainer.fit` ends, so a model handed back is never run by code that stopped checking.
 """
 
 from __future__ import annotations
@@ -103,9 +114,22 @@ def compile_regions(model: nn.Module) -> list[nn.Module]:
     return decoder_layers(model) or [model]
 
 
+def compile_options(mode: str) -> dict:
+    """``torch.compile`` options for ``mode`` ("default" or "reduce-overhead") without the guards on module
+    attributes (the module docstring says why that is safe in a run); torch < 2.8 has no guard filter and
+    keeps them.  Options, not ``mode=``: torch.compile takes one or the other, and "reduce-overhead" is
+    Inductor's CUDA graphs option."""
+    options: dict = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is not None:
+        options["guard_filter_fn"] = skip
+    return options
+
+
 def compile_model(model: nn.Module, mode: str) -> int:
     """Compile ``model``'s regions (:func:`compile_regions`) in place with ``torch.compile`` mode ``mode``
-    ("default" or "reduce-overhead"); "off" undoes it.  Returns the number of regions compiled."""
+    ("default" or "reduce-overhead", with :func:`compile_options`); "off" undoes it.  Returns the number of
+    regions compiled."""
     regions = compile_regions(model)
     if mode != "off":
         # A LoRA layer with dropout draws its mask seed with torch.randint inside the compiled region;
@@ -119,7 +143,7 @@ def compile_model(model: nn.Module, mode: str) -> int:
         if mode == "off":
             region._compiled_call_impl = None  # what nn.Module.compile sets; None is eager again
         else:
-            region.compile(mode=None if mode == "default" else mode, dynamic=True)
+            region.compile(dynamic=True, options=compile_options(mode))  # (a fresh dict: torch.compile pops from it)
     return 0 if mode == "off" else len(regions)
 
 

@@ -41,6 +41,7 @@ from .compute import (
     base_dtype,
     cast_base,
     compile_model,
+    compile_regions,
     eager,
     optimizer_kernel,
     pad_for_graphs,
@@ -139,8 +140,8 @@ class Trainer:
             self.setup_notes.append(f"activation checkpointing ({config.checkpointing}): {layers} layer(s)")
         self.model = self.wrap(model)  # also puts it on self.device
         self.base = model
-        #: regions compiled in place (nn.Module.compile): names and state dicts stay the plain model's
-        self.compiled_regions = compile_model(model, self.compile_mode) if self.compile_mode != "off" else 0
+        #: regions that ``fit`` compiles in place (nn.Module.compile): names and state dicts stay the plain model's
+        self.compiled_regions = len(compile_regions(model)) if self.compile_mode != "off" else 0
         self.params = [(n, p) for n, p in self.base.named_parameters() if p.requires_grad]
         if config.lora_plus_ratio is None:
             groups: list[dict[str, Any]] = [{"params": [p for _, p in self.params]}]
@@ -256,7 +257,19 @@ class Trainer:
                 print(line, file=self.log, flush=True)
 
     def fit(self, resume: Checkpoint | None = None, *, force: bool = False) -> TrainResult:
-        """Train to ``max_steps`` / ``epochs``; write the adapter, metrics.json and the plot into ``out``."""
+        """Train to ``max_steps`` / ``epochs``; write the adapter, metrics.json and the plot into ``out``.
+        With ``--compile``, the layers are compiled while it runs and back to eager when it ends, however it
+        ends: their compiled code does not check module attributes (``compute.compile_options``), so a model
+        handed back must not run it."""
+        if self.compiled_regions:
+            compile_model(self.base, self.compile_mode)
+        try:
+            return self._fit(resume, force)
+        finally:
+            if self.compiled_regions:
+                compile_model(self.base, "off")
+
+    def _fit(self, resume: Checkpoint | None, force: bool) -> TrainResult:
         cfg = self.config
         ckpt_dir = self.out / "checkpoints"
         if self.is_main:
