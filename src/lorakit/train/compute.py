@@ -117,9 +117,11 @@ def compile_regions(model: nn.Module) -> list[nn.Module]:
 def compile_options(mode: str) -> dict:
     """``torch.compile`` options for ``mode`` ("default" or "reduce-overhead") without the guards on module
     attributes (the module docstring says why that is safe in a run); torch < 2.8 has no guard filter and
-    keeps them.  Options, not ``mode=``: torch.compile takes one or the other, and "reduce-overhead" is
-    Inductor's CUDA graphs option."""
-    options: dict = {"triton.cudagraphs": True} if mode == "reduce-overhead" else {}
+    keeps them.  Options, not ``mode=``: torch.compile takes one or the other, so the mode's own options are
+    spelled out (for "reduce-overhead", Inductor's CUDA graphs)."""
+    import torch._inductor  # (loaded by compiling anyway)
+
+    options = dict(torch._inductor.list_mode_options(mode))
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
     if skip is not None:
         options["guard_filter_fn"] = skip
