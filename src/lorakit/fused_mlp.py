@@ -11,9 +11,9 @@ matrix and recomputes h in backward: two (N, intermediate) tensors fewer per lay
 Only the module *instance* changes (its ``forward`` attribute), never its class, and the fused
 forward checks the LoRA state on every call: whenever ``down_proj`` is not in the simple state (one
 active unmerged adapter, enabled, no forward hooks — a ``batch_adapters`` block adds one —, weight
-stored (d, k), in full precision or 4 bits), it runs the original expression.  Over a 4-bit (NF4) base the
-fused op dequantises the down-projection where it uses it, so QLoRA keeps the same activations as LoRA.  So merge / unmerge / disable_adapters /
-set_adapter / batch_adapters keep working on a fused model.
+stored (d, k), in full precision or 4 bits), it runs the original expression.  So merge / unmerge /
+disable_adapters / set_adapter / batch_adapters keep working on a fused model.  Over a 4-bit (NF4) base the
+fused op dequantises the down-projection where it uses it, so QLoRA keeps the same activations as LoRA.
 """
 
 from __future__ import annotations

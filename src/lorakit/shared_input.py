@@ -84,7 +84,8 @@ class InputGroup:
 
 
 def _plain_params(layer: LoraLinear) -> tuple[Tensor | NF4Tensors, Tensor | None, Tensor, Tensor, float] | None:
-    """(W, b, A, B, s) (W packed for a 4-bit base) when the layer computes base + one unmerged adapter without dropout, else None."""
+    """(W, b, A, B, s) when the layer computes base + one unmerged adapter without dropout, else None; W is the
+    packed weight for a 4-bit base."""
     name = layer.single_adapter()
     if name is None or layer.training and layer.dropout_p[name]:
         return None

@@ -140,7 +140,9 @@ class _SwigluLoraDown(torch.autograd.Function):
         triton = ctx.be is triton_lora
         g = grad_y.contiguous()
         h = _swiglu(gate, up, triton)
-        W = weight if nf4 is None else dense_weight(nf4, h.dtype) if need_in else None
+        W = weight
+        if nf4 is not None:  # a 4-bit W, dequantised again only for ∂gate and ∂up
+            W = dense_weight(nf4, h.dtype) if need_in else None
         grad_h, grad_A, grad_B = ctx.be.lora_backward(g, h, W, A, B, u, ctx.scale, ctx.p, ctx.seed, need_in,
                                                       need_A, need_B)
         grad_w = (g.t() @ h).to(weight.dtype) if need_w else None  # only when a caller unfroze the base
