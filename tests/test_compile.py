@@ -1,7 +1,7 @@
 """torch.compile (Inductor, on the CPU) of a tiny Llama with lorakit's whole training set-up — inject,
 share_inputs, fuse_mlps, with and without dropout — against the same model run eagerly: no graph break, the
-same loss and the same adapter gradients, and an optimizer step that agrees too; the same set-up on an NF4 base,
-compiled layer by layer; and generation with the whole forward compiled (fullgraph, static KV cache), as
+same loss and the same adapter gradients, and an optimizer step that agrees too; the same set-up on an NF4 base
+(no graph break either), compiled layer by layer; and generation with the whole forward compiled (fullgraph, static KV cache), as
 transformers compiles it for decode, gives the eager tokens."""
 
 from __future__ import annotations
@@ -63,10 +63,15 @@ def test_compiled_llama_matches_eager(dropout: float) -> None:
             assert not torch.allclose(_model(dropout).eval()(input_ids=ids, labels=ids).loss, runs[0][0][0])
 
 
-def test_compiled_generation_matches_eager() -> None:
+@pytest.mark.parametrize("nf4", [False, True])
+def test_compiled_generation_matches_eager(nf4: bool) -> None:
     """Decode with the forward compiled whole (fullgraph: a graph break is an error) and a static KV cache, the
-    set-up of ``torch.compile(model.forward, mode="reduce-overhead")`` on a GPU, with the adapters unmerged."""
+    set-up of ``torch.compile(model.forward, mode="reduce-overhead")`` on a GPU, with the adapters unmerged; on a
+    full-precision and on an NF4 base."""
     model = _model(0.0).eval()
+    if nf4:
+        lorakit.quantize_base(model, "nf4")
+        assert all(layer.quantized() for _, layer in lorakit.lora_layers(model))
     ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(6))
     kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static",
               disable_compile=True)  # this test compiles; transformers must not do it again
@@ -81,8 +86,8 @@ def test_compiled_generation_matches_eager() -> None:
 
 def test_compiled_qlora_layers_match_eager() -> None:
     """QLoRA (NF4 base) with share_inputs and fuse_mlps, each decoder layer compiled as ``lorakit train --compile``
-    does: the 4-bit linears and the fused MLP's 4-bit down-projection run eagerly between compiled pieces (graph
-    breaks by design), and loss and adapter gradients equal the eager model's."""
+    does: the 4-bit linears and the fused MLP's 4-bit down-projection are custom ops in the graph (no graph
+    break), and loss and adapter gradients equal the eager model's."""
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     runs = []
     for compiled in (False, True):
@@ -93,6 +98,8 @@ def test_compiled_qlora_layers_match_eager() -> None:
             torch.nn.init.normal_(layer.lora_B["default"], std=0.1)
         assert lorakit.share_inputs(model) == 4 and lorakit.fuse_mlps(model) == 2
         if compiled:
+            torch._dynamo.reset()
+            assert torch._dynamo.explain(model)(input_ids=ids, labels=ids).graph_break_count == 0
             torch._dynamo.reset()
             for block in model.model.layers:
                 block.compile()

@@ -149,6 +149,40 @@ def test_backward_does_not_keep_the_dequantized_weight():
     assert x.grad is not None and A.grad is not None and B.grad is not None
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_compiled_nf4_lora_linear_keeps_no_dense_weight(p):
+    """Under torch.compile the NF4 linear is whole in the graph (fullgraph: a graph break is an error), equals the
+    eager op, and the forward graph saves no (d, k) tensor: the compiled backward dequantises again."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    t, _ = _nf4(48, 64, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 64, generator=gen, requires_grad=True)
+    A = torch.randn(4, 64, generator=gen, requires_grad=True)
+    B = torch.randn(48, 4, generator=gen, requires_grad=True)
+    saved = []
+
+    def forward_compiler(gm, _inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if hasattr(o, "meta") and "val" in o.meta)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    runs = []
+    for fn in (nf4_lora_linear, torch.compile(nf4_lora_linear, backend=backend, fullgraph=True)):
+        torch._dynamo.reset()
+        h = fn(x, t, None, A, B, 0.5, p, 7)
+        h.square().sum().backward()
+        runs.append([h.detach()] + [v.grad.clone() for v in (x, A, B)])
+        for v in (x, A, B):
+            v.grad = None
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert saved and (48, 64) not in saved, saved
+
+
 # -- models ----------------------------------------------------------------------------------------------
 
 def _tiny_llama():

@@ -19,6 +19,11 @@ ptrs are not allocated in pool", one per LoRA linear), so compiled CUDA code wit
 :func:`dense_dropout_lora` instead: plain differentiable ops, Inductor's own random numbers, and a saved
 one-byte mask — more memory than the seed, less than PEFT's dropped-out copy of x.
 Gradients that are not needed come back as empty tensors (a custom op cannot return None), each its own.
+
+A 4-bit (NF4) weight enters compiled code through one more op, ``lorakit::nf4_dequantize`` (opaque: the
+Triton dequantisation kernel on CUDA, torch elsewhere), called inside ``torch.utils.checkpoint`` so the
+compiled backward dequantises again instead of keeping Ŵ, as the eager NF4 linear does
+(:func:`nf4_dense_recomputed`).  So a QLoRA model compiles without graph breaks and can run under CUDA graphs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends
+from .nf4_dequantize import dequantize_nf4
+from .nf4_format import NF4Tensors
 
 
 def seed_tensor(seed: int | Tensor) -> Tensor:
@@ -133,3 +140,31 @@ def lora_linear_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_A
     h, _ = torch.ops.lorakit.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scale, dropout_p,
                                              seed_tensor(seed) if dropout_p else None, need_u)
     return h.view(*x.shape[:-1], h.shape[-1])
+
+
+@torch.library.custom_op("lorakit::nf4_dequantize", mutates_args=())
+def _nf4_dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, offset: Tensor, d: int, k: int,
+                    dtype: torch.dtype) -> Tensor:
+    return dequantize_nf4(NF4Tensors(packed, absmax, nested_absmax, offset, (d, k)), dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(packed, absmax, nested_absmax, offset, d, k, dtype):
+    return packed.new_empty((d, k), dtype=dtype)
+
+
+def nf4_dense_recomputed(t: NF4Tensors, dtype: torch.dtype) -> Tensor:
+    """Ŵ (d, k) in ``dtype`` for compiled code: the dequantisation op inside ``torch.utils.checkpoint``, which
+    marks it for recomputation, so the partitioner dequantises again in backward rather than saving Ŵ."""
+    return torch.utils.checkpoint.checkpoint(torch.ops.lorakit.nf4_dequantize, t.packed, t.absmax, t.nested_absmax,
+                                             t.offset, t.shape[0], t.shape[1], dtype, use_reentrant=False)
+
+
+def nf4_lora_linear_op(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None,
+                       scale: float, dropout_p: float, seed: int | Tensor) -> Tensor:
+    """:func:`lorakit.ops.nf4.nf4_lora_linear` under ``torch.compile``: Ŵ from :func:`nf4_dense_recomputed`, then
+    the LoRA linear's compiled route (:func:`lora_linear_op`), or the base product alone without factors."""
+    W = nf4_dense_recomputed(t, x.dtype)
+    if lora_A is None:
+        return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+    return lora_linear_op(x, W, bias, lora_A, lora_B, scale, dropout_p, seed)

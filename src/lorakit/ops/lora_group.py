@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .nf4 import NF4Tensors, dense_weight
+from .nf4_dequantize import dense_weight
+from .nf4_format import NF4Tensors
 
 
 def lora_linear_group(

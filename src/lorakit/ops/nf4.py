@@ -1,4 +1,4 @@
-"""The linear over NF4 weights, and NF4 dequantisation on any device (the format: ``nf4_format``).
+"""The linear over NF4 weights (the format: ``nf4_format``; dequantisation on any device: ``nf4_dequantize``).
 
 The linear ``h = x Ŵᵀ + b + s · drop(x) Aᵀ Bᵀ`` keeps the packed weight for backward, never Ŵ: backward
 dequantises again (∂L/∂x = g Ŵ + ...), so a layer's activation memory is that of the bf16 LoRA linear
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import backend_for, records_grad
+from .nf4_dequantize import dequantize_nf4
 from .nf4_format import (  # noqa: F401  (the format's names, for callers of the NF4 ops)
     BLOCK,
     NESTED_BLOCK,
@@ -28,25 +29,6 @@ from .nf4_format import (  # noqa: F401  (the format's names, for callers of the
     nf4_map,
     quantize_nf4,
 )
-
-
-def dequantize_nf4(t: NF4Tensors, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Ŵ (d, k) in ``dtype``: a Triton kernel for CUDA tensors, :func:`dequantize_nf4_reference` elsewhere."""
-    if t.packed.is_cuda:
-        from . import triton_nf4
-
-        if triton_nf4.available():
-            return triton_nf4.dequantize(t, dtype)
-    return dequantize_nf4_reference(t, dtype)
-
-
-def dense_weight(weight: Tensor | NF4Tensors, dtype: torch.dtype) -> Tensor:
-    """A frozen weight as a tensor: an NF4 weight dequantised into a new ``dtype`` tensor, any other returned
-    as it is (the LoRA backends cast it).  Ops that take either (the shared-input group, the fused SwiGLU
-    down-projection) call this where they use the weight and drop the result at once, so an NF4 weight is
-    never kept dense between forward and backward."""
-    return dequantize_nf4(weight, dtype) if isinstance(weight, NF4Tensors) else weight
-
 
 # -- the linear ---------------------------------------------------------------------------------------
 
@@ -131,10 +113,6 @@ def _triton_ok() -> bool:
     return triton_nf4.available()
 
 
-# Runs eagerly under torch.compile (a graph break).  torch._disable_dynamo is torch.compiler.disable that
-# imports Dynamo on the first call instead of at decoration: importing it costs seconds, and `import lorakit`
-# must not pay that.
-@torch._disable_dynamo
 def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tensor | None = None,
                     lora_B: Tensor | None = None, scale: float = 1.0, dropout_p: float = 0.0,
                     seed: int | Tensor = 0) -> Tensor:
@@ -146,12 +124,17 @@ def nf4_lora_linear(x: Tensor, t: NF4Tensors, bias: Tensor | None, lora_A: Tenso
         dropout_p, seed: as in :func:`lorakit.ops.lora_linear` (the same masks).
 
     Returns (..., d) in x's dtype (under autocast, the autocast dtype).  Ŵ gets no gradient and is not
-    kept for backward; gradients flow to x, b, A and B.
+    kept for backward; gradients flow to x, b, A and B.  Under ``torch.compile`` it is custom ops that the
+    graph holds whole (``custom_ops.nf4_lora_linear_op``: no graph break), eagerly the autograd function below.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return nf4_lora_linear(x.to(dtype), t, bias, lora_A, lora_B, scale, dropout_p, seed)
+    if torch.compiler.is_compiling():
+        from .custom_ops import nf4_lora_linear_op  # (imported on first compile, as lora_linear's)
+
+        return nf4_lora_linear_op(x, t, bias, lora_A, lora_B, scale, dropout_p, seed)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     needs_grad = records_grad(x, bias, lora_A, lora_B)

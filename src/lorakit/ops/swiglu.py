@@ -39,7 +39,8 @@ from .backends import triton_lora
 if backends.TRITON_USABLE:
     from . import triton_swiglu
 from .lora_linear import lora_linear
-from .nf4 import NF4Tensors, dense_weight
+from .nf4_dequantize import dense_weight
+from .nf4_format import NF4Tensors
 
 
 def swiglu_lora_down(
@@ -79,21 +80,17 @@ def swiglu_lora_down(
     k = gate.shape[-1]
     gate2, up2 = gate.to(dtype).reshape(-1, k), up.to(dtype).reshape(-1, k)  # (N, k)
     scale, dropout_p = float(scale), float(dropout_p)
-    if isinstance(weight, NF4Tensors):  # the eager route, a graph break under torch.compile like any NF4 linear
-        y = _swiglu_nf4_down(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    elif torch.compiler.is_compiling():  # h marked for recomputation (see the module docstring)
+    if torch.compiler.is_compiling():  # h marked for recomputation (see the module docstring)
+        if isinstance(weight, NF4Tensors):  # and a 4-bit Ŵ likewise
+            from .custom_ops import nf4_dense_recomputed
+
+            weight = nf4_dense_recomputed(weight, dtype)
         h = torch.utils.checkpoint.checkpoint(_silu_mul, gate2, up2, use_reentrant=False)
         y = lora_linear(h, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
     else:
         y = _SwigluLoraDown.apply(gate2, up2, weight, bias, lora_A, lora_B, scale, dropout_p, int(seed),
                                   torch.is_grad_enabled())
     return y.view(*gate.shape[:-1], y.shape[-1])
-
-
-@torch._disable_dynamo  # (see nf4_lora_linear: imports Dynamo on the first call, not at import)
-def _swiglu_nf4_down(gate: Tensor, up: Tensor, weight: NF4Tensors, bias: Tensor | None, A: Tensor, B: Tensor,
-                     scale: float, p: float, seed: int | Tensor) -> Tensor:
-    return _SwigluLoraDown.apply(gate, up, weight, bias, A, B, scale, p, int(seed), torch.is_grad_enabled())
 
 
 def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
