@@ -153,23 +153,14 @@ def test_backward_does_not_keep_the_dequantized_weight():
 def test_compiled_nf4_lora_linear_keeps_no_dense_weight(p):
     """Under torch.compile the NF4 linear is whole in the graph (fullgraph: a graph break is an error), equals the
     eager op, and the forward graph saves no (d, k) tensor: the compiled backward dequantises again."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
+    from saved_by_compile import recording_backend  # tests/ is on the path
 
     t, _ = _nf4(48, 64, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(5, 64, generator=gen, requires_grad=True)
     A = torch.randn(4, 64, generator=gen, requires_grad=True)
     B = torch.randn(48, 4, generator=gen, requires_grad=True)
-    saved = []
-
-    def forward_compiler(gm, _inputs):
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        saved.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if hasattr(o, "meta") and "val" in o.meta)
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                           partition_fn=min_cut_rematerialization_partition)
+    backend, saved = recording_backend()
     runs = []
     for fn in (nf4_lora_linear, torch.compile(nf4_lora_linear, backend=backend, fullgraph=True)):
         torch._dynamo.reset()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lorakit.ops import dropped_positions, lora_linear
 from lorakit.ops.swiglu import swiglu_lora_down
+from saved_by_compile import recording_backend  # tests/ is on the path
 
 
 def _inputs(dtype=torch.float64, seed: int = 0, bias: bool = True, lead=(2, 3), k: int = 8, d: int = 5, r: int = 3):
@@ -125,18 +126,7 @@ def test_compiled_saves_gate_and_up_not_the_product(p: float) -> None:
     """Under torch.compile the function is lora_linear(silu(gate)·up): the partitioner Inductor uses
     recomputes the pointwise product in backward, so the forward graph saves no (N, k) tensor besides gate
     and up — the memory the eager function saves by hand."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
-    saved_shapes = []
-
-    def forward_compiler(gm, _inputs):
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        saved_shapes.extend(tuple(o.meta["val"].shape) for o in outputs[1:] if hasattr(o, "meta") and "val" in o.meta)
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                           partition_fn=min_cut_rematerialization_partition)
+    backend, saved_shapes = recording_backend()
     gate, up, W, b, A, B = _inputs(torch.float32, seed=7, lead=(6,), k=32, d=8, r=2)
     torch._dynamo.reset()
     y = torch.compile(swiglu_lora_down, backend=backend, fullgraph=True)(gate, up, W, b, A, B, 0.5, p, 3)
