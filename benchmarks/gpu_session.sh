@@ -27,6 +27,7 @@
 #                            work over NF4; issues 17 and 21)
 #   s19_decode_bf16         (#19: decode with CUDA graphs, adapters cast to bf16 for serving)
 #   s19_guards              (#19: the CUDA-graph step without guards on module attributes, as lorakit train compiles)
+#   s17_decode_graphs       (#17: QLoRA decode with CUDA graphs, the NF4 linear now a custom op)
 #   s17_compile8            (#17: QLoRA and PEFT + bitsandbytes compiled; give it a call of its own)
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -168,6 +169,10 @@ run_step() {
             --modes reduce-overhead --shapes 2x1024
         shapes s19_guards_run 260 --timeout 128 --no-check --no-decode --no-module-guards --contenders frozen,lorakit \
             --modes reduce-overhead --shapes 2x1024 ;;
+    # issue 17: decode with CUDA graphs (transformers' compiled generate), bf16 LoRA and QLoRA, now that the NF4
+    # linear compiles without a graph break; one call
+    s17_decode_graphs) shapes s17_decode_graphs 280 --timeout 130 --no-check --contenders frozen,lorakit,qlora \
+        --modes reduce-overhead --shapes none ;;
     s17_compile8) shapes s17_compile8 300 --timeout 148 --no-check --no-decode --modes compile --shapes 8x2048 \
         --contenders qlora,peft-bnb ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
