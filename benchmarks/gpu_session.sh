@@ -152,11 +152,8 @@ run_step() {
         --contenders lorakit-liger,lorakit-liger-ckpt,qlora-liger,qlora-liger-ckpt ;;
     s21_small_compiled) shapes s21_small_compiled 270 --timeout 132 --no-check --no-decode --modes compile \
         --shapes 1x512,2x1024 --contenders peft-liger,lorakit-liger ;;
-    s17_compile) shapes s17_compile 270 --timeout 132 --no-check --no-decode --modes compile --shapes 1x2048,8x2048 \
-        --contenders qlora,peft-bnb ;;
-    s19_peftc2) shapes s19_peftc2 115 --timeout 112 --no-check --no-decode --contenders peft --modes compile \
-        --shapes 2x1024 ;;
-    # the same two with room for a slow machine's compile (both were cut off at ~110-130 s on 2026-12-03, 5th session)
+    # PEFT compiled at 2x1024, and (s17_compile8) QLoRA vs PEFT + bitsandbytes compiled, with room for a slow host's
+    # compile: the first tries (s19_peftc2, 112 s; s17_compile, 132 s a contender) were cut off on 2026-12-03
     s19_peftc2b) shapes s19_peftc2b 250 --timeout 245 --no-check --no-decode --contenders peft --modes compile \
         --shapes 2x1024 ;;
     # issue 19: decode with CUDA graphs, adapters as trained (float32) and cast to bf16 for serving, one machine

@@ -422,7 +422,7 @@ class LoraLinear(LoraLayer):
     def adapter_params(self, name: str) -> tuple[Tensor | NF4Tensors, Tensor | None, Tensor, Tensor, float]:
         """(W, b, A, B, s) of adapter ``name``: what :func:`lorakit.ops.lora_linear` takes — except that a 4-bit
         base gives its packed weight (``NF4Tensors``), which the grouped ops dequantise where they use it."""
-        W = self.base_layer.nf4() if isinstance(self.base_layer, NF4Linear) else self.base_layer.weight
+        W = self.base_layer.nf4() if self.quantized() else self.base_layer.weight
         return W, self.base_layer.bias, self.lora_A[name], self.lora_B[name], self.scaling[name]
 
     def forward(self, x: Tensor) -> Tensor:
