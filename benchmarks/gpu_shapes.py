@@ -421,16 +421,21 @@ def set_mode(layers: list[torch.nn.Module], mode: str, dynamic: bool, module_gua
         return
     torch._dynamo.reset()  # frees CUDA-graph trees and compiled code of the previous mode / shape
     _MODE[:] = [(mode, dynamic)]
+    from lorakit.layer_checkpointing import compile_inside
+    from lorakit.train.compute import compile_options
+
+    def settings() -> dict:
+        if module_guards:
+            return {"mode": None if mode == "compile" else mode, "dynamic": dynamic}
+        # as `lorakit train --compile` compiles
+        return {"dynamic": dynamic, "options": compile_options("default" if mode == "compile" else mode)}
+
     for layer in layers:
         if mode == "eager":
             layer._compiled_call_impl = None
-        else:
-            if module_guards:
-                layer.compile(mode=None if mode == "compile" else mode, dynamic=dynamic)
-            else:  # as `lorakit train --compile` compiles
-                from lorakit.train.compute import compile_options
-
-                layer.compile(dynamic=dynamic, options=compile_options("default" if mode == "compile" else mode))
+            compile_inside(layer, None)
+        elif not compile_inside(layer, lambda forward: torch.compile(forward, **settings())):  # offloaded: inside
+            layer.compile(**settings())
 
 
 def peak_gib(device: torch.device) -> float | None:

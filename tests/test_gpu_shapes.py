@@ -91,3 +91,17 @@ def test_counts_match_the_model(bench):
     assert bench.step_flops(shape, 1, 1, 0) == 4 * linear + 3 * 2 * shape.hidden * shape.layers
     assert bench.step_flops(shape, 1, 1, 4) - bench.step_flops(shape, 1, 1, 0) == \
         3 * 2 * 4 * shape.layers * sum(k + d for k, d in shape.linears())
+
+
+def test_offloaded_layers_really_compile(bench, tmp_path):
+    """In compile mode an offloaded contender's layers are compiled inside their checkpoint (compiled whole,
+    they would run eagerly and the row would time eager code under the compile label)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    argv = ["--tiny", "--in-process", "--no-check", "--no-decode", "--contenders", "lorakit-liger-offload",
+            "--shapes", "1x8", "--modes", "compile", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    row = json.loads((tmp_path / "gpu_shapes.json").read_text())["contenders"]["lorakit-liger-offload"]
+    assert row["train"]["compile/1x8"]["tokens_per_s"] > 0 and not row["errors"]
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["calls_captured"] > 50

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.cli import main
-from lorakit.layer_checkpointing import checkpointing_mode, decoder_layers, offload_stats
+from lorakit.layer_checkpointing import checkpointing_mode, compile_inside, decoder_layers, offload_stats
 from tests.conftest import tiny_llama
 from tiny_models import make_llama
 
@@ -108,15 +108,44 @@ def test_bad_mode_and_no_layers_are_config_errors() -> None:
 
 @pytest.mark.parametrize("mode", ["on", "offload"])
 def test_torch_compile_with_checkpointing(mode: str) -> None:
+    """Compiled layers give the eager loss and gradients, and really are compiled: "on" by compiling the
+    layer (checkpoint included), "offload" inside its checkpoint (compile_inside)."""
+    from torch._dynamo.utils import counters
+
     loss0, grads0 = _step(_model("off", dropout=0.0))
     model = _model(mode, dropout=0.0)
-    compiled = torch.compile(model, backend="aot_eager")
-    loss, grads = _step(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in decoder_layers(model):
+        if not compile_inside(layer, lambda forward: torch.compile(forward, backend="aot_eager", dynamic=True)):
+            assert mode == "on"
+            layer.compile(backend="aot_eager", dynamic=True)
+    loss, grads = _step(model)
+    assert counters["frames"]["ok"] >= 1 and not counters["graph_break"]  # (an offloaded layer compiled whole: 0)
     if mode == "offload":  # the hooks ran around the compiled layers' saved inputs
         assert offload_stats(model)["tensors"] >= 2
     torch.testing.assert_close(loss, loss0, rtol=1e-5, atol=1e-6)
     for g, g0 in zip(grads, grads0, strict=True):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_inside_only_takes_offloaded_layers_and_undoes() -> None:
+    """compile_inside refuses (False) a layer checkpointed with "on" or not at all; with None it puts the
+    layer's own forward back, and switching checkpointing off afterwards leaves the plain layer."""
+    model = _model("on", dropout=0.0)
+    assert not any(compile_inside(layer, torch.compile) for layer in decoder_layers(model))
+    model = _model("offload", dropout=0.0)
+    loss0, _ = _step(model)
+    seen = []
+    for layer in decoder_layers(model):
+        assert compile_inside(layer, lambda forward: seen.append(forward) or forward)
+    assert len(seen) == 2 and checkpointing_mode(model) == "offload"
+    torch.testing.assert_close(_step(model)[0], loss0)
+    for layer in decoder_layers(model):
+        assert compile_inside(layer, None)
+    torch.testing.assert_close(_step(model)[0], loss0)
+    lorakit.checkpointing(model, "off")
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
 
 
 def test_lorakit_train_checkpointing_modes_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

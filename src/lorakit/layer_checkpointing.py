@@ -12,7 +12,8 @@ its norms, projections, attention and MLP — most of a training step's memory a
   memory (:class:`OffloadHooks`): the copy out runs on a side stream while the next layers compute,
   and in backward the copy back of the layer before the one being recomputed is started one layer
   ahead, so the copies overlap compute.  GPU memory for saved activations is then about one layer's
-  recomputation instead of one hidden-state tensor per layer.
+  recomputation instead of one hidden-state tensor per layer.  To compile such a layer, compile it inside
+  the checkpoint (:func:`compile_inside`).
 * ``"off"``: the layers' own forward again.
 
 The layer's instance ``forward`` is replaced (never its class), so the module hooks around it — FSDP2's
@@ -27,7 +28,7 @@ import collections
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -138,7 +139,7 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
 
 
 class _Offloaded:
-    __slots__ = ("device", "host", "requires_grad", "device_copy", "ready", "index", "__weakref__")
+    __slots__ = ("__weakref__", "device", "device_copy", "host", "index", "ready", "requires_grad")
 
     def __init__(self, device: torch.device, host: Tensor, requires_grad: bool) -> None:
         self.device, self.host, self.requires_grad = device, host, requires_grad
@@ -182,9 +183,9 @@ def checkpointing(model: nn.Module, mode: str = "on", *, layers: Iterable[nn.Mod
         raise ConfigError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
     chosen = list(layers) if layers is not None else decoder_layers(model)
     for module in model.modules():  # undo first: switching modes, or "off"
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
-            previous = forward.keywords.get("previous")
+        wrapper = _wrapper(module)
+        if wrapper is not None:
+            previous = wrapper.keywords["previous"]
             if previous is None:
                 del module.forward
             else:
@@ -205,9 +206,9 @@ def checkpointing(model: nn.Module, mode: str = "on", *, layers: Iterable[nn.Mod
 def offload_stats(model: nn.Module) -> dict[str, int] | None:
     """Tensors and bytes the "offload" mode has moved to the CPU so far (None if not offloading)."""
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
-            hooks = forward.keywords.get("hooks")
+        wrapper = _wrapper(module)
+        if wrapper is not None:
+            hooks = wrapper.keywords["hooks"]
             return dict(hooks.stats) if hooks is not None else None
     return None
 
@@ -215,15 +216,46 @@ def offload_stats(model: nn.Module) -> dict[str, int] | None:
 def checkpointing_mode(model: nn.Module) -> str:
     """"off", "on" or "offload": what :func:`checkpointing` last set on ``model``."""
     for module in model.modules():
-        forward = module.__dict__.get("forward")
-        if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward:
-            return "offload" if forward.keywords.get("hooks") is not None else "on"
+        wrapper = _wrapper(module)
+        if wrapper is not None:
+            return "offload" if wrapper.keywords["hooks"] is not None else "on"
     return "off"
 
 
-def _checkpointed_forward(self: nn.Module, *args: Any, hooks: OffloadHooks | None = None, previous: Any = None,
-                          **kwargs: Any) -> Any:
-    forward = previous if previous is not None else type(self).forward.__get__(self)
+def compile_inside(module: nn.Module, compile: Callable[[Callable[..., Any]], Callable[..., Any]] | None) -> bool:
+    """Compile a layer checkpointed with ``"offload"`` inside its checkpoint: ``compile(forward)`` (e.g.
+    ``lambda f: torch.compile(f, dynamic=True)``) then runs in place of the layer's forward, within the
+    checkpoint and the offloading hooks; ``None`` runs the layer's own forward again.  Returns False, and does
+    nothing, for a module not checkpointed with "offload" (compile such a module itself).
+
+    Why: torch.compile cannot trace saved-tensor hooks whose pack and unpack are Python functions.  A
+    compiled region that contains them — ``layer.compile()`` of an offloaded layer, or ``torch.compile`` of
+    the whole model — is skipped and runs eagerly, without an error or a warning.  Compiled inside them, the
+    checkpoint and the hooks stay in Python around the compiled code: what the checkpoint keeps (the layer's
+    inputs) is offloaded as in eager mode, and the recomputation in backward runs the compiled forward again.
+    ("on" needs none of this: torch.compile traces a checkpoint without hooks, and compiling the whole layer
+    lets it plan the recomputation.)
+    """
+    wrapper = _wrapper(module)
+    if wrapper is None or wrapper.keywords["hooks"] is None:
+        return False
+    previous = wrapper.keywords["previous"]
+    own = previous if previous is not None else type(module).forward.__get__(module)
+    module.forward = functools.partial(_checkpointed_forward, module, hooks=wrapper.keywords["hooks"],
+                                       previous=previous, compiled=compile(own) if compile is not None else None)
+    return True
+
+
+def _wrapper(module: nn.Module) -> functools.partial | None:
+    """The checkpointing forward :func:`checkpointing` set on ``module``, if any."""
+    forward = module.__dict__.get("forward")
+    return forward if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward else None
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, hooks: OffloadHooks | None, previous: Any,
+                          compiled: Any = None, **kwargs: Any) -> Any:
+    forward = compiled if compiled is not None else previous if previous is not None else \
+        type(self).forward.__get__(self)
     if not (self.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
     for key in _CACHE_KWARGS:  # a cache written again by the recomputation would grow
@@ -235,4 +267,5 @@ def _checkpointed_forward(self: nn.Module, *args: Any, hooks: OffloadHooks | Non
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-__all__ = ["MODES", "OffloadHooks", "checkpointing", "checkpointing_mode", "decoder_layers", "offload_stats"]
+__all__ = ["MODES", "OffloadHooks", "checkpointing", "checkpointing_mode", "compile_inside", "decoder_layers",
+           "offload_stats"]

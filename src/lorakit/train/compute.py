@@ -29,12 +29,13 @@ removed when :meth:`Trainer.fit` ends, so a model handed back is never run by co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..layer_checkpointing import decoder_layers
+from ..layer_checkpointing import compile_inside, decoder_layers
 
 #: values of ``--compile``; "auto" is what the option defaults to (see :func:`resolve_compile`)
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -130,8 +131,9 @@ def compile_options(mode: str) -> dict:
 
 def compile_model(model: nn.Module, mode: str) -> int:
     """Compile ``model``'s regions (:func:`compile_regions`) in place with ``torch.compile`` mode ``mode``
-    ("default" or "reduce-overhead", with :func:`compile_options`); "off" undoes it.  Returns the number of
-    regions compiled."""
+    ("default" or "reduce-overhead", with :func:`compile_options`); "off" undoes it.  A layer checkpointed
+    with "offload" is compiled inside its checkpoint (:func:`lorakit.layer_checkpointing.compile_inside` says
+    why).  Returns the number of regions compiled."""
     regions = compile_regions(model)
     if mode != "off":
         # A LoRA layer with dropout draws its mask seed with torch.randint inside the compiled region;
@@ -141,10 +143,15 @@ def compile_model(model: nn.Module, mode: str) -> int:
         import torch._inductor.config
 
         torch._inductor.config.fallback_random = True
+
+    def compile_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+        return torch.compile(forward, dynamic=True, options=compile_options(mode))
+
     for region in regions:
         if mode == "off":
             region._compiled_call_impl = None  # what nn.Module.compile sets; None is eager again
-        else:
+            compile_inside(region, None)
+        elif not compile_inside(region, compile_forward):
             region.compile(dynamic=True, options=compile_options(mode))  # (a fresh dict: torch.compile pops from it)
     return 0 if mode == "off" else len(regions)
 
@@ -154,13 +161,17 @@ def eager(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s compiled regions eagerly inside the block (evaluation: a no-grad pass at other
     shapes would compile a second set of graphs — and record CUDA graphs — for a small share of the run)."""
     compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    offloaded = [(m, m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__]
     for m, _ in compiled:
         m._compiled_call_impl = None
+    offloaded = [(m, forward) for m, forward in offloaded if compile_inside(m, None)]
     try:
         yield
     finally:
         for m, fn in compiled:  # the same compiled callables: their caches are kept
             m._compiled_call_impl = fn
+        for m, forward in offloaded:
+            m.forward = forward
 
 
 #: ``--compile reduce-overhead`` pads sequence lengths to a multiple of this (see :func:`pad_for_graphs`)
