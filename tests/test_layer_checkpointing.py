@@ -106,14 +106,14 @@ def test_bad_mode_and_no_layers_are_config_errors() -> None:
     assert x.grad is not None
 
 
-@pytest.mark.parametrize("mode", ["on", "offload"])
-def test_torch_compile_with_checkpointing(mode: str) -> None:
+@pytest.mark.parametrize("mode, nf4", [("on", False), ("offload", False), ("offload", True)])
+def test_torch_compile_with_checkpointing(mode: str, nf4: bool) -> None:
     """Compiled layers give the eager loss and gradients, and really are compiled: "on" by compiling the
     layer (checkpoint included), "offload" inside its checkpoint (compile_inside)."""
     from torch._dynamo.utils import counters
 
-    loss0, grads0 = _step(_model("off", dropout=0.0))
-    model = _model(mode, dropout=0.0)
+    loss0, grads0 = _step(_model("off", dropout=0.0, nf4=nf4))
+    model = _model(mode, dropout=0.0, nf4=nf4)
     torch._dynamo.reset()
     counters.clear()
     for layer in decoder_layers(model):
