@@ -29,6 +29,7 @@
 #   s19_guards              (#19: the CUDA-graph step without guards on module attributes, as lorakit train compiles)
 #   s17_decode_graphs       (#17: QLoRA decode with CUDA graphs, the NF4 linear now a custom op)
 #   s17_compile8            (#17: QLoRA and PEFT + bitsandbytes compiled; give it a call of its own)
+#   s21_offload_compiled    (#21: offloaded checkpointing compiled, which until the sixth session ran eagerly)
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -174,6 +175,10 @@ run_step() {
         --contenders qlora,peft-bnb ;;
     s21_qlora8) shapes s21_qlora8 70 --timeout 66 --no-check --no-decode --modes eager --shapes 8x2048 \
         --contenders qlora-liger ;;
+    # issue 21: offloaded checkpointing compiled (inside the checkpoint since the sixth session; before, a compiled
+    # offloaded layer ran eagerly) against eager, 8x2048, one machine
+    s21_offload_compiled) shapes s21_offload_compiled 260 --timeout 128 --no-check --no-decode --modes eager,compile \
+        --shapes 8x2048 --contenders lorakit-liger-offload ;;
     *) echo "unknown step $1 (steps: $ALL)" >&2; return 2 ;;
     esac
 }
