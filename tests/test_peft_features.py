@@ -254,7 +254,7 @@ def test_trainable_tokens_rows_forward_unload_and_refusals():
     base = Tiny().eval()
     net = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(target_modules=["head"], trainable_token_indices=[1, 4]))
     tokens = net.embed_tokens
-    assert isinstance(tokens, lorakit.layers.TrainableTokens) and tokens.token_indices["default"] == (1, 4)
+    assert isinstance(tokens, lorakit.modules_to_save.TrainableTokens) and tokens.token_indices["default"] == (1, 4)
     new = torch.randn(2, 3)
     with torch.no_grad():
         tokens.copies["default"].copy_(new)

@@ -53,10 +53,9 @@ from .layers import (
     LoraLinear,
     LoraMultiheadAttention,
     LoraParameter,
-    ModulesToSave,
-    TrainableTokens,
 )
 from .mixed_batch import batch_adapters, hot_swap
+from .modules_to_save import ModulesToSave, TrainableTokens
 from .optim import lora_plus_param_groups
 from .nf4_linear import NF4Linear
 from .quant import QuantizationError, empty_weights, quantize_base, quantize_checkpoint

@@ -11,7 +11,8 @@ from torch import nn
 from .errors import AdapterNameError
 from .fused_mlp import unfuse_mlps
 from .inject import STATE_ATTR, _set_child, lora_modules, refresh, state_of
-from .layers import LoraLayer, ModulesToSave, TrainableTokens
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave, TrainableTokens
 from .nf4_linear import NF4Linear
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, TargetError, UnsupportedFeatureError, UnsupportedModuleError
 from .fingerprint import WeightSample, fingerprint, weight_checksum
-from .layers import ADAPTABLE, LoraLayer, LoraLinear, LoraParameter, ModulesToSave, TrainableTokens, is_hf_conv1d, supports, wrap
+from .layers import ADAPTABLE, LoraLayer, LoraLinear, LoraParameter, is_hf_conv1d, supports, wrap
+from .modules_to_save import ModulesToSave, TrainableTokens
 from .patterns import fullmatch, is_plain
 from .nf4_linear import NF4Linear
 

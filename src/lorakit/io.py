@@ -37,7 +37,8 @@ from .errors import (
 from .fingerprint import describe_mismatch, dumps, fingerprint
 from .inject import candidates as candidates_of
 from .inject import resolve_parameters, resolve_tokens, unmerged_base_weight, inject, name_matches, resolve_modules_to_save, resolve_targets, state_of
-from .layers import LoraLayer, LoraLinear, LoraMultiheadAttention, LoraParameter, ModulesToSave, TrainableTokens
+from .layers import LoraLayer, LoraLinear, LoraMultiheadAttention, LoraParameter
+from .modules_to_save import ModulesToSave, TrainableTokens
 from .jsonfile import dumps as strict_dumps
 from .peft_keys import (
     MAGNITUDE,

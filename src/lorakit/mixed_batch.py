@@ -45,7 +45,8 @@ from .errors import AdapterMismatchError, AdapterNameError, ConfigError, MergeEr
 from .inject import lora_modules, state_of
 from .io import AdapterFile, layer_params, read_adapter, training_variant_state
 from .peft_keys import PREFIX
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLayer, LoraLinear
+from .modules_to_save import ModulesToSave
 from .ops import backends
 from .ops.segment_plan import SegmentPlan, plan_segments
 from .ops.segmented import segmented_lora, segmented_lora_embedding

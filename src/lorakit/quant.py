@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .errors import QuantizationError
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
+from .modules_to_save import ModulesToSave
 from .nf4_linear import BNB_QUANT_STATE_KEY, BNB_SUFFIXES, NF4Linear, nf4_from_bnb
 
 QUANT_TYPES = ("nf4",)
