@@ -152,10 +152,13 @@ def test_compiled_run_equals_eager_and_resumes(files: dict[str, Path], tmp_path:
         torch.testing.assert_close(c[key], a[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
-def test_compiled_offload_run_compiles_and_equals_eager(files: dict[str, Path], tmp_path: Path) -> None:
-    """--checkpointing offload --compile default really compiles the layers (inside the checkpoint: compiled
-    whole, a layer with the offloading hooks would run eagerly without a word) and trains the eager run's
-    adapter; the model handed back runs eagerly."""
+@pytest.mark.parametrize("checkpointing", ["on", "offload"])
+def test_compiled_checkpointed_run_compiles_and_equals_eager(files: dict[str, Path], tmp_path: Path,
+                                                            checkpointing: str) -> None:
+    """--checkpointing on|offload --compile default really compiles the layers, without a graph break, and trains
+    the eager run's adapter (dropout on).  Both failed silently before, the layers running eagerly: "offload"
+    compiled whole (Dynamo cannot trace its hooks; now compiled inside the checkpoint), "on" with transformers ≥
+    5.25 (its attention forward's context-variable side effect made Dynamo give up on the checkpoint)."""
     from torch._dynamo.utils import counters
 
     from lorakit.layer_checkpointing import checkpointing_mode
@@ -163,18 +166,20 @@ def test_compiled_offload_run_compiles_and_equals_eager(files: dict[str, Path], 
     def run(compile_mode: str) -> Trainer:
         task = CausalLMTask(files["llama"], files["lm"], max_length=32)
         trainer = Trainer(task, lorakit.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"),
-                          TrainConfig(max_steps=2, batch_size=2, lr=1e-2, checkpointing="offload", compile=compile_mode),
-                          tmp_path / compile_mode, device="cpu")
+                          TrainConfig(max_steps=2, batch_size=2, lr=1e-2, checkpointing=checkpointing,
+                                      compile=compile_mode), tmp_path / compile_mode, device="cpu")
         trainer.fit()
-        assert checkpointing_mode(trainer.base) == "offload"
+        assert checkpointing_mode(trainer.base) == checkpointing
         return trainer
 
     run("off")
     torch._dynamo.reset()
     counters.clear()
     compiled = run("default")
-    assert counters["frames"]["ok"] >= 1 and counters["stats"]["calls_captured"] > 50
-    assert all(region.forward.keywords["compiled"] is None for region in compile_regions(compiled.base))
+    assert counters["frames"]["ok"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    if checkpointing == "offload":
+        assert counters["stats"]["calls_captured"] > 50
+        assert all(region.forward.keywords["compiled"] is None for region in compile_regions(compiled.base))
     a = load_file(tmp_path / "off" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "default" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -20,6 +20,15 @@ The layer's instance ``forward`` is replaced (never its class), so the module ho
 gathers, DDP's — stay outside the checkpoint and run once, as transformers does it.  Caches are
 turned off inside a checkpointed call (a KV cache updated again by the rerun would grow).  The
 decision to checkpoint is taken per call: only in training mode with gradients enabled.
+
+Under ``torch.compile``, "on" is traced into the compiled layer (Dynamo's checkpoint operator), which
+refuses side effects in the checkpointed code: one, anywhere in the layer, and Dynamo gives up on the
+whole checkpoint, which then runs eagerly without a warning.  transformers ≥ 5.25 has one in every
+attention forward (its ``kernels`` dependency sets and resets a context variable around it).  A set and
+reset leave nothing for the recomputation to replay, nor does a shared-input group's hand-over of outputs,
+so :func:`checkpointing` tells Dynamo not to replay forward side effects in the recomputation
+(``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``, where this torch has it).
+"offload" runs its checkpoint outside compiled code (:func:`compile_inside`).
 """
 
 from __future__ import annotations
@@ -196,6 +205,8 @@ def checkpointing(model: nn.Module, mode: str = "on", *, layers: Iterable[nn.Mod
         raise ConfigError(
             f"checkpointing: found no decoder layers in {type(model).__name__} (no module class named in its "
             "_no_split_modules, no GradientCheckpointingLayer); pass layers=[...] with the blocks to checkpoint")
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # see the module docstring
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     hooks = OffloadHooks(min_offload_bytes) if mode == "offload" else None
     for module in chosen:
         module.forward = functools.partial(_checkpointed_forward, module, hooks=hooks,
