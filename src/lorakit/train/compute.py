@@ -161,10 +161,13 @@ def eager(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s compiled regions eagerly inside the block (evaluation: a no-grad pass at other
     shapes would compile a second set of graphs — and record CUDA graphs — for a small share of the run)."""
     compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
-    offloaded = [(m, m.__dict__["forward"]) for m in model.modules() if "forward" in m.__dict__]
     for m, _ in compiled:
         m._compiled_call_impl = None
-    offloaded = [(m, forward) for m, forward in offloaded if compile_inside(m, None)]
+    offloaded = []  # (layer, its forward compiled inside the checkpoint)
+    for m in model.modules():
+        forward = m.__dict__.get("forward")
+        if compile_inside(m, None):
+            offloaded.append((m, forward))
     try:
         yield
     finally:
