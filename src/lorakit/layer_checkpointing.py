@@ -251,9 +251,9 @@ def compile_inside(module: nn.Module, compile: Callable[[Callable[..., Any]], Ca
     if wrapper is None or wrapper.keywords["hooks"] is None:
         return False
     previous = wrapper.keywords["previous"]
-    own = previous if previous is not None else type(module).forward.__get__(module)
+    compiled = compile(_own_forward(module, previous)) if compile is not None else None
     module.forward = functools.partial(_checkpointed_forward, module, hooks=wrapper.keywords["hooks"],
-                                       previous=previous, compiled=compile(own) if compile is not None else None)
+                                       previous=previous, compiled=compiled)
     return True
 
 
@@ -263,10 +263,14 @@ def _wrapper(module: nn.Module) -> functools.partial | None:
     return forward if isinstance(forward, functools.partial) and forward.func is _checkpointed_forward else None
 
 
+def _own_forward(module: nn.Module, previous: Any) -> Any:
+    """The forward the layer had before :func:`checkpointing`: an instance forward set earlier, else its class's."""
+    return previous if previous is not None else type(module).forward.__get__(module)
+
+
 def _checkpointed_forward(self: nn.Module, *args: Any, hooks: OffloadHooks | None, previous: Any,
                           compiled: Any = None, **kwargs: Any) -> Any:
-    forward = compiled if compiled is not None else previous if previous is not None else \
-        type(self).forward.__get__(self)
+    forward = compiled if compiled is not None else _own_forward(self, previous)
     if not (self.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
     for key in _CACHE_KWARGS:  # a cache written again by the recomputation would grow
